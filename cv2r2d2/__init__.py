@@ -1,0 +1,21 @@
+"""cv2r2d2: the R2D2 learned local feature as a drop-in ``cv2.Feature2D``.
+
+>>> import cv2, cv2r2d2
+>>> r2d2 = cv2r2d2.R2D2Feature.create()
+>>> keypoints, descriptors = r2d2.detectAndCompute(cv2.imread("a.jpg"), None)
+"""
+from typing import Any
+
+from .feature2d import R2D2_create, R2D2Feature
+
+__version__ = "0.1.0"
+__all__ = ["R2D2Feature", "R2D2_create", "load_model", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # load_model needs torch; importing cv2r2d2 alone does not.
+    if name == "load_model":
+        from .weights import load_model
+
+        return load_model
+    raise AttributeError(f"module 'cv2r2d2' has no attribute {name!r}")

@@ -1,0 +1,352 @@
+"""Image -> multi-scale R2D2 keypoints, scores and descriptors.
+
+The pyramid loop, non-maximum suppression and top-k selection live here and nowhere
+else. They are written in numpy against a narrow :class:`NetworkRunner` seam, so that
+any backend able to resize an image and run the network (torch now) reuses them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Iterator, List, Optional, Protocol, Tuple
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "ExtractionParams",
+    "Level",
+    "LevelOutput",
+    "NetworkRunner",
+    "Features",
+    "pyramid",
+    "extract",
+    "describe",
+    "dense_maps",
+]
+
+# Keypoint size (patch diameter, pixels) at pyramid scale 1, as in the reference.
+PATCH_SIZE = 32.0
+
+
+@dataclass
+class ExtractionParams:
+    """Multi-scale extraction parameters; the defaults are the paper's.
+
+    Attributes:
+        scale_f: ratio between consecutive pyramid scales (> 1).
+        min_size, max_size: the pyramid spans levels whose longer side lies in
+            [min_size, max_size] pixels.
+        min_scale, max_scale: and whose scale lies in [min_scale, max_scale]
+            (max_scale <= 1: images are never upscaled).
+        reliability_thr, repeatability_thr: a keypoint's minimum reliability and
+            repeatability, in [0, 1].
+        nfeatures: the number of best-scoring keypoints kept (0 keeps all).
+    """
+
+    scale_f: float = 2**0.25
+    min_size: int = 256
+    max_size: int = 1024
+    min_scale: float = 0.0
+    max_scale: float = 1.0
+    reliability_thr: float = 0.7
+    repeatability_thr: float = 0.7
+    nfeatures: int = 5000
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError``/``TypeError`` naming any parameter out of range."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{f.name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{f.name} must be finite, got {value!r}")
+        if self.scale_f <= 1.0:
+            raise ValueError(f"scale_f must be > 1, got {self.scale_f!r}")
+        if self.min_size < 0 or self.max_size <= 0:
+            raise ValueError(
+                f"min_size must be >= 0 and max_size > 0, got {self.min_size!r}, {self.max_size!r}"
+            )
+        if not 0.0 <= self.min_scale <= self.max_scale <= 1.0:
+            raise ValueError(
+                "expected 0 <= min_scale <= max_scale <= 1, got "
+                f"min_scale={self.min_scale!r}, max_scale={self.max_scale!r}"
+            )
+        for name in ("reliability_thr", "repeatability_thr"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        if int(self.nfeatures) != self.nfeatures or self.nfeatures < 0:
+            raise ValueError(f"nfeatures must be an integer >= 0, got {self.nfeatures!r}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Level:
+    """One step of the pyramid: its index, scale, image size and whether it is used."""
+
+    octave: int
+    scale: float
+    height: int
+    width: int
+    processed: bool = True
+
+    @property
+    def size(self) -> float:
+        """Keypoint size (patch diameter in original-image pixels) at this level."""
+        return PATCH_SIZE / self.scale
+
+
+class LevelOutput(Protocol):
+    """The network's output on one level, as a backend holds it."""
+
+    reliability: np.ndarray  # (h', w') float32 in [0, 1]
+    repeatability: np.ndarray  # (h', w') float32 in [0, 1]
+
+    def descriptors_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(n,) float map coordinates -> (n, dim) L2-normalised descriptors (bilinear)."""
+
+    def dense_descriptors(self) -> np.ndarray:
+        """(dim, h', w') L2-normalised descriptor map."""
+
+
+class NetworkRunner(Protocol):
+    """What the extractor needs from a backend."""
+
+    descriptor_size: int
+
+    def prepare(self, image: np.ndarray) -> Any:
+        """(3, H, W) normalised float32 image -> the backend's image handle."""
+
+    def resize(self, image: Any, height: int, width: int) -> Any:
+        """Bilinear resize (align_corners=False, no antialiasing) of a handle."""
+
+    def run(self, image: Any) -> LevelOutput:
+        """Run the network on a handle."""
+
+
+@dataclass
+class Features:
+    """Keypoints of one image, sorted by decreasing score.
+
+    Attributes:
+        xy: (N, 2) float32 positions in original-image pixels.
+        sizes: (N,) float32 patch diameters in pixels (32 / scale).
+        scores: (N,) float32 reliability x repeatability.
+        octaves: (N,) int32 pyramid level indices (scale = scale_f ** -octave).
+        descriptors: (N, dim) float32, L2-normalised.
+    """
+
+    xy: np.ndarray
+    sizes: np.ndarray
+    scores: np.ndarray
+    octaves: np.ndarray
+    descriptors: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def pyramid(height: int, width: int, params: ExtractionParams) -> List[Level]:
+    """The pyramid steps the reference walks for an image of ``height`` x ``width``.
+
+    Step k has scale ``scale_f ** -k`` and is processed when that scale lies within
+    [max(min_scale, min_size / L), min(max_scale, max_size / L)] (L the longer side,
+    with the reference's 0.001 tolerance). Steps after the last processed one are
+    dropped; a step too small to run (a side < 2 px) ends the pyramid.
+
+    Returns:
+        Every step from scale 1 to the last processed one (empty if none is).
+    """
+    longest = max(height, width)
+    lowest = max(params.min_scale, params.min_size / longest)
+    highest = min(params.max_scale, params.max_size / longest)
+    steps: List[Level] = []
+    s, octave, h, w = 1.0, 0, height, width
+    while s + 0.001 >= lowest and min(h, w) >= 2:
+        steps.append(Level(octave, s, h, w, processed=s - 0.001 <= highest))
+        s /= params.scale_f
+        octave += 1
+        h, w = round(height * s), round(width * s)
+    while steps and not steps[-1].processed:
+        steps.pop()
+    return steps
+
+
+def _walk(runner: NetworkRunner, image: np.ndarray, steps: List[Level]) -> Iterator[Tuple[Level, Any]]:
+    """Yield (level, image handle) for each processed step."""
+    handle = None
+    for level in steps:
+        if handle is None:
+            handle = runner.prepare(image)
+        else:
+            # The reference resizes from the previous step, not from the original
+            # image, at every step (processed or not); keep it for parity.
+            handle = runner.resize(handle, level.height, level.width)
+        if level.processed:
+            yield level, handle
+
+
+def _nms(output: LevelOutput, params: ExtractionParams) -> Tuple[np.ndarray, np.ndarray]:
+    """(y, x) of the local maxima of repeatability (3x3) that pass both thresholds."""
+    repeatability = output.repeatability
+    # cv2.dilate pads with -inf, as the reference's max-pool does.
+    local_max = cv2.dilate(repeatability, np.ones((3, 3), np.uint8))
+    keep = (repeatability == local_max)
+    keep &= repeatability >= np.float32(params.repeatability_thr)
+    keep &= output.reliability >= np.float32(params.reliability_thr)
+    return np.nonzero(keep)
+
+
+def _in_mask(mask: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    # Same pixel lookup as OpenCV's KeyPointsFilter::runByPixelsMask.
+    rows = np.clip((y + 0.5).astype(np.int64), 0, mask.shape[0] - 1)
+    cols = np.clip((x + 0.5).astype(np.int64), 0, mask.shape[1] - 1)
+    return mask[rows, cols] != 0
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best scores, best first (ties in input order); k=0: all."""
+    order = np.argsort(-scores, kind="stable")
+    return order[:k] if k else order
+
+
+def extract(
+    runner: NetworkRunner,
+    image: np.ndarray,
+    params: ExtractionParams,
+    mask: Optional[np.ndarray] = None,
+) -> Features:
+    """Detect and describe R2D2 keypoints over the image pyramid.
+
+    Args:
+        runner: the network backend.
+        image: (3, H, W) float32 normalised RGB image (see ``image.normalize_image``).
+        params: extraction parameters.
+        mask: optional (H, W) uint8; keypoints are kept where it is non-zero.
+
+    Returns:
+        The ``nfeatures`` best keypoints over all levels, sorted by decreasing score.
+    """
+    height, width = image.shape[1:]
+    parts = []
+    for level, handle in _walk(runner, image, pyramid(height, width, params)):
+        output = runner.run(handle)
+        y, x = _nms(output, params)
+        # Reference rounding: (x * W) / w in float32, w the level image's width.
+        px = x.astype(np.float32) * np.float32(width) / np.float32(level.width)
+        py = y.astype(np.float32) * np.float32(height) / np.float32(level.height)
+        scores = output.reliability[y, x] * output.repeatability[y, x]
+        keep = np.ones(len(scores), bool) if mask is None else _in_mask(mask, px, py)
+        # Only a level's own best nfeatures can make the global top-k: describe those.
+        best = np.flatnonzero(keep)[_top(scores[keep], params.nfeatures)]
+        best.sort()
+        parts.append((
+            px[best], py[best], scores[best],
+            np.full(len(best), level.octave, np.int32),
+            np.full(len(best), np.float32(level.size), np.float32),
+            output.descriptors_at(x[best].astype(np.float32), y[best].astype(np.float32)),
+        ))
+    if not parts:
+        return _empty_features(runner.descriptor_size)
+    px, py, scores, octaves, sizes, descriptors = (np.concatenate(p) for p in zip(*parts))
+    order = _top(scores, params.nfeatures)
+    return Features(
+        xy=np.stack([px[order], py[order]], axis=1),
+        sizes=sizes[order],
+        scores=scores[order],
+        octaves=octaves[order],
+        descriptors=descriptors[order],
+    )
+
+
+def _empty_features(dim: int) -> Features:
+    return Features(
+        xy=np.zeros((0, 2), np.float32),
+        sizes=np.zeros(0, np.float32),
+        scores=np.zeros(0, np.float32),
+        octaves=np.zeros(0, np.int32),
+        descriptors=np.zeros((0, dim), np.float32),
+    )
+
+
+def describe(
+    runner: NetworkRunner,
+    image: np.ndarray,
+    xy: np.ndarray,
+    sizes: np.ndarray,
+    params: ExtractionParams,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Descriptors at given keypoints (e.g. from SIFT or ORB).
+
+    Each keypoint is described on the processed level whose R2D2 keypoint size
+    (32 / scale) is closest to its own size (by ratio), by bilinear sampling of the raw
+    descriptor map at its position, then L2 normalisation.
+
+    Args:
+        runner: the network backend.
+        image: (3, H, W) normalised image.
+        xy: (N, 2) positions in original-image pixels.
+        sizes: (N,) keypoint diameters in pixels (non-positive: the finest level).
+        params: extraction parameters (they define the levels).
+
+    Returns:
+        descriptors (M, dim) float32 and the (M,) indices of the keypoints kept: those
+        inside the image (0 <= x < W, 0 <= y < H); the others are dropped as
+        OpenCV's ``compute`` drops them.
+    """
+    height, width = image.shape[1:]
+    xy = np.asarray(xy, np.float32).reshape(-1, 2)
+    sizes = np.asarray(sizes, np.float32).reshape(-1)
+    inside = (
+        np.isfinite(xy).all(axis=1)
+        & (xy[:, 0] >= 0) & (xy[:, 0] < width)
+        & (xy[:, 1] >= 0) & (xy[:, 1] < height)
+    )
+    kept = np.flatnonzero(inside)
+    descriptors = np.zeros((len(kept), runner.descriptor_size), np.float32)
+    steps = pyramid(height, width, params)
+    levels = [level for level in steps if level.processed]
+    if not len(kept) or not levels:
+        return descriptors[:0], kept[:0]
+    level_sizes = np.log([level.size for level in levels])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_sizes = np.where(sizes[kept] > 0, np.log(np.maximum(sizes[kept], 1e-30)), -np.inf)
+    choice = np.abs(log_sizes[:, None] - level_sizes[None, :]).argmin(axis=1)
+    for index, (level, handle) in enumerate(_walk(runner, image, steps)):
+        rows = np.flatnonzero(choice == index)
+        if not len(rows):
+            continue
+        output = runner.run(handle)
+        pts = xy[kept[rows]]
+        # Inverse of the detection mapping x * W / w.
+        descriptors[rows] = output.descriptors_at(
+            pts[:, 0] * np.float32(level.width / width),
+            pts[:, 1] * np.float32(level.height / height),
+        )
+    return descriptors, kept
+
+
+def dense_maps(runner: NetworkRunner, image: np.ndarray, scale: float = 1.0) -> dict:
+    """The network's dense outputs on the image resized by ``scale`` (one level).
+
+    Returns:
+        dict with ``descriptors`` (dim, h, w), ``reliability`` and ``repeatability``
+        (h, w), float32.
+    """
+    if not (isinstance(scale, (int, float)) and 0 < scale <= 1):
+        raise ValueError(f"scale must lie in (0, 1], got {scale!r}")
+    height, width = image.shape[1:]
+    handle = runner.prepare(image)
+    if scale != 1:
+        handle = runner.resize(handle, round(height * scale), round(width * scale))
+    output = runner.run(handle)
+    return {
+        "descriptors": output.dense_descriptors(),
+        "reliability": output.reliability,
+        "repeatability": output.repeatability,
+    }

@@ -1,0 +1,389 @@
+"""``R2D2Feature``: R2D2 behind the ``cv2.Feature2D`` interface.
+
+It is duck-typed rather than a subclass: subclassing ``cv2.Feature2D`` from Python
+crashes the interpreter at exit with OpenCV 5.0.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import fields, replace
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+
+from .extractor import ExtractionParams, Features, NetworkRunner, describe, dense_maps, extract
+from .image import check_mask, normalize_image
+from .weights import DEFAULT_MODEL
+
+__all__ = ["R2D2Feature", "R2D2_create"]
+
+logger = logging.getLogger(__name__)
+
+_DEFAULTS = ExtractionParams()
+KeyPoints = Tuple[cv2.KeyPoint, ...]
+
+
+def _make_runner(model: str, device: Optional[str]) -> NetworkRunner:
+    # Imported here so that importing cv2r2d2 does not import torch.
+    from .torch_runner import TorchRunner
+    from .weights import load_model
+
+    return TorchRunner(load_model(model, device=device))
+
+
+def _to_keypoints(features: Features) -> KeyPoints:
+    return tuple(
+        cv2.KeyPoint(x, y, size, -1.0, score, octave, -1)
+        for (x, y), size, score, octave in zip(
+            features.xy.tolist(), features.sizes.tolist(),
+            features.scores.tolist(), features.octaves.tolist(),
+        )
+    )
+
+
+def _is_image_list(images: Any) -> bool:
+    return isinstance(images, (list, tuple))
+
+
+def _check_keypoints(keypoints: Any) -> List[cv2.KeyPoint]:
+    if keypoints is None:
+        raise TypeError("keypoints must be a sequence of cv2.KeyPoint, got None")
+    keypoints = list(keypoints)
+    for i, kp in enumerate(keypoints):
+        if not isinstance(kp, cv2.KeyPoint):
+            raise TypeError(f"keypoints[{i}] must be a cv2.KeyPoint, got {type(kp).__name__}")
+    return keypoints
+
+
+class R2D2Feature:
+    """R2D2 keypoint detector and descriptor extractor with the ``cv2.Feature2D`` API.
+
+    Create it with :meth:`create` (or ``cv2r2d2.R2D2_create``). Keypoints are
+    ``cv2.KeyPoint`` with ``pt`` in image pixels, ``size`` the patch diameter
+    (32 / pyramid scale), ``response`` the score (reliability x repeatability),
+    ``octave`` the pyramid step (scale = scale_f ** -octave), ``angle`` -1; descriptors
+    are float32 N x 128, L2-normalised, to be matched with ``cv2.NORM_L2``.
+    """
+
+    def __init__(
+        self,
+        model: Union[str, os.PathLike] = DEFAULT_MODEL,
+        params: Optional[ExtractionParams] = None,
+        device: Optional[str] = None,
+    ) -> None:
+        self._model = os.fspath(model) if isinstance(model, os.PathLike) else model
+        self._device = device
+        self._params = params if params is not None else ExtractionParams()
+        self._runner = _make_runner(self._model, device)
+
+    @classmethod
+    def create(
+        cls,
+        model: Union[str, os.PathLike] = DEFAULT_MODEL,
+        nfeatures: int = _DEFAULTS.nfeatures,
+        scale_f: float = _DEFAULTS.scale_f,
+        min_size: int = _DEFAULTS.min_size,
+        max_size: int = _DEFAULTS.max_size,
+        min_scale: float = _DEFAULTS.min_scale,
+        max_scale: float = _DEFAULTS.max_scale,
+        reliability_thr: float = _DEFAULTS.reliability_thr,
+        repeatability_thr: float = _DEFAULTS.repeatability_thr,
+        device: Optional[str] = None,
+    ) -> "R2D2Feature":
+        """Create an R2D2 feature extractor (defaults: the paper's settings).
+
+        Args:
+            model: an official model name (``r2d2_WASF_N16``, ``r2d2_WAF_N16``,
+                ``r2d2_WASF_N8_big``, ``faster2d2_WASF_N16``) or a checkpoint path.
+            nfeatures: keypoints kept, best scores first (0 keeps all).
+            scale_f: ratio between pyramid scales.
+            min_size, max_size: longer image side range of the pyramid, pixels.
+            min_scale, max_scale: scale range of the pyramid (max_scale <= 1).
+            reliability_thr, repeatability_thr: detection thresholds in [0, 1].
+            device: torch device (``"cpu"``, ``"cuda"``...); None: CUDA if available.
+        """
+        params = ExtractionParams(
+            scale_f=scale_f, min_size=min_size, max_size=max_size, min_scale=min_scale,
+            max_scale=max_scale, reliability_thr=reliability_thr,
+            repeatability_thr=repeatability_thr, nfeatures=nfeatures,
+        )
+        return cls(model=model, params=params, device=device)
+
+    # --- detection and description -------------------------------------------------
+
+    def _prepare(self, image: Any, name: str = "image") -> np.ndarray:
+        return normalize_image(image, name)
+
+    def _detect_one(self, image: Any, mask: Any, name: str = "image") -> Features:
+        normalised = self._prepare(image, name)
+        mask = check_mask(mask, normalised.shape[1:], "mask")
+        return extract(self._runner, normalised, self._params, mask=mask)
+
+    def detect(self, image: Any, mask: Any = None) -> Union[KeyPoints, Tuple[KeyPoints, ...]]:
+        """Detect keypoints.
+
+        Args:
+            image: an OpenCV image (H x W [x 1|3|4], uint8/uint16/float) or a list of them.
+            mask: None or uint8 H x W (keypoints where non-zero); a list for a list.
+
+        Returns:
+            A tuple of ``cv2.KeyPoint`` sorted by decreasing response (a tuple of such
+            tuples for a list of images).
+        """
+        if _is_image_list(image):
+            masks = self._masks_for(image, mask)
+            return tuple(
+                _to_keypoints(self._detect_one(img, m, f"images[{i}]"))
+                for i, (img, m) in enumerate(zip(image, masks))
+            )
+        return _to_keypoints(self._detect_one(image, mask))
+
+    def _masks_for(self, images: Sequence[Any], masks: Any) -> Sequence[Any]:
+        if masks is None:
+            return [None] * len(images)
+        if not _is_image_list(masks) or len(masks) != len(images):
+            raise ValueError(
+                f"masks must be None or a list with one mask per image ({len(images)})"
+            )
+        return masks
+
+    def _compute_one(
+        self, image: Any, keypoints: Any, name: str = "image"
+    ) -> Tuple[KeyPoints, Optional[np.ndarray]]:
+        normalised = self._prepare(image, name)
+        keypoints = _check_keypoints(keypoints)
+        if not keypoints:
+            return (), None
+        xy = np.array([kp.pt for kp in keypoints], np.float32).reshape(-1, 2)
+        sizes = np.array([kp.size for kp in keypoints], np.float32)
+        descriptors, kept = describe(self._runner, normalised, xy, sizes, self._params)
+        if not len(kept):
+            return (), None
+        return tuple(keypoints[i] for i in kept.tolist()), descriptors
+
+    def compute(
+        self, image: Any, keypoints: Any, descriptors: Any = None
+    ) -> Tuple[Any, Any]:
+        """Describe given keypoints (R2D2's own, or SIFT's, ORB's...).
+
+        Each keypoint is described at the pyramid level whose R2D2 keypoint size is
+        closest to ``kp.size``, by bilinear sampling at ``kp.pt``. Keypoints outside
+        the image are dropped.
+
+        Returns:
+            (kept keypoints, float32 N x 128 descriptors), or ``((), None)`` if none;
+            for lists of images, (tuple of keypoint tuples, tuple of descriptors).
+        """
+        if _is_image_list(image):
+            if not _is_image_list(keypoints) or len(keypoints) != len(image):
+                raise ValueError("keypoints must be a list with one keypoint list per image")
+            results = [self._compute_one(img, kps, f"images[{i}]")
+                       for i, (img, kps) in enumerate(zip(image, keypoints))]
+            return tuple(r[0] for r in results), tuple(r[1] for r in results)
+        return self._compute_one(image, keypoints)
+
+    def detectAndCompute(
+        self,
+        image: Any,
+        mask: Any = None,
+        descriptors: Any = None,
+        useProvidedKeypoints: bool = False,
+        keypoints: Any = None,
+    ) -> Tuple[KeyPoints, Optional[np.ndarray]]:
+        """Detect keypoints and compute their descriptors in one pass.
+
+        Returns:
+            (tuple of ``cv2.KeyPoint``, float32 N x 128 descriptors), ``((), None)`` when
+            nothing is detected. With ``useProvidedKeypoints=True`` the given
+            ``keypoints`` are described instead (as :meth:`compute`).
+        """
+        if useProvidedKeypoints:
+            if keypoints is None:
+                raise ValueError("useProvidedKeypoints=True needs keypoints=...")
+            return self._compute_one(image, keypoints)
+        features = self._detect_one(image, mask)
+        if not len(features):
+            return (), None
+        return _to_keypoints(features), features.descriptors
+
+    def computeDenseMaps(self, image: Any, scale: float = 1.0) -> dict:
+        """Dense network outputs on the image resized by ``scale`` (0 < scale <= 1).
+
+        Returns:
+            dict of float32 arrays: ``descriptors`` (128, h, w) L2-normalised,
+            ``reliability`` and ``repeatability`` (h, w) in [0, 1].
+        """
+        return dense_maps(self._runner, self._prepare(image), scale)
+
+    # --- cv2.Feature2D / cv2.Algorithm information ---------------------------------
+
+    def descriptorSize(self) -> int:
+        return int(self._runner.descriptor_size)
+
+    def descriptorType(self) -> int:
+        return cv2.CV_32F
+
+    def defaultNorm(self) -> int:
+        return cv2.NORM_L2
+
+    def getDefaultName(self) -> str:
+        return "Feature2D.R2D2"
+
+    def empty(self) -> bool:
+        return self._runner is None
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self._params.as_dict().items())
+        return f"R2D2Feature(model={self._model!r}, {params}, device={self._device!r})"
+
+    # --- parameters ----------------------------------------------------------------
+
+    def _set(self, **changes: Any) -> None:
+        self._params = replace(self._params, **changes)
+
+    def getParams(self) -> ExtractionParams:
+        """A copy of the extraction parameters."""
+        return replace(self._params)
+
+    def getModel(self) -> str:
+        return self._model
+
+    def setModel(self, model: Union[str, os.PathLike]) -> None:
+        """Load another model (name or checkpoint path)."""
+        model = os.fspath(model) if isinstance(model, os.PathLike) else model
+        self._runner = _make_runner(model, self._device)
+        self._model = model
+
+    def getDevice(self) -> Optional[str]:
+        return self._device
+
+    def getNFeatures(self) -> int:
+        return int(self._params.nfeatures)
+
+    def setNFeatures(self, nfeatures: int) -> None:
+        self._set(nfeatures=nfeatures)
+
+    def getScaleFactor(self) -> float:
+        return float(self._params.scale_f)
+
+    def setScaleFactor(self, scale_f: float) -> None:
+        self._set(scale_f=scale_f)
+
+    def getMinSize(self) -> int:
+        return int(self._params.min_size)
+
+    def setMinSize(self, min_size: int) -> None:
+        self._set(min_size=min_size)
+
+    def getMaxSize(self) -> int:
+        return int(self._params.max_size)
+
+    def setMaxSize(self, max_size: int) -> None:
+        self._set(max_size=max_size)
+
+    def getMinScale(self) -> float:
+        return float(self._params.min_scale)
+
+    def setMinScale(self, min_scale: float) -> None:
+        self._set(min_scale=min_scale)
+
+    def getMaxScale(self) -> float:
+        return float(self._params.max_scale)
+
+    def setMaxScale(self, max_scale: float) -> None:
+        self._set(max_scale=max_scale)
+
+    def getReliabilityThreshold(self) -> float:
+        return float(self._params.reliability_thr)
+
+    def setReliabilityThreshold(self, reliability_thr: float) -> None:
+        self._set(reliability_thr=reliability_thr)
+
+    def getRepeatabilityThreshold(self) -> float:
+        return float(self._params.repeatability_thr)
+
+    def setRepeatabilityThreshold(self, repeatability_thr: float) -> None:
+        self._set(repeatability_thr=repeatability_thr)
+
+    # --- persistence (cv2.FileStorage) ---------------------------------------------
+
+    def write(self, fs: Union[str, os.PathLike, cv2.FileStorage], name: Optional[str] = None) -> None:
+        """Store the parameters: ``write(filename)`` or ``write(fs[, name])``."""
+        if isinstance(fs, (str, os.PathLike)):
+            storage = cv2.FileStorage(os.fspath(fs), cv2.FILE_STORAGE_WRITE)
+            if not storage.isOpened():
+                raise OSError(f"cannot open {os.fspath(fs)!r} for writing")
+            try:
+                self._write_fields(storage)
+            finally:
+                storage.release()
+            return
+        if not isinstance(fs, cv2.FileStorage):
+            raise TypeError(f"write() takes a file name or a cv2.FileStorage, got {type(fs).__name__}")
+        if name:
+            fs.startWriteStruct(name, cv2.FileNode_MAP)
+            self._write_fields(fs)
+            fs.endWriteStruct()
+        else:
+            self._write_fields(fs)
+
+    def save(self, filename: Union[str, os.PathLike]) -> None:
+        """Store the parameters in a YAML/XML/JSON file (as ``write(filename)``)."""
+        self.write(filename)
+
+    def _write_fields(self, fs: cv2.FileStorage) -> None:
+        fs.write("name", self.getDefaultName())
+        fs.write("model", str(self._model))
+        for f in fields(ExtractionParams):
+            value = getattr(self._params, f.name)
+            fs.write(f.name, int(value) if f.type in ("int", int) else float(value))
+
+    def read(self, fn: Union[str, os.PathLike, cv2.FileStorage, cv2.FileNode]) -> None:
+        """Load parameters stored by :meth:`write` (a file name, FileStorage or FileNode).
+
+        Keys that are absent keep their current value; a different ``model`` is loaded.
+        """
+        if isinstance(fn, (str, os.PathLike)):
+            path = os.fspath(fn)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no such parameter file: {path!r}")
+            storage = cv2.FileStorage(path, cv2.FILE_STORAGE_READ)
+            try:
+                self._read_node(storage.root())
+            finally:
+                storage.release()
+        elif isinstance(fn, cv2.FileStorage):
+            self._read_node(fn.root())
+        elif isinstance(fn, cv2.FileNode):
+            self._read_node(fn)
+        else:
+            raise TypeError(
+                f"read() takes a file name, cv2.FileStorage or cv2.FileNode, got {type(fn).__name__}"
+            )
+
+    def _read_node(self, node: cv2.FileNode) -> None:
+        if node.empty() or not node.isMap():
+            raise ValueError("the R2D2 parameters must be stored as a map (see write())")
+        stored_name = node.getNode("name")
+        if not stored_name.empty() and stored_name.string() != self.getDefaultName():
+            raise ValueError(
+                f"the file holds {stored_name.string()!r} parameters, not {self.getDefaultName()!r}"
+            )
+        changes = {}
+        for f in fields(ExtractionParams):
+            item = node.getNode(f.name)
+            if not item.empty():
+                value = item.real()
+                changes[f.name] = int(value) if f.type in ("int", int) else value
+        params = replace(self._params, **changes)
+        model = node.getNode("model")
+        if not model.empty() and model.string() != self._model:
+            self.setModel(model.string())
+        self._params = params
+
+
+def R2D2_create(*args: Any, **kwargs: Any) -> R2D2Feature:
+    """Alias of :meth:`R2D2Feature.create`, in the style of ``cv2.SIFT_create``."""
+    return R2D2Feature.create(*args, **kwargs)

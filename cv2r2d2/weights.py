@@ -1,0 +1,329 @@
+"""Model registry, weight files (cache, download, sha256) and safe checkpoint loading.
+
+This is the only module that knows about URLs and hashes. A model name resolves to a
+file in this order: an explicit path; ``$CV2R2D2_WEIGHTS_DIR/<name>.pt``; the torch hub
+cache (``torch.hub.get_dir()/checkpoints/<name>.pt``); a download from the public URL
+into that cache, verified with sha256 before use.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import http.client
+import logging
+import os
+import pickle
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
+
+if TYPE_CHECKING:  # torch is imported only where a network is built
+    import torch
+
+    from .nets import R2D2Net
+
+__all__ = [
+    "ModelInfo",
+    "MODELS",
+    "DEFAULT_MODEL",
+    "WEIGHTS_DIR_ENV",
+    "WeightsError",
+    "resolve_weights",
+    "download_weights",
+    "load_checkpoint",
+    "load_model",
+    "sha256sum",
+]
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_DIR_ENV = "CV2R2D2_WEIGHTS_DIR"
+_BASE_URL = "https://github.com/naver/r2d2/raw/master/models/"
+_NAVER_LICENCE = "CC BY-NC-SA 3.0 (NAVER Corp.; non-commercial use only)"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One official R2D2 checkpoint."""
+
+    name: str
+    net: str
+    sha256: str
+    url: str
+    licence: str
+    description: str
+
+
+def _official(name: str, net: str, sha256: str, description: str) -> ModelInfo:
+    return ModelInfo(name, net, sha256, f"{_BASE_URL}{name}.pt", _NAVER_LICENCE, description)
+
+
+MODELS: Dict[str, ModelInfo] = {
+    m.name: m
+    for m in (
+        _official(
+            "r2d2_WASF_N16", "Quad_L2Net_ConfCFS()",
+            "9ae90e02a9a133d100ca7aeaa32f4d4d7736a6dd222a530a25c8f7da5e508528",
+            "paper model: web images, Aachen, style transfer, flow; N=16 (HPatches MMA@3 0.721)",
+        ),
+        _official(
+            "r2d2_WAF_N16", "Quad_L2Net_ConfCFS()",
+            "27cebd6608317b35198a76f60f87492110dee3e88ca382586a729dadb1a16b90",
+            "as r2d2_WASF_N16 without style transfer (MMA@3 0.686)",
+        ),
+        _official(
+            "r2d2_WASF_N8_big", "Quad_L2Net_ConfCFS(mchan=6)",
+            "597dc13998e211e827c550bdc8f76dbb4aca32747846f96962c9168586cec418",
+            "wider network (mchan=6), N=8 (MMA@3 0.692 at 10k keypoints)",
+        ),
+        _official(
+            "faster2d2_WASF_N16", "Fast_Quad_L2Net_ConfCFS()",
+            "217daa3a166bfe9bf2b68c05c1607a09dd4d552ae1bbeda885479d504eefc14b",
+            "faster variant working at half resolution in the middle layers",
+        ),
+    )
+}
+DEFAULT_MODEL = "r2d2_WASF_N16"
+
+
+class WeightsError(RuntimeError):
+    """A weight file is missing, cannot be downloaded, or fails its checks."""
+
+
+def sha256sum(path: Union[str, Path]) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cache_dir() -> Path:
+    """``torch.hub.get_dir()/checkpoints``, found without importing torch."""
+    if "torch" in sys.modules:
+        return Path(sys.modules["torch"].hub.get_dir()) / "checkpoints"
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch"
+    )
+    return Path(torch_home).expanduser() / "hub" / "checkpoints"
+
+
+def _where_to_put(info: ModelInfo) -> str:
+    return (
+        f"download {info.url} and either set {WEIGHTS_DIR_ENV} to the folder holding "
+        f"{info.name}.pt or place it at {_cache_dir() / (info.name + '.pt')}"
+    )
+
+
+def _verified(path: Path, info: ModelInfo) -> Path:
+    actual = sha256sum(path)
+    if actual != info.sha256:
+        raise WeightsError(
+            f"{path} does not hold the official {info.name} weights (sha256 {actual}, "
+            f"expected {info.sha256}): the file is corrupted, truncated or another model. "
+            f"Delete it, then {_where_to_put(info)}."
+        )
+    return path
+
+
+class _Progress:
+    """tqdm when it is installed, else a percentage on stderr; silent if disabled."""
+
+    def __init__(self, total: Optional[int], enabled: bool, label: str) -> None:
+        self.total, self.done, self.enabled, self.label = total, 0, enabled, label
+        self._bar = None
+        self._shown = -1
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, desc=label)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.enabled and self.total:
+            percent = 100 * self.done // self.total
+            if percent != self._shown:
+                self._shown = percent
+                sys.stderr.write(f"\r{self.label}: {percent}%")
+                if percent == 100:
+                    sys.stderr.write("\n")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def download_weights(info: ModelInfo, dest: Path, progress: bool = True, timeout: float = 60.0) -> Path:
+    """Download ``info.url`` to ``dest``, checking its sha256; leaves no partial file.
+
+    Raises:
+        WeightsError: when the download fails or the checksum does not match.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
+    logger.info("downloading %s weights from %s to %s", info.name, info.url, dest)
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(info.url, timeout=timeout) as response, open(partial, "wb") as out:
+            length = response.headers.get("Content-Length")
+            bar = _Progress(int(length) if length else None, progress, info.name)
+            try:
+                for block in iter(lambda: response.read(1 << 16), b""):
+                    out.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+            finally:
+                bar.close()
+        if digest.hexdigest() != info.sha256:
+            raise WeightsError(
+                f"the file downloaded from {info.url} failed its sha256 check (got "
+                f"{digest.hexdigest()}, expected {info.sha256}); nothing was written to {dest}."
+            )
+        os.replace(partial, dest)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        raise WeightsError(
+            f"could not download the {info.name} weights from {info.url} ({exc}). "
+            f"To work offline, {_where_to_put(info)}."
+        ) from exc
+    finally:
+        if partial.exists():
+            partial.unlink()
+    return dest
+
+
+def resolve_weights(
+    name_or_path: Union[str, os.PathLike], download: bool = True, progress: bool = True
+) -> Path:
+    """Find (or fetch) the weight file of a model name or an explicit path.
+
+    Args:
+        name_or_path: a registry name (see ``MODELS``) or a path to a ``.pt`` file.
+        download: allow downloading into the torch hub cache.
+        progress: show a progress bar while downloading.
+
+    Returns:
+        Path of a file whose sha256 matches the registry for official names.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(
+            f"model must be a model name or a path, got {type(name_or_path).__name__}"
+        )
+    text = os.fspath(name_or_path)
+    info = MODELS.get(text)
+    if info is None:
+        path = Path(text).expanduser()
+        if path.is_file():
+            return path
+        raise WeightsError(
+            f"{text!r} is neither an existing file nor a known model name "
+            f"(known: {', '.join(MODELS)})"
+        )
+    env_dir = os.environ.get(WEIGHTS_DIR_ENV)
+    if env_dir:
+        candidate = Path(env_dir).expanduser() / f"{info.name}.pt"
+        if candidate.is_file():
+            return _verified(candidate, info)
+        logger.debug("%s not found in %s=%s", info.name, WEIGHTS_DIR_ENV, env_dir)
+    cached = _cache_dir() / f"{info.name}.pt"
+    if cached.is_file():
+        return _verified(cached, info)
+    if not download:
+        raise WeightsError(f"the {info.name} weights are not available locally; "
+                           f"{_where_to_put(info)}.")
+    return download_weights(info, cached, progress=progress)
+
+
+def _plain_dict(*args: Any, **kwargs: Any) -> dict:
+    # Stands in for collections.defaultdict while unpickling: the weights-only
+    # unpickler cannot fill a defaultdict, and its factory is never needed here.
+    return dict()
+
+
+def _torch_load(path: Path) -> Any:
+    import torch
+
+    allowed = [list, (_plain_dict, "collections.defaultdict")]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Load an R2D2 checkpoint safely (no arbitrary code runs).
+
+    Returns:
+        dict with ``net`` (architecture string) and ``state_dict`` (``module.`` prefix
+        stripped, tensors on the CPU).
+    """
+    path = Path(path)
+    try:
+        checkpoint = _torch_load(path)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as exc:
+        raise WeightsError(
+            f"{path} is not a loadable R2D2 checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'truncated or corrupted'})"
+        ) from exc
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "net" not in checkpoint:
+        raise WeightsError(
+            f"{path} is not an R2D2 checkpoint: expected a dict with 'net' and 'state_dict'"
+        )
+    state_dict = collections.OrderedDict(
+        (key[len("module."):] if key.startswith("module.") else key, value)
+        for key, value in checkpoint["state_dict"].items()
+    )
+    return dict(checkpoint, state_dict=state_dict)
+
+
+@functools.lru_cache(maxsize=None)
+def _tell_licence(name: str) -> None:
+    logger.warning(
+        "Using the official %s weights by NAVER Corp., licensed %s.", name, _NAVER_LICENCE
+    )
+
+
+def load_model(
+    name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL,
+    device: Optional[Union[str, "torch.device"]] = None,
+) -> "R2D2Net":
+    """Build an R2D2 network and load its weights, ready for inference.
+
+    Args:
+        name_or_path: a registry name (``r2d2_WASF_N16``, ...) or a checkpoint path,
+            such as one written by ``cv2r2d2.train``.
+        device: torch device; ``None`` picks CUDA when available, else the CPU.
+
+    Returns:
+        The network in eval mode with gradients disabled.
+    """
+    import torch
+
+    from .nets import build_net
+
+    path = resolve_weights(name_or_path)
+    checkpoint = load_checkpoint(path)
+    try:
+        net = build_net(checkpoint["net"])
+    except (ValueError, TypeError) as exc:
+        raise WeightsError(f"{path}: {exc}") from exc
+    try:
+        net.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as exc:
+        raise WeightsError(
+            f"{path}: the weights do not fit the architecture {checkpoint['net']!r}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    if os.fspath(name_or_path) in MODELS:
+        _tell_licence(os.fspath(name_or_path))
+    net.name = os.fspath(name_or_path)
+    net.requires_grad_(False)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return net.eval().to(device)

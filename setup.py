@@ -1,0 +1,33 @@
+"""Installation of cv2r2d2 (metadata lives here; pyproject.toml only names the backend)."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+README = Path(__file__).with_name("README.md")
+
+setup(
+    name="cv2r2d2",
+    version="0.1.0",
+    description="R2D2 learned local features as a drop-in cv2.Feature2D (SIFT/ORB replacement)",
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause (code); the official R2D2 weights are CC BY-NC-SA 3.0 (NAVER)",
+    python_requires=">=3.9",
+    packages=find_packages(include=["cv2r2d2", "cv2r2d2.*"]),
+    install_requires=[
+        "opencv-python>=4.5",
+        "torch>=2.0",
+        "numpy>=1.21",
+        "scipy>=1.7",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        "train": ["tqdm"],
+        "sfm": ["pycolmap", "h5py", "tqdm", "matplotlib"],
+        "onnx": ["onnx", "onnxruntime"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+    ],
+)
