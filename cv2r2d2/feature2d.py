@@ -25,12 +25,21 @@ _DEFAULTS = ExtractionParams()
 KeyPoints = Tuple[cv2.KeyPoint, ...]
 
 
-def _make_runner(model: str, device: Optional[str]) -> NetworkRunner:
-    # Imported here so that importing cv2r2d2 does not import torch.
-    from .torch_runner import TorchRunner
-    from .weights import load_model
+BACKENDS = ("torch", "onnxruntime", "opencv")
 
-    return TorchRunner(load_model(model, device=device))
+
+def _make_runner(model: str, device: Optional[str], backend: str) -> NetworkRunner:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "torch":
+        # Imported here so that importing cv2r2d2 (or using ONNX) does not import torch.
+        from .torch_runner import TorchRunner
+        from .weights import load_model
+
+        return TorchRunner(load_model(model, device=device))
+    from .onnx_runner import make_onnx_runner
+
+    return make_onnx_runner(model, device=device, backend=backend)
 
 
 def _to_keypoints(features: Features) -> KeyPoints:
@@ -72,11 +81,13 @@ class R2D2Feature:
         model: Union[str, os.PathLike] = DEFAULT_MODEL,
         params: Optional[ExtractionParams] = None,
         device: Optional[str] = None,
+        backend: str = "torch",
     ) -> None:
         self._model = os.fspath(model) if isinstance(model, os.PathLike) else model
         self._device = device
+        self._backend = backend
         self._params = params if params is not None else ExtractionParams()
-        self._runner = _make_runner(self._model, device)
+        self._runner = _make_runner(self._model, device, backend)
 
     @classmethod
     def create(
@@ -91,6 +102,7 @@ class R2D2Feature:
         reliability_thr: float = _DEFAULTS.reliability_thr,
         repeatability_thr: float = _DEFAULTS.repeatability_thr,
         device: Optional[str] = None,
+        backend: str = "torch",
     ) -> "R2D2Feature":
         """Create an R2D2 feature extractor (defaults: the paper's settings).
 
@@ -103,13 +115,15 @@ class R2D2Feature:
             min_scale, max_scale: scale range of the pyramid (max_scale <= 1).
             reliability_thr, repeatability_thr: detection thresholds in [0, 1].
             device: torch device (``"cpu"``, ``"cuda"``...); None: CUDA if available.
+            backend: ``"torch"``; ``"onnxruntime"`` or ``"opencv"`` run an exported
+                ONNX model (a ``.onnx`` path or a registry name) without torch.
         """
         params = ExtractionParams(
             scale_f=scale_f, min_size=min_size, max_size=max_size, min_scale=min_scale,
             max_scale=max_scale, reliability_thr=reliability_thr,
             repeatability_thr=repeatability_thr, nfeatures=nfeatures,
         )
-        return cls(model=model, params=params, device=device)
+        return cls(model=model, params=params, device=device, backend=backend)
 
     # --- detection and description -------------------------------------------------
 
@@ -236,7 +250,8 @@ class R2D2Feature:
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self._params.as_dict().items())
-        return f"R2D2Feature(model={self._model!r}, {params}, device={self._device!r})"
+        return (f"R2D2Feature(model={self._model!r}, {params}, device={self._device!r}, "
+                f"backend={self._backend!r})")
 
     # --- parameters ----------------------------------------------------------------
 
@@ -253,11 +268,14 @@ class R2D2Feature:
     def setModel(self, model: Union[str, os.PathLike]) -> None:
         """Load another model (name or checkpoint path)."""
         model = os.fspath(model) if isinstance(model, os.PathLike) else model
-        self._runner = _make_runner(model, self._device)
+        self._runner = _make_runner(model, self._device, self._backend)
         self._model = model
 
     def getDevice(self) -> Optional[str]:
         return self._device
+
+    def getBackend(self) -> str:
+        return self._backend
 
     def getNFeatures(self) -> int:
         return int(self._params.nfeatures)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .nets import R2D2Net, reliability_map, repeatability_map
+from .nets import FoldedNet, R2D2Net, fold_batchnorm, reliability_map, repeatability_map
 
 __all__ = ["TorchRunner", "TorchLevelOutput"]
 
@@ -33,8 +33,8 @@ class TorchLevelOutput:
 
     def __init__(self, raw: torch.Tensor, reliability: torch.Tensor, repeatability: torch.Tensor):
         self._raw = raw  # (dim, h, w), not normalised
-        self.reliability = reliability.cpu().numpy()
-        self.repeatability = repeatability.cpu().numpy()
+        self.reliability = np.ascontiguousarray(reliability.cpu().numpy())
+        self.repeatability = np.ascontiguousarray(repeatability.cpu().numpy())
 
     def descriptors_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """(n,) map coordinates -> (n, dim) L2-normalised descriptors."""
@@ -55,18 +55,25 @@ class TorchLevelOutput:
 
 
 class TorchRunner:
-    """Runs an :class:`~cv2r2d2.nets.R2D2Net` on one image at a time."""
+    """Runs an R2D2 network on one image at a time, BatchNorm folded, channels-last.
 
-    def __init__(self, net: R2D2Net, device: Optional[Union[str, torch.device]] = None):
+    Both choices keep the outputs equal to the original up to float rounding and
+    roughly halve the CPU time (oneDNN is fastest on NHWC input).
+    """
+
+    def __init__(self, net: Union[R2D2Net, FoldedNet], device: Optional[Union[str, torch.device]] = None):
+        if isinstance(net, R2D2Net):
+            net = fold_batchnorm(net.eval())
         if device is not None:
             net = net.to(device)
-        self.net = net.eval()
+        self.net = net.eval().to(memory_format=torch.channels_last)
         self.device = next(net.parameters()).device
         self.descriptor_size = int(net.out_dim)
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
-        """(3, H, W) normalised float32 array -> (1, 3, H, W) tensor on the device."""
-        return torch.from_numpy(np.ascontiguousarray(image, np.float32))[None].to(self.device)
+        """(3, H, W) normalised float32 array -> (1, 3, H, W) channels-last tensor."""
+        tensor = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None].to(self.device)
+        return tensor.contiguous(memory_format=torch.channels_last)
 
     def resize(self, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
         with torch.inference_mode():
