@@ -83,7 +83,12 @@ class R2D2Feature:
         device: Optional[str] = None,
         backend: str = "torch",
     ) -> None:
-        self._model = os.fspath(model) if isinstance(model, os.PathLike) else model
+        if not isinstance(model, (str, os.PathLike)):
+            raise TypeError(
+                f"model must be a model name or a checkpoint path, got {model!r} "
+                "(for the number of keypoints use nfeatures=...)"
+            )
+        self._model = os.fspath(model)
         self._device = device
         self._backend = backend
         self._params = params if params is not None else ExtractionParams()
@@ -402,6 +407,10 @@ class R2D2Feature:
         self._params = params
 
 
-def R2D2_create(*args: Any, **kwargs: Any) -> R2D2Feature:
-    """Alias of :meth:`R2D2Feature.create`, in the style of ``cv2.SIFT_create``."""
-    return R2D2Feature.create(*args, **kwargs)
+def R2D2_create(nfeatures: int = _DEFAULTS.nfeatures, **kwargs: Any) -> R2D2Feature:
+    """``cv2.SIFT_create``-style factory: ``R2D2_create(5000)`` as ``SIFT_create(5000)``.
+
+    The first positional argument is ``nfeatures``; every other parameter of
+    :meth:`R2D2Feature.create` (``model``, ``device``...) is a keyword.
+    """
+    return R2D2Feature.create(nfeatures=nfeatures, **kwargs)

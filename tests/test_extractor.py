@@ -1,0 +1,129 @@
+"""The pyramid, NMS, top-k and descriptor sampling of the extractor."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cv2r2d2.extractor import ExtractionParams, describe, extract, pyramid
+
+
+def test_paper_pyramid_of_brooklyn():
+    steps = pyramid(820, 1280, ExtractionParams())
+    levels = [s for s in steps if s.processed]
+    assert [s.octave for s in levels] == list(range(2, 10))
+    assert (levels[0].height, levels[0].width) == (580, 905)
+    assert all(s.processed for s in steps[2:]) and not steps[0].processed
+    assert levels[0].size == pytest.approx(32 * 2**0.5)
+    area = sum(s.height * s.width for s in levels)
+    assert 1.6e6 < area < 1.75e6  # 1.68 Mpx, as measured for the reference
+
+
+def test_fullres_pyramid_and_tiny_images():
+    params = ExtractionParams(min_size=0, max_size=9999, min_scale=0.3)
+    levels = pyramid(576, 768, params)
+    assert levels[0].scale == 1.0 and levels[-1].scale >= 0.3 - 1e-3
+    assert len(levels) == 7
+    assert pyramid(10, 10, ExtractionParams()) == []  # smaller than min_size: nothing to do
+    assert pyramid(1, 300, ExtractionParams(min_size=0)) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(scale_f=1.0), "scale_f"),
+        (dict(min_scale=0.5, max_scale=0.4), "min_scale"),
+        (dict(max_scale=2.0), "max_scale"),
+        (dict(reliability_thr=1.5), "reliability_thr"),
+        (dict(nfeatures=-1), "nfeatures"),
+        (dict(nfeatures=2.5), "nfeatures"),
+        (dict(max_size=0), "max_size"),
+        (dict(scale_f=float("nan")), "finite"),
+    ],
+)
+def test_params_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ExtractionParams(**kwargs)
+    with pytest.raises(TypeError, match="number"):
+        ExtractionParams(nfeatures="5000")
+
+
+class MapRunner:
+    """A backend whose network returns fixed maps (for the scale-1 level only)."""
+
+    descriptor_size = 2
+
+    def __init__(self, repeatability, reliability):
+        self.repeatability = np.asarray(repeatability, np.float32)
+        self.reliability = np.asarray(reliability, np.float32)
+
+    def prepare(self, image):
+        return image
+
+    def resize(self, image, height, width):
+        raise AssertionError("single-level test")
+
+    def run(self, image):
+        runner = self
+
+        class Output:
+            repeatability = runner.repeatability
+            reliability = runner.reliability
+
+            @staticmethod
+            def descriptors_at(x, y):
+                d = np.stack([x + 1, y + 1], axis=1).astype(np.float32)
+                return d / np.linalg.norm(d, axis=1, keepdims=True)
+
+        return Output()
+
+
+def _single_level(**kw):
+    return ExtractionParams(min_size=0, max_size=9999, min_scale=1.0, **kw)
+
+
+def test_nms_thresholds_and_order():
+    rep = np.zeros((6, 7), np.float32)
+    rep[1, 1] = 0.9   # a maximum
+    rep[1, 2] = 0.8   # its neighbour: suppressed
+    rep[4, 5] = 0.95  # a maximum, but unreliable below
+    rep[4, 1] = 0.75  # a maximum
+    rep[0, 6] = 0.6   # below the repeatability threshold
+    rel = np.full_like(rep, 0.9)
+    rel[4, 5] = 0.5
+    features = extract(MapRunner(rep, rel), np.zeros((3, 6, 7), np.float32), _single_level())
+    np.testing.assert_array_equal(features.xy, [[1, 1], [1, 4]])
+    np.testing.assert_allclose(features.scores, [0.9 * 0.9, 0.75 * 0.9], rtol=1e-6)
+    assert features.sizes.tolist() == [32.0, 32.0] and features.octaves.tolist() == [0, 0]
+
+
+def test_plateaus_count_as_maxima_like_the_reference():
+    rep = np.zeros((4, 4), np.float32)
+    rep[1, 1] = rep[1, 2] = 0.8
+    features = extract(MapRunner(rep, np.ones_like(rep)), np.zeros((3, 4, 4), np.float32), _single_level())
+    assert len(features) == 2
+
+
+def test_top_k_and_mask():
+    rng = np.random.default_rng(0)
+    rep = np.zeros((40, 40), np.float32)
+    rep[::3, ::3] = rng.uniform(0.71, 1.0, size=rep[::3, ::3].shape)
+    runner = MapRunner(rep, np.ones_like(rep))
+    image = np.zeros((3, 40, 40), np.float32)
+    everything = extract(runner, image, _single_level(nfeatures=0))
+    assert len(everything) == 14 * 14
+    best = extract(runner, image, _single_level(nfeatures=10))
+    np.testing.assert_array_equal(best.xy, everything.xy[:10])
+    assert np.all(np.diff(best.scores) <= 0)
+    mask = np.zeros((40, 40), np.uint8)
+    mask[:, 20:] = 1
+    masked = extract(runner, image, _single_level(nfeatures=10), mask=mask)
+    assert len(masked) == 10 and masked.xy[:, 0].min() >= 20
+
+
+def test_describe_drops_points_outside_the_image():
+    runner = MapRunner(np.zeros((8, 8)), np.zeros((8, 8)))
+    xy = np.array([[1, 2], [-1, 3], [7.5, 7.9], [8, 0], [np.nan, 1]], np.float32)
+    descriptors, kept = describe(runner, np.zeros((3, 8, 8), np.float32), xy,
+                                 np.full(5, 32.0), _single_level())
+    assert kept.tolist() == [0, 2]
+    np.testing.assert_allclose(descriptors[0], np.array([2, 3]) / np.hypot(2, 3), rtol=1e-6)

@@ -1,0 +1,220 @@
+"""R2D2Feature as a cv2.Feature2D drop-in, on real images and real weights."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+import cv2r2d2
+from conftest import weights_file
+
+# A moderate perspective warp of a 512 x 512 image.
+H_TRUE = np.array([[0.92, 0.08, 18.0], [-0.06, 0.95, 25.0], [1.2e-4, -0.8e-4, 1.0]])
+
+
+@pytest.fixture(scope="session")
+def boat_features(r2d2, boat):
+    return r2d2.detectAndCompute(boat, None)
+
+
+@pytest.fixture(scope="session")
+def warped_pair(r2d2, boat, boat_features):
+    warped = cv2.warpPerspective(boat, H_TRUE, boat.shape[1::-1])
+    return boat_features, r2d2.detectAndCompute(warped, None), warped
+
+
+def _corner_error(H, shape) -> float:
+    h, w = shape[:2]
+    corners = np.float32([[0, 0], [w, 0], [w, h], [0, h]]).reshape(-1, 1, 2)
+    a = cv2.perspectiveTransform(corners, H)
+    b = cv2.perspectiveTransform(corners, H_TRUE)
+    return float(np.linalg.norm(a - b, axis=2).mean())
+
+
+def test_feature2d_information(r2d2):
+    assert r2d2.descriptorSize() == 128
+    assert r2d2.descriptorType() == cv2.CV_32F
+    assert r2d2.defaultNorm() == cv2.NORM_L2
+    assert r2d2.getDefaultName() == "Feature2D.R2D2"
+    assert not r2d2.empty()
+    assert r2d2.getNFeatures() == 5000 and r2d2.getScaleFactor() == 2**0.25
+    assert r2d2.getModel() == "r2d2_WASF_N16" and r2d2.getBackend() == "torch"
+
+
+def test_detect_and_compute_outputs(boat_features, boat):
+    keypoints, descriptors = boat_features
+    assert isinstance(keypoints, tuple) and len(keypoints) == 5000
+    assert all(isinstance(k, cv2.KeyPoint) for k in keypoints)
+    assert descriptors.dtype == np.float32 and descriptors.shape == (5000, 128)
+    responses = np.array([k.response for k in keypoints])
+    assert np.all(np.diff(responses) <= 0) and responses.min() >= 0.49
+    assert {k.angle for k in keypoints} == {-1.0} and {k.class_id for k in keypoints} == {-1}
+    sizes = {round(k.size, 3) for k in keypoints}
+    octaves = {k.octave for k in keypoints}
+    assert sizes == {round(32 * 2 ** (o / 4), 3) for o in octaves} and min(octaves) == 0
+    pts = np.array([k.pt for k in keypoints])
+    assert pts.min() >= 0 and pts[:, 0].max() < boat.shape[1] and pts[:, 1].max() < boat.shape[0]
+
+
+def test_detect_then_compute_equals_detect_and_compute(r2d2, boat, boat_features):
+    keypoints, descriptors = boat_features
+    detected = r2d2.detect(boat)
+    assert [k.pt for k in detected] == [k.pt for k in keypoints]
+    kept, again = r2d2.compute(boat, keypoints[:300])
+    assert len(kept) == 300
+    np.testing.assert_allclose(again, descriptors[:300], atol=1e-5)
+
+
+def test_homography_recovery_beats_sift(warped_pair, boat):
+    (kp1, d1), (kp2, d2), warped = warped_pair
+    results = {}
+    for name, matcher in [
+        ("bf", cv2.BFMatcher(cv2.NORM_L2, crossCheck=True)),
+        ("flann", cv2.FlannBasedMatcher(dict(algorithm=1, trees=5), dict(checks=64))),
+    ]:
+        matches = matcher.match(d1, d2)
+        src = np.float32([kp1[m.queryIdx].pt for m in matches])
+        dst = np.float32([kp2[m.trainIdx].pt for m in matches])
+        H, inliers = cv2.findHomography(src, dst, cv2.RANSAC, 3.0)
+        results[name] = (_corner_error(H, boat.shape), int(inliers.sum()))
+    sift = cv2.SIFT_create(5000)
+    s1, e1 = sift.detectAndCompute(boat, None)
+    s2, e2 = sift.detectAndCompute(warped, None)
+    matches = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True).match(e1, e2)
+    _, sift_inliers = cv2.findHomography(
+        np.float32([s1[m.queryIdx].pt for m in matches]),
+        np.float32([s2[m.trainIdx].pt for m in matches]), cv2.RANSAC, 3.0)
+    print("R2D2", results, "SIFT inliers", int(sift_inliers.sum()))
+    for error, inliers in results.values():
+        assert error < 2.0
+    assert results["bf"][1] >= int(sift_inliers.sum())
+
+
+def test_drawing_functions_accept_outputs(warped_pair, boat):
+    (kp1, d1), (kp2, d2), warped = warped_pair
+    drawn = cv2.drawKeypoints(boat, kp1[:200], None, flags=cv2.DRAW_MATCHES_FLAGS_DRAW_RICH_KEYPOINTS)
+    assert drawn.shape == boat.shape
+    matches = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True).match(d1[:500], d2[:500])
+    canvas = cv2.drawMatches(boat, kp1[:500], warped, kp2[:500], matches[:50], None)
+    assert canvas.shape == (512, 1024, 3)
+
+
+def test_compute_on_sift_and_orb_keypoints(r2d2, boat):
+    for detector in (cv2.SIFT_create(300), cv2.ORB_create(300)):
+        keypoints = detector.detect(boat)
+        outside = cv2.KeyPoint(-5.0, 10.0, 20.0)
+        kept, descriptors = r2d2.compute(boat, list(keypoints) + [outside])
+        assert len(kept) == len(keypoints) and outside not in kept
+        assert descriptors.shape == (len(keypoints), 128) and descriptors.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(descriptors, axis=1), 1, atol=1e-5)
+    assert r2d2.compute(boat, []) == ((), None)
+    assert r2d2.compute(boat, [cv2.KeyPoint(600.0, 1.0, 8.0)]) == ((), None)
+
+
+def test_mask_restricts_detection(r2d2, boat):
+    mask = np.zeros(boat.shape[:2], np.uint8)
+    mask[:, 256:] = 255
+    keypoints, descriptors = r2d2.detectAndCompute(boat, mask)
+    assert len(keypoints) == len(descriptors) > 1000
+    assert min(k.pt[0] for k in keypoints) >= 255.5
+    with pytest.raises(ValueError, match="size"):
+        r2d2.detect(boat, np.zeros((10, 10), np.uint8))
+    with pytest.raises(TypeError, match="uint8"):
+        r2d2.detect(boat, np.zeros(boat.shape[:2], np.float32))
+
+
+def test_list_forms(r2d2, boat):
+    small = cv2.resize(boat, (256, 256))
+    flat = np.zeros((40, 40, 3), np.uint8)  # below min_size: nothing detected
+    both = r2d2.detect([small, flat])
+    assert len(both) == 2 and len(both[0]) > 100 and both[1] == ()
+    keypoints, descriptors = r2d2.compute([small, flat], [both[0][:20], ()])
+    assert len(keypoints[0]) == 20 and descriptors[0].shape == (20, 128)
+    assert keypoints[1] == () and descriptors[1] is None
+    with pytest.raises(ValueError, match="one mask per image"):
+        r2d2.detect([small, flat], [None])
+
+
+def test_nothing_to_detect_gives_empty_results(r2d2):
+    strict = cv2r2d2.R2D2_create(reliability_thr=1.0, repeatability_thr=1.0, device="cpu")
+    flat = np.full((300, 400), 90, np.uint8)
+    assert strict.detect(flat) == ()
+    assert strict.detectAndCompute(flat, None) == ((), None)
+    tiny = np.zeros((12, 9, 3), np.uint8)  # smaller than min_size: no pyramid level
+    assert r2d2.detectAndCompute(tiny, None) == ((), None)
+
+
+@pytest.mark.parametrize(
+    "image,error",
+    [
+        (None, ValueError),
+        (np.zeros((0, 0, 3), np.uint8), ValueError),
+        (np.zeros((64, 64), np.int64), TypeError),
+        (np.zeros((64, 64, 2), np.uint8), ValueError),
+        (np.full((64, 64), np.nan, np.float32), ValueError),
+        ("image.jpg", TypeError),
+    ],
+)
+def test_bad_images(r2d2, image, error):
+    for call in (lambda: r2d2.detect(image), lambda: r2d2.detectAndCompute(image, None),
+                 lambda: r2d2.compute(image, [cv2.KeyPoint(1, 1, 8)])):
+        with pytest.raises(error):
+            call()
+
+
+def test_bad_keypoints_and_flags(r2d2, boat):
+    with pytest.raises(TypeError, match="cv2.KeyPoint"):
+        r2d2.compute(boat, [(1, 2)])
+    with pytest.raises(TypeError, match="None"):
+        r2d2.compute(boat, None)
+    with pytest.raises(ValueError, match="keypoints="):
+        r2d2.detectAndCompute(boat, None, useProvidedKeypoints=True)
+    kept, descriptors = r2d2.detectAndCompute(boat, None, useProvidedKeypoints=True,
+                                              keypoints=[cv2.KeyPoint(100, 100, 32)])
+    assert len(kept) == 1 and descriptors.shape == (1, 128)
+
+
+def test_setters_validate_and_apply(boat):
+    weights_file("r2d2_WASF_N16")
+    r2d2 = cv2r2d2.R2D2_create(nfeatures=100, device="cpu")
+    assert len(r2d2.detect(boat)) == 100
+    r2d2.setNFeatures(0)
+    r2d2.setMinSize(400)
+    assert r2d2.getMinSize() == 400 and len(r2d2.detect(boat)) > 100
+    for setter, value in [(r2d2.setScaleFactor, 0.9), (r2d2.setMaxScale, 1.5),
+                          (r2d2.setReliabilityThreshold, -0.1), (r2d2.setNFeatures, -3)]:
+        with pytest.raises(ValueError):
+            setter(value)
+    assert r2d2.getScaleFactor() == 2**0.25 and r2d2.getNFeatures() == 0
+    with pytest.raises(ValueError, match="backend"):
+        cv2r2d2.R2D2_create(backend="tensorflow")
+    with pytest.raises(cv2r2d2.weights.WeightsError, match="neither an existing file"):
+        cv2r2d2.R2D2_create(model="no_such_model")
+
+
+@pytest.mark.parametrize("suffix", [".yml", ".xml", ".json"])
+def test_write_read_round_trip(r2d2, tmp_path, suffix):
+    path = tmp_path / f"r2d2{suffix}"
+    other = cv2r2d2.R2D2_create(nfeatures=123, min_size=300, reliability_thr=0.6, device="cpu")
+    other.write(str(path))
+    r2d2_copy = cv2r2d2.R2D2_create(device="cpu")
+    r2d2_copy.read(str(path))
+    assert r2d2_copy.getParams() == other.getParams()
+    # Inside a FileStorage, under a name, as OpenCV's write(fs, name) does.
+    fs = cv2.FileStorage(str(tmp_path / f"many{suffix}"), cv2.FILE_STORAGE_WRITE)
+    other.write(fs, "r2d2")
+    cv2.SIFT_create().write(fs, "sift")
+    fs.release()
+    fs = cv2.FileStorage(str(tmp_path / f"many{suffix}"), cv2.FILE_STORAGE_READ)
+    third = cv2r2d2.R2D2_create(device="cpu")
+    third.read(fs.getNode("r2d2"))
+    assert third.getNFeatures() == 123
+    with pytest.raises(ValueError, match="Feature2D.SIFT"):
+        third.read(fs.getNode("sift"))
+    fs.release()
+    other.save(str(tmp_path / f"saved{suffix}"))
+    assert (tmp_path / f"saved{suffix}").stat().st_size > 0
+    with pytest.raises(FileNotFoundError):
+        third.read(str(tmp_path / "absent.yml"))
+    with pytest.raises(TypeError):
+        third.read(42)
