@@ -27,6 +27,10 @@ __all__ = [
 
 # Keypoint size (patch diameter, pixels) at pyramid scale 1, as in the reference.
 PATCH_SIZE = 32.0
+# Default cap on the pixels of one network run (tile_size ** 2); larger levels are tiled.
+DEFAULT_TILE_SIZE = 512
+
+Box = Tuple[int, int, int, int]
 
 
 @dataclass
@@ -125,8 +129,16 @@ class NetworkRunner(Protocol):
     def resize(self, image: Any, height: int, width: int) -> Any:
         """Bilinear resize (align_corners=False, no antialiasing) of a handle."""
 
-    def run(self, image: Any) -> LevelOutput:
-        """Run the network on a handle."""
+    def output_size(self, height: int, width: int) -> Tuple[int, int]:
+        """Size (h', w') of the maps the network gives for a height x width input."""
+
+    def run(self, image: Any, box: Optional[Box] = None) -> LevelOutput:
+        """Run the network on a handle; only the maps inside ``box`` when given.
+
+        ``box`` = (y0, y1, x0, x1) in map coordinates, end excluded. The backend
+        adds the context the network's receptive field needs, so the maps inside
+        the box equal those of a whole-image run.
+        """
 
 
 @dataclass
@@ -215,11 +227,66 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
     return order[:k] if k else order
 
 
+def tiles(height: int, width: int, tile_size: int, halo: int) -> List[Box]:
+    """Split a height x width map into a grid of boxes (y0, y1, x0, x1).
+
+    Each box grown by ``halo`` on its inner sides holds at most ``tile_size ** 2``
+    pixels (unless a single row or column of that size is needed), and the grid is
+    the one with the least total area including halos, i.e. the least recomputation.
+    ``tile_size=0`` never tiles.
+    """
+    if tile_size <= 0 or height * width <= tile_size * tile_size:
+        return [(0, height, 0, width)]
+    best = None
+    for rows in range(1, height + 1):
+        tile_h = -(-height // rows) + (2 * halo if rows > 1 else 0)
+        cols = 1
+        while cols < width and tile_h * (-(-width // cols) + (2 * halo if cols > 1 else 0)) > tile_size**2:
+            cols += 1
+        area = (height + 2 * halo * (rows - 1)) * (width + 2 * halo * (cols - 1))
+        if best is None or area < best[0]:
+            best = (area, rows, cols)
+        if tile_h <= 2 * halo + 1:
+            break
+    _, rows, cols = best
+    ys = np.linspace(0, height, rows + 1).round().astype(int)
+    xs = np.linspace(0, width, cols + 1).round().astype(int)
+    return [(int(ys[i]), int(ys[i + 1]), int(xs[j]), int(xs[j + 1]))
+            for i in range(rows) for j in range(cols)]
+
+
+def _grow(box: Box, height: int, width: int, margin: int = 1) -> Box:
+    y0, y1, x0, x1 = box
+    return max(0, y0 - margin), min(height, y1 + margin), max(0, x0 - margin), min(width, x1 + margin)
+
+
+class _TopK:
+    """Running best-``k`` keypoints (k = 0: all), so memory stays bounded."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.parts: List[Tuple[np.ndarray, ...]] = []
+        self.count = 0
+
+    def add(self, *columns: np.ndarray) -> None:
+        self.parts.append(columns)
+        self.count += len(columns[0])
+        if self.k and self.count > 2 * self.k:
+            self.parts = [self.result()]
+            self.count = len(self.parts[0][0])
+
+    def result(self) -> Tuple[np.ndarray, ...]:
+        columns = [np.concatenate(c) for c in zip(*self.parts)]
+        order = _top(columns[2], self.k)
+        return tuple(c[order] for c in columns)
+
+
 def extract(
     runner: NetworkRunner,
     image: np.ndarray,
     params: ExtractionParams,
     mask: Optional[np.ndarray] = None,
+    tile_size: int = DEFAULT_TILE_SIZE,
 ) -> Features:
     """Detect and describe R2D2 keypoints over the image pyramid.
 
@@ -228,39 +295,47 @@ def extract(
         image: (3, H, W) float32 normalised RGB image (see ``image.normalize_image``).
         params: extraction parameters.
         mask: optional (H, W) uint8; keypoints are kept where it is non-zero.
+        tile_size: levels larger than tile_size**2 pixels run on overlapping tiles
+            (same output, bounded memory); 0 never tiles.
 
     Returns:
-        The ``nfeatures`` best keypoints over all levels, sorted by decreasing score.
+        The ``nfeatures`` best keypoints over all levels, sorted by decreasing score
+        (equal scores in level, then row-major order).
     """
     height, width = image.shape[1:]
-    parts = []
+    best = _TopK(params.nfeatures)
     for level, handle in _walk(runner, image, pyramid(height, width, params)):
-        output = runner.run(handle)
-        y, x = _nms(output, params)
-        # Reference rounding: (x * W) / w in float32, w the level image's width.
-        px = x.astype(np.float32) * np.float32(width) / np.float32(level.width)
-        py = y.astype(np.float32) * np.float32(height) / np.float32(level.height)
-        scores = output.reliability[y, x] * output.repeatability[y, x]
-        keep = np.ones(len(scores), bool) if mask is None else _in_mask(mask, px, py)
-        # Only a level's own best nfeatures can make the global top-k: describe those.
-        best = np.flatnonzero(keep)[_top(scores[keep], params.nfeatures)]
-        best.sort()
-        parts.append((
-            px[best], py[best], scores[best],
-            np.full(len(best), level.octave, np.int32),
-            np.full(len(best), np.float32(level.size), np.float32),
-            output.descriptors_at(x[best].astype(np.float32), y[best].astype(np.float32)),
-        ))
-    if not parts:
+        map_h, map_w = runner.output_size(level.height, level.width)
+        for core in tiles(map_h, map_w, tile_size, getattr(runner, "halo", 0)):
+            # One pixel more than the core: the 3x3 NMS of a core pixel sees true neighbours.
+            window = _grow(core, map_h, map_w)
+            output = runner.run(handle, window)
+            y, x = _nms(output, params)
+            y += window[0]
+            x += window[2]
+            inside = (y >= core[0]) & (y < core[1]) & (x >= core[2]) & (x < core[3])
+            y, x = y[inside], x[inside]
+            # Reference rounding: (x * W) / w in float32, w the level image's width.
+            px = x.astype(np.float32) * np.float32(width) / np.float32(level.width)
+            py = y.astype(np.float32) * np.float32(height) / np.float32(level.height)
+            wy, wx = y - window[0], x - window[2]
+            scores = output.reliability[wy, wx] * output.repeatability[wy, wx]
+            keep = np.ones(len(scores), bool) if mask is None else _in_mask(mask, px, py)
+            # Only the window's own best nfeatures can make the global top-k.
+            chosen = np.flatnonzero(keep)[_top(scores[keep], params.nfeatures)]
+            chosen.sort()
+            best.add(
+                px[chosen], py[chosen], scores[chosen],
+                np.full(len(chosen), level.octave, np.int32),
+                np.full(len(chosen), np.float32(level.size), np.float32),
+                output.descriptors_at(wx[chosen].astype(np.float32), wy[chosen].astype(np.float32)),
+            )
+    if not best.parts:
         return _empty_features(runner.descriptor_size)
-    px, py, scores, octaves, sizes, descriptors = (np.concatenate(p) for p in zip(*parts))
-    order = _top(scores, params.nfeatures)
+    px, py, scores, octaves, sizes, descriptors = best.result()
     return Features(
-        xy=np.stack([px[order], py[order]], axis=1),
-        sizes=sizes[order],
-        scores=scores[order],
-        octaves=octaves[order],
-        descriptors=descriptors[order],
+        xy=np.stack([px, py], axis=1), sizes=sizes, scores=scores, octaves=octaves,
+        descriptors=descriptors,
     )
 
 
@@ -280,6 +355,7 @@ def describe(
     xy: np.ndarray,
     sizes: np.ndarray,
     params: ExtractionParams,
+    tile_size: int = DEFAULT_TILE_SIZE,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Descriptors at given keypoints (e.g. from SIFT or ORB).
 
@@ -293,6 +369,7 @@ def describe(
         xy: (N, 2) positions in original-image pixels.
         sizes: (N,) keypoint diameters in pixels (non-positive: the finest level).
         params: extraction parameters (they define the levels).
+        tile_size: as for :func:`extract`.
 
     Returns:
         descriptors (M, dim) float32 and the (M,) indices of the keypoints kept: those
@@ -321,13 +398,20 @@ def describe(
         rows = np.flatnonzero(choice == index)
         if not len(rows):
             continue
-        output = runner.run(handle)
-        pts = xy[kept[rows]]
-        # Inverse of the detection mapping x * W / w.
-        descriptors[rows] = output.descriptors_at(
-            pts[:, 0] * np.float32(level.width / width),
-            pts[:, 1] * np.float32(level.height / height),
-        )
+        map_h, map_w = runner.output_size(level.height, level.width)
+        # Inverse of the detection mapping x * W / w, clamped to the map.
+        mx = np.clip(xy[kept[rows], 0] * np.float32(level.width / width), 0, map_w - 1)
+        my = np.clip(xy[kept[rows], 1] * np.float32(level.height / height), 0, map_h - 1)
+        for core in tiles(map_h, map_w, tile_size, getattr(runner, "halo", 0)):
+            inside = ((my >= core[0]) & (my < core[1]) & (mx >= core[2]) & (mx < core[3]))
+            if not inside.any():
+                continue
+            # One pixel more than the core: bilinear sampling reads the next pixel too.
+            window = _grow(core, map_h, map_w)
+            output = runner.run(handle, window)
+            descriptors[rows[inside]] = output.descriptors_at(
+                mx[inside] - np.float32(window[2]), my[inside] - np.float32(window[0])
+            )
     return descriptors, kept
 
 

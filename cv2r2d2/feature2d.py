@@ -13,7 +13,15 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 
-from .extractor import ExtractionParams, Features, NetworkRunner, describe, dense_maps, extract
+from .extractor import (
+    DEFAULT_TILE_SIZE,
+    ExtractionParams,
+    Features,
+    NetworkRunner,
+    describe,
+    dense_maps,
+    extract,
+)
 from .image import check_mask, normalize_image
 from .weights import DEFAULT_MODEL
 
@@ -82,6 +90,7 @@ class R2D2Feature:
         params: Optional[ExtractionParams] = None,
         device: Optional[str] = None,
         backend: str = "torch",
+        tile_size: int = DEFAULT_TILE_SIZE,
     ) -> None:
         if not isinstance(model, (str, os.PathLike)):
             raise TypeError(
@@ -92,6 +101,7 @@ class R2D2Feature:
         self._device = device
         self._backend = backend
         self._params = params if params is not None else ExtractionParams()
+        self.setTileSize(tile_size)
         self._runner = _make_runner(self._model, device, backend)
 
     @classmethod
@@ -108,6 +118,7 @@ class R2D2Feature:
         repeatability_thr: float = _DEFAULTS.repeatability_thr,
         device: Optional[str] = None,
         backend: str = "torch",
+        tile_size: int = DEFAULT_TILE_SIZE,
     ) -> "R2D2Feature":
         """Create an R2D2 feature extractor (defaults: the paper's settings).
 
@@ -122,13 +133,16 @@ class R2D2Feature:
             device: torch device (``"cpu"``, ``"cuda"``...); None: CUDA if available.
             backend: ``"torch"``; ``"onnxruntime"`` or ``"opencv"`` run an exported
                 ONNX model (a ``.onnx`` path or a registry name) without torch.
+            tile_size: pyramid levels over tile_size**2 pixels run on overlapping
+                tiles, with the same output, to bound memory; 0 never tiles.
         """
         params = ExtractionParams(
             scale_f=scale_f, min_size=min_size, max_size=max_size, min_scale=min_scale,
             max_scale=max_scale, reliability_thr=reliability_thr,
             repeatability_thr=repeatability_thr, nfeatures=nfeatures,
         )
-        return cls(model=model, params=params, device=device, backend=backend)
+        return cls(model=model, params=params, device=device, backend=backend,
+                   tile_size=tile_size)
 
     # --- detection and description -------------------------------------------------
 
@@ -138,7 +152,7 @@ class R2D2Feature:
     def _detect_one(self, image: Any, mask: Any, name: str = "image") -> Features:
         normalised = self._prepare(image, name)
         mask = check_mask(mask, normalised.shape[1:], "mask")
-        return extract(self._runner, normalised, self._params, mask=mask)
+        return extract(self._runner, normalised, self._params, mask=mask, tile_size=self._tile_size)
 
     def detect(self, image: Any, mask: Any = None) -> Union[KeyPoints, Tuple[KeyPoints, ...]]:
         """Detect keypoints.
@@ -177,7 +191,8 @@ class R2D2Feature:
             return (), None
         xy = np.array([kp.pt for kp in keypoints], np.float32).reshape(-1, 2)
         sizes = np.array([kp.size for kp in keypoints], np.float32)
-        descriptors, kept = describe(self._runner, normalised, xy, sizes, self._params)
+        descriptors, kept = describe(self._runner, normalised, xy, sizes, self._params,
+                                     tile_size=self._tile_size)
         if not len(kept):
             return (), None
         return tuple(keypoints[i] for i in kept.tolist()), descriptors
@@ -281,6 +296,17 @@ class R2D2Feature:
 
     def getBackend(self) -> str:
         return self._backend
+
+    def getTileSize(self) -> int:
+        return self._tile_size
+
+    def setTileSize(self, tile_size: int) -> None:
+        """Tile side in pixels for large pyramid levels (0: never tile)."""
+        if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 0:
+            raise ValueError(f"tile_size must be an integer >= 0, got {tile_size!r}")
+        if 0 < tile_size < 64:
+            raise ValueError(f"tile_size must be 0 or >= 64 pixels, got {tile_size!r}")
+        self._tile_size = int(tile_size)
 
     def getNFeatures(self) -> int:
         return int(self._params.nfeatures)

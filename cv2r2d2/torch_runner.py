@@ -1,15 +1,52 @@
 """The PyTorch backend of the extractor's :class:`~cv2r2d2.extractor.NetworkRunner` seam."""
 from __future__ import annotations
 
-from typing import Optional, Union
+import math
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .nets import FoldedNet, R2D2Net, fold_batchnorm, reliability_map, repeatability_map
 
-__all__ = ["TorchRunner", "TorchLevelOutput"]
+__all__ = ["TorchRunner", "TorchLevelOutput", "receptive_halo"]
+
+Box = Tuple[int, int, int, int]
+
+
+def _layers(net: Union[R2D2Net, FoldedNet]) -> List[nn.Module]:
+    return list(net.trunk if isinstance(net, FoldedNet) else net.ops)
+
+
+def _factor(value: Union[int, float, Tuple]) -> float:
+    return float(value[0] if isinstance(value, tuple) else value)
+
+
+def receptive_halo(net: Union[R2D2Net, FoldedNet]) -> Tuple[int, int]:
+    """Context an output pixel depends on, and the alignment crops must keep.
+
+    Returns:
+        (halo, alignment), pixels: map values further than ``halo`` from the edge of an
+        input crop that starts at a multiple of ``alignment`` (the pooling factor)
+        equal those of the whole image.
+    """
+    reach, scale, alignment = 0.0, 1.0, 1
+    for layer in _layers(net):
+        if isinstance(layer, nn.Conv2d):
+            # "Same" convolutions: a tap reaches as far as the padding on each side.
+            reach += scale * max(layer.padding)
+        elif isinstance(layer, nn.MaxPool2d):
+            k = int(_factor(layer.kernel_size))
+            reach += scale * (k - 1)
+            scale *= k
+            alignment *= k
+        elif isinstance(layer, nn.Upsample):
+            reach += scale  # bilinear interpolation reads one coarse pixel further
+            scale /= _factor(layer.scale_factor)
+    halo = int(math.ceil(reach)) + 2
+    return halo + (-halo) % alignment, alignment
 
 
 def _bilinear_gather(raw: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -17,8 +54,8 @@ def _bilinear_gather(raw: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tor
     _, h, w = raw.shape
     x = x.clamp(0, w - 1)
     y = y.clamp(0, h - 1)
-    x0 = x.floor().long().clamp(max=w - 2) if w > 1 else x.floor().long()
-    y0 = y.floor().long().clamp(max=h - 2) if h > 1 else y.floor().long()
+    x0 = x.floor().long().clamp(max=max(w - 2, 0))
+    y0 = y.floor().long().clamp(max=max(h - 2, 0))
     x1 = (x0 + 1).clamp(max=w - 1)
     y1 = (y0 + 1).clamp(max=h - 1)
     fx = (x - x0).unsqueeze(0)
@@ -29,7 +66,7 @@ def _bilinear_gather(raw: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tor
 
 
 class TorchLevelOutput:
-    """One level's outputs: maps on the host, the raw descriptor map on the device."""
+    """One level's (or tile's) outputs: maps on the host, raw descriptors on the device."""
 
     def __init__(self, raw: torch.Tensor, reliability: torch.Tensor, repeatability: torch.Tensor):
         self._raw = raw  # (dim, h, w), not normalised
@@ -47,43 +84,87 @@ class TorchLevelOutput:
             )
             # Normalising the few kept vectors gives what normalising the whole map
             # would, at a fraction of the cost.
-            return F.normalize(samples, p=2, dim=1).cpu().numpy()
+            return F.normalize(samples.float(), p=2, dim=1).cpu().numpy()
 
     def dense_descriptors(self) -> np.ndarray:
         with torch.inference_mode():
-            return F.normalize(self._raw, p=2, dim=0).cpu().numpy()
+            return F.normalize(self._raw.float(), p=2, dim=0).cpu().numpy()
 
 
 class TorchRunner:
-    """Runs an R2D2 network on one image at a time, BatchNorm folded, channels-last.
+    """Runs an R2D2 network on one image (or one tile of it) at a time.
 
-    Both choices keep the outputs equal to the original up to float rounding and
-    roughly halve the CPU time (oneDNN is fastest on NHWC input).
+    With ``optimize=True`` (the default) BatchNorm is folded into the convolutions and
+    tensors are channels-last: the outputs stay equal to the original's up to float
+    rounding, at about half the CPU time (oneDNN is fastest on NHWC input).
+    ``optimize=False`` runs the network as the original implementation does, as a
+    baseline. ``half=True`` computes in float16 on CUDA.
     """
 
-    def __init__(self, net: Union[R2D2Net, FoldedNet], device: Optional[Union[str, torch.device]] = None):
-        if isinstance(net, R2D2Net):
+    def __init__(
+        self,
+        net: Union[R2D2Net, FoldedNet],
+        device: Optional[Union[str, torch.device]] = None,
+        optimize: bool = True,
+        half: bool = False,
+    ):
+        if optimize and isinstance(net, R2D2Net):
             net = fold_batchnorm(net.eval())
         if device is not None:
             net = net.to(device)
-        self.net = net.eval().to(memory_format=torch.channels_last)
         self.device = next(net.parameters()).device
+        if half and self.device.type != "cuda":
+            raise ValueError(f"half precision needs a CUDA device, got {self.device}")
+        self._format = torch.channels_last if optimize else torch.contiguous_format
+        self._dtype = torch.float16 if half else torch.float32
+        self.net = net.eval().to(dtype=self._dtype, memory_format=self._format)
         self.descriptor_size = int(net.out_dim)
+        self.halo, self._alignment = receptive_halo(net)
+        self._layers = _layers(net)
+
+    def _output_length(self, n: int) -> int:
+        for layer in self._layers:
+            if isinstance(layer, nn.MaxPool2d):
+                n //= int(_factor(layer.kernel_size))
+            elif isinstance(layer, nn.Upsample):
+                n = int(n * _factor(layer.scale_factor))
+        return n
+
+    def output_size(self, height: int, width: int) -> Tuple[int, int]:
+        """Map size (h', w') for a height x width input."""
+        return self._output_length(height), self._output_length(width)
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
-        """(3, H, W) normalised float32 array -> (1, 3, H, W) channels-last tensor."""
+        """(3, H, W) normalised float32 array -> (1, 3, H, W) tensor on the device."""
         tensor = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None].to(self.device)
-        return tensor.contiguous(memory_format=torch.channels_last)
+        return tensor.contiguous(memory_format=self._format)
 
     def resize(self, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
         with torch.inference_mode():
             return F.interpolate(image, (height, width), mode="bilinear", align_corners=False)
 
-    def run(self, image: torch.Tensor) -> TorchLevelOutput:
+    def _crop(self, start: int, stop: int, length: int) -> Tuple[int, int]:
+        """Input range whose output covers [start, stop) exactly."""
+        begin = max(0, start - self.halo)
+        begin -= begin % self._alignment
+        return begin, min(length, stop + self.halo)
+
+    def run(self, image: torch.Tensor, box: Optional[Box] = None) -> TorchLevelOutput:
+        """Network outputs on the whole image, or on ``box`` = (y0, y1, x0, x1) of its map."""
+        height, width = image.shape[2:]
+        if box is None:
+            map_h, map_w = self.output_size(height, width)
+            box = (0, map_h, 0, map_w)
+        y0, y1, x0, x1 = box
+        top, bottom = self._crop(y0, y1, height)
+        left, right = self._crop(x0, x1, width)
         with torch.inference_mode():
-            raw, reliability_logits, repeatability_logit = self.net.forward_raw(image)
+            crop = image[:, :, top:bottom, left:right].to(self._dtype)
+            raw, reliability_logits, repeatability_logit = self.net.forward_raw(crop)
+            rows = slice(y0 - top, y1 - top)
+            cols = slice(x0 - left, x1 - left)
             return TorchLevelOutput(
-                raw[0],
-                reliability_map(reliability_logits)[0, 0],
-                repeatability_map(repeatability_logit)[0, 0],
+                raw[0, :, rows, cols],
+                reliability_map(reliability_logits[:, :, rows, cols].float())[0, 0],
+                repeatability_map(repeatability_logit[:, :, rows, cols].float())[0, 0],
             )

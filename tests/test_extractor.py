@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cv2r2d2.extractor import ExtractionParams, describe, extract, pyramid
+from cv2r2d2.extractor import ExtractionParams, describe, extract, pyramid, tiles
 
 
 def test_paper_pyramid_of_brooklyn():
@@ -62,16 +62,19 @@ class MapRunner:
     def resize(self, image, height, width):
         raise AssertionError("single-level test")
 
-    def run(self, image):
-        runner = self
+    def output_size(self, height, width):
+        return self.repeatability.shape
+
+    def run(self, image, box=None):
+        y0, y1, x0, x1 = box or (0, self.repeatability.shape[0], 0, self.repeatability.shape[1])
 
         class Output:
-            repeatability = runner.repeatability
-            reliability = runner.reliability
+            repeatability = self.repeatability[y0:y1, x0:x1]
+            reliability = self.reliability[y0:y1, x0:x1]
 
             @staticmethod
             def descriptors_at(x, y):
-                d = np.stack([x + 1, y + 1], axis=1).astype(np.float32)
+                d = np.stack([x + x0 + 1, y + y0 + 1], axis=1).astype(np.float32)
                 return d / np.linalg.norm(d, axis=1, keepdims=True)
 
         return Output()
@@ -118,6 +121,35 @@ def test_top_k_and_mask():
     mask[:, 20:] = 1
     masked = extract(runner, image, _single_level(nfeatures=10), mask=mask)
     assert len(masked) == 10 and masked.xy[:, 0].min() >= 20
+
+
+def test_tiles_cover_the_map_with_least_overlap():
+    assert tiles(100, 200, 0, 27) == [(0, 100, 0, 200)]
+    assert tiles(100, 200, 512, 27) == [(0, 100, 0, 200)]
+    boxes = tiles(580, 905, 512, 27)
+    assert boxes == [(0, 580, 0, 302), (0, 580, 302, 603), (0, 580, 603, 905)]
+    for tile_size in (64, 200, 333):
+        boxes = tiles(300, 410, tile_size, 10)
+        covered = np.zeros((300, 410), int)
+        for y0, y1, x0, x1 in boxes:
+            covered[y0:y1, x0:x1] += 1
+            assert (y1 - y0 + 20) * (x1 - x0 + 20) <= tile_size**2 or len(boxes) == 1
+        assert np.all(covered == 1)
+
+
+def test_tiled_detection_equals_untiled():
+    rng = np.random.default_rng(1)
+    rep = rng.uniform(0, 1, (90, 130)).astype(np.float32)
+    runner = MapRunner(rep, np.ones_like(rep))
+    image = np.zeros((3, 90, 130), np.float32)
+    whole = extract(runner, image, _single_level(nfeatures=200), tile_size=0)
+    tiled = extract(runner, image, _single_level(nfeatures=200), tile_size=64)
+    np.testing.assert_array_equal(whole.xy, tiled.xy)
+    np.testing.assert_array_equal(whole.descriptors, tiled.descriptors)
+    xy = rng.uniform(0, 89, (50, 2)).astype(np.float32)
+    d_whole, _ = describe(runner, image, xy, np.full(50, 32.0), _single_level(), tile_size=0)
+    d_tiled, _ = describe(runner, image, xy, np.full(50, 32.0), _single_level(), tile_size=64)
+    np.testing.assert_allclose(d_whole, d_tiled, atol=1e-6)
 
 
 def test_describe_drops_points_outside_the_image():
