@@ -330,6 +330,7 @@ def extract(
                 np.full(len(chosen), np.float32(level.size), np.float32),
                 output.descriptors_at(wx[chosen].astype(np.float32), wy[chosen].astype(np.float32)),
             )
+            del output  # free this tile's maps before the next tile runs
     if not best.parts:
         return _empty_features(runner.descriptor_size)
     px, py, scores, octaves, sizes, descriptors = best.result()
@@ -412,6 +413,7 @@ def describe(
             descriptors[rows[inside]] = output.descriptors_at(
                 mx[inside] - np.float32(window[2]), my[inside] - np.float32(window[0])
             )
+            del output
     return descriptors, kept
 
 

@@ -33,18 +33,21 @@ _DEFAULTS = ExtractionParams()
 KeyPoints = Tuple[cv2.KeyPoint, ...]
 
 
-BACKENDS = ("torch", "onnxruntime", "opencv")
+# "reference" runs the network as the original implementation does (a speed baseline).
+BACKENDS = ("torch", "reference", "onnxruntime", "opencv")
 
 
-def _make_runner(model: str, device: Optional[str], backend: str) -> NetworkRunner:
+def _make_runner(model: str, device: Optional[str], backend: str, half: bool = False) -> NetworkRunner:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "torch":
+    if half and backend != "torch":
+        raise ValueError(f"half=True needs the torch backend on CUDA, got backend={backend!r}")
+    if backend in ("torch", "reference"):
         # Imported here so that importing cv2r2d2 (or using ONNX) does not import torch.
         from .torch_runner import TorchRunner
         from .weights import load_model
 
-        return TorchRunner(load_model(model, device=device))
+        return TorchRunner(load_model(model, device=device), optimize=backend == "torch", half=half)
     from .onnx_runner import make_onnx_runner
 
     return make_onnx_runner(model, device=device, backend=backend)
@@ -91,6 +94,7 @@ class R2D2Feature:
         device: Optional[str] = None,
         backend: str = "torch",
         tile_size: int = DEFAULT_TILE_SIZE,
+        half: bool = False,
     ) -> None:
         if not isinstance(model, (str, os.PathLike)):
             raise TypeError(
@@ -100,9 +104,10 @@ class R2D2Feature:
         self._model = os.fspath(model)
         self._device = device
         self._backend = backend
+        self._half = half
         self._params = params if params is not None else ExtractionParams()
         self.setTileSize(tile_size)
-        self._runner = _make_runner(self._model, device, backend)
+        self._runner = _make_runner(self._model, device, backend, half)
 
     @classmethod
     def create(
@@ -119,6 +124,7 @@ class R2D2Feature:
         device: Optional[str] = None,
         backend: str = "torch",
         tile_size: int = DEFAULT_TILE_SIZE,
+        half: bool = False,
     ) -> "R2D2Feature":
         """Create an R2D2 feature extractor (defaults: the paper's settings).
 
@@ -132,9 +138,11 @@ class R2D2Feature:
             reliability_thr, repeatability_thr: detection thresholds in [0, 1].
             device: torch device (``"cpu"``, ``"cuda"``...); None: CUDA if available.
             backend: ``"torch"``; ``"onnxruntime"`` or ``"opencv"`` run an exported
-                ONNX model (a ``.onnx`` path or a registry name) without torch.
+                ONNX model (a ``.onnx`` path or a registry name) without torch;
+                ``"reference"`` runs the network un-optimised, as the original code.
             tile_size: pyramid levels over tile_size**2 pixels run on overlapping
                 tiles, with the same output, to bound memory; 0 never tiles.
+            half: float16 network on CUDA (faster, not bit-exact).
         """
         params = ExtractionParams(
             scale_f=scale_f, min_size=min_size, max_size=max_size, min_scale=min_scale,
@@ -142,7 +150,7 @@ class R2D2Feature:
             repeatability_thr=repeatability_thr, nfeatures=nfeatures,
         )
         return cls(model=model, params=params, device=device, backend=backend,
-                   tile_size=tile_size)
+                   tile_size=tile_size, half=half)
 
     # --- detection and description -------------------------------------------------
 
@@ -288,7 +296,7 @@ class R2D2Feature:
     def setModel(self, model: Union[str, os.PathLike]) -> None:
         """Load another model (name or checkpoint path)."""
         model = os.fspath(model) if isinstance(model, os.PathLike) else model
-        self._runner = _make_runner(model, self._device, self._backend)
+        self._runner = _make_runner(model, self._device, self._backend, self._half)
         self._model = model
 
     def getDevice(self) -> Optional[str]:
