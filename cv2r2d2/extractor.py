@@ -260,6 +260,33 @@ def _grow(box: Box, height: int, width: int, margin: int = 1) -> Box:
     return max(0, y0 - margin), min(height, y1 + margin), max(0, x0 - margin), min(width, x1 + margin)
 
 
+def peak_offsets(values: np.ndarray, y: np.ndarray, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Sub-pixel offsets of local maxima by a parabola through each axis' 3 samples.
+
+    Args:
+        values: (h, w) map; y, x: (n,) integer positions of its local maxima.
+
+    Returns:
+        (dy, dx), (n,) float32 each in [-0.5, 0.5]; 0 on the map's border and where
+        the samples are flat.
+    """
+    def along(axis: int) -> np.ndarray:
+        pos = y if axis == 0 else x
+        size = values.shape[axis]
+        lo, hi = np.maximum(pos - 1, 0), np.minimum(pos + 1, size - 1)
+        before = values[lo, x] if axis == 0 else values[y, lo]
+        after = values[hi, x] if axis == 0 else values[y, hi]
+        centre = values[y, x]
+        curvature = before - 2 * centre + after
+        with np.errstate(divide="ignore", invalid="ignore"):
+            offset = np.where(
+                (curvature < 0) & (lo < pos) & (hi > pos), 0.5 * (before - after) / curvature, 0
+            )
+        return np.clip(offset, -0.5, 0.5).astype(np.float32)
+
+    return along(0), along(1)
+
+
 class _TopK:
     """Running best-``k`` keypoints (k = 0: all), so memory stays bounded."""
 
@@ -287,6 +314,7 @@ def extract(
     params: ExtractionParams,
     mask: Optional[np.ndarray] = None,
     tile_size: int = DEFAULT_TILE_SIZE,
+    subpixel: bool = False,
 ) -> Features:
     """Detect and describe R2D2 keypoints over the image pyramid.
 
@@ -297,6 +325,8 @@ def extract(
         mask: optional (H, W) uint8; keypoints are kept where it is non-zero.
         tile_size: levels larger than tile_size**2 pixels run on overlapping tiles
             (same output, bounded memory); 0 never tiles.
+        subpixel: refine each position by a quadratic fit to its repeatability peak
+            (the reference's integer positions when False).
 
     Returns:
         The ``nfeatures`` best keypoints over all levels, sorted by decreasing score
@@ -324,6 +354,11 @@ def extract(
             # Only the window's own best nfeatures can make the global top-k.
             chosen = np.flatnonzero(keep)[_top(scores[keep], params.nfeatures)]
             chosen.sort()
+            if subpixel:
+                dy, dx = peak_offsets(output.repeatability, wy[chosen], wx[chosen])
+                # Pixel centres kept consistent between the level and the image.
+                px[chosen] = (x[chosen] + dx + 0.5) * np.float32(width / level.width) - 0.5
+                py[chosen] = (y[chosen] + dy + 0.5) * np.float32(height / level.height) - 0.5
             best.add(
                 px[chosen], py[chosen], scores[chosen],
                 np.full(len(chosen), level.octave, np.int32),

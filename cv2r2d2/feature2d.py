@@ -95,6 +95,7 @@ class R2D2Feature:
         backend: str = "torch",
         tile_size: int = DEFAULT_TILE_SIZE,
         half: bool = False,
+        subpixel: bool = False,
     ) -> None:
         if not isinstance(model, (str, os.PathLike)):
             raise TypeError(
@@ -105,6 +106,7 @@ class R2D2Feature:
         self._device = device
         self._backend = backend
         self._half = half
+        self.setSubpixel(subpixel)
         self._params = params if params is not None else ExtractionParams()
         self.setTileSize(tile_size)
         self._runner = _make_runner(self._model, device, backend, half)
@@ -125,6 +127,7 @@ class R2D2Feature:
         backend: str = "torch",
         tile_size: int = DEFAULT_TILE_SIZE,
         half: bool = False,
+        subpixel: bool = False,
     ) -> "R2D2Feature":
         """Create an R2D2 feature extractor (defaults: the paper's settings).
 
@@ -143,6 +146,8 @@ class R2D2Feature:
             tile_size: pyramid levels over tile_size**2 pixels run on overlapping
                 tiles, with the same output, to bound memory; 0 never tiles.
             half: float16 network on CUDA (faster, not bit-exact).
+            subpixel: refine keypoint positions to sub-pixel accuracy (not the
+                original's output; see the README).
         """
         params = ExtractionParams(
             scale_f=scale_f, min_size=min_size, max_size=max_size, min_scale=min_scale,
@@ -150,7 +155,7 @@ class R2D2Feature:
             repeatability_thr=repeatability_thr, nfeatures=nfeatures,
         )
         return cls(model=model, params=params, device=device, backend=backend,
-                   tile_size=tile_size, half=half)
+                   tile_size=tile_size, half=half, subpixel=subpixel)
 
     # --- detection and description -------------------------------------------------
 
@@ -160,7 +165,8 @@ class R2D2Feature:
     def _detect_one(self, image: Any, mask: Any, name: str = "image") -> Features:
         normalised = self._prepare(image, name)
         mask = check_mask(mask, normalised.shape[1:], "mask")
-        return extract(self._runner, normalised, self._params, mask=mask, tile_size=self._tile_size)
+        return extract(self._runner, normalised, self._params, mask=mask,
+                       tile_size=self._tile_size, subpixel=self._subpixel)
 
     def detect(self, image: Any, mask: Any = None) -> Union[KeyPoints, Tuple[KeyPoints, ...]]:
         """Detect keypoints.
@@ -304,6 +310,15 @@ class R2D2Feature:
 
     def getBackend(self) -> str:
         return self._backend
+
+    def getSubpixel(self) -> bool:
+        return self._subpixel
+
+    def setSubpixel(self, subpixel: bool) -> None:
+        """Refine keypoint positions by a quadratic fit to the repeatability peak."""
+        if not isinstance(subpixel, (bool, np.bool_)):
+            raise TypeError(f"subpixel must be True or False, got {subpixel!r}")
+        self._subpixel = bool(subpixel)
 
     def getTileSize(self) -> int:
         return self._tile_size

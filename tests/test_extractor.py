@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cv2r2d2.extractor import ExtractionParams, describe, extract, pyramid, tiles
+from cv2r2d2.extractor import ExtractionParams, describe, extract, peak_offsets, pyramid, tiles
 
 
 def test_paper_pyramid_of_brooklyn():
@@ -159,3 +159,13 @@ def test_describe_drops_points_outside_the_image():
                                  np.full(5, 32.0), _single_level())
     assert kept.tolist() == [0, 2]
     np.testing.assert_allclose(descriptors[0], np.array([2, 3]) / np.hypot(2, 3), rtol=1e-6)
+
+
+def test_peak_offsets_recover_a_parabola_vertex():
+    yy, xx = np.mgrid[0:9, 0:11].astype(np.float32)
+    values = 1 - 0.05 * ((xx - 5.3) ** 2 + (yy - 3.8) ** 2)
+    dy, dx = peak_offsets(values, np.array([4, 0]), np.array([5, 5]))
+    np.testing.assert_allclose([dy[0], dx[0]], [-0.2, 0.3], atol=1e-5)
+    assert dy[1] == 0  # on the border: no neighbour on one side, no refinement
+    flat = np.ones((3, 3), np.float32)
+    assert peak_offsets(flat, np.array([1]), np.array([1])) == (0, 0)

@@ -218,3 +218,32 @@ def test_write_read_round_trip(r2d2, tmp_path, suffix):
         third.read(str(tmp_path / "absent.yml"))
     with pytest.raises(TypeError):
         third.read(42)
+
+
+def _reprojection_errors(kp1, d1, kp2, d2) -> np.ndarray:
+    matches = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True).match(d1, d2)
+    p1 = np.float32([kp1[m.queryIdx].pt for m in matches]).reshape(-1, 1, 2)
+    p2 = np.float32([kp2[m.trainIdx].pt for m in matches])
+    return np.linalg.norm(cv2.perspectiveTransform(p1, H_TRUE).reshape(-1, 2) - p2, axis=1)
+
+
+def test_subpixel_keypoints_localise_better(warped_pair, boat):
+    (kp1, d1), (kp2, d2), warped = warped_pair
+    refined = cv2r2d2.R2D2_create(device="cpu", subpixel=True)
+    assert refined.getSubpixel()
+    rk1, rd1 = refined.detectAndCompute(boat, None)
+    rk2, rd2 = refined.detectAndCompute(warped, None)
+    # Same keypoints (order, scores, descriptors), only their positions move, by < 1 px.
+    assert [k.response for k in rk1] == [k.response for k in kp1]
+    np.testing.assert_array_equal(rd1, d1)
+    shift = np.array([k.pt for k in rk1]) - np.array([k.pt for k in kp1])
+    assert np.abs(shift).max() < 0.5 * 2**1.5 + 0.5
+    plain, sub = _reprojection_errors(kp1, d1, kp2, d2), _reprojection_errors(rk1, rd1, rk2, rd2)
+    print("median error", np.median(plain[plain < 5]), "->", np.median(sub[sub < 5]),
+          "MMA@1", (plain <= 1).mean(), "->", (sub <= 1).mean())
+    assert len(sub) == len(plain)
+    assert np.median(sub[sub < 5]) < 0.8 * np.median(plain[plain < 5])
+    assert (sub <= 1).mean() >= (plain <= 1).mean() + 0.1
+    assert (sub <= 3).mean() >= (plain <= 3).mean() - 0.005
+    with pytest.raises(TypeError, match="subpixel"):
+        refined.setSubpixel("yes")
