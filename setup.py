@@ -21,10 +21,17 @@ setup(
         "scipy>=1.7",
     ],
     extras_require={
-        "test": ["pytest>=7"],
         "train": ["tqdm"],
-        "sfm": ["pycolmap", "h5py", "tqdm", "matplotlib"],
+        "sfm": ["pycolmap>=3.12", "h5py", "tqdm", "matplotlib"],
         "onnx": ["onnx", "onnxruntime"],
+        # Everything the test suite exercises.
+        "test": ["pytest>=7", "tqdm", "pycolmap>=3.12", "h5py", "matplotlib", "onnx", "onnxruntime"],
+    },
+    entry_points={
+        "console_scripts": [
+            "cv2r2d2=cv2r2d2.cli:main",
+            "cv2r2d2-train=cv2r2d2.train.trainer:main",
+        ],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
