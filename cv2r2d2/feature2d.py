@@ -256,6 +256,16 @@ class R2D2Feature:
             return (), None
         return _to_keypoints(features), features.descriptors
 
+    def detectFeatures(self, image: Any, mask: Any = None) -> Features:
+        """Detect and describe, returning arrays rather than ``cv2.KeyPoint`` objects.
+
+        Returns:
+            :class:`~cv2r2d2.extractor.Features`: ``xy`` (N, 2), ``sizes``, ``scores``,
+            ``octaves`` (N,), ``descriptors`` (N, 128), sorted by decreasing score;
+            the same keypoints as :meth:`detectAndCompute`.
+        """
+        return self._detect_one(image, mask)
+
     def computeDenseMaps(self, image: Any, scale: float = 1.0) -> dict:
         """Dense network outputs on the image resized by ``scale`` (0 < scale <= 1).
 

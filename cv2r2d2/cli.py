@@ -1,0 +1,367 @@
+"""The ``cv2r2d2`` command line.
+
+Subcommands: ``extract`` (features of a photo collection), ``match`` (mutual nearest
+neighbours), ``sfm`` (COLMAP reconstruction), ``eval-hpatches`` (the HPatches MMA
+benchmark), ``export-onnx``. Each is a pair of functions, ``_add_<name>(subparsers)``
+and ``_run_<name>(args) -> int``, listed in ``COMMANDS``.
+
+Heavy modules (torch, pycolmap, h5py) are imported by the subcommand that needs them,
+so that ``cv2r2d2 --help`` answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import fields
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+from .extractor import ExtractionParams
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger(__name__)
+
+_PARAM_HELP = {
+    "scale_f": "ratio between consecutive pyramid scales",
+    "min_size": "smallest longer side of a pyramid level, pixels",
+    "max_size": "largest longer side of a pyramid level, pixels",
+    "min_scale": "smallest pyramid scale",
+    "max_scale": "largest pyramid scale (<= 1)",
+    "reliability_thr": "minimum keypoint reliability, in [0, 1]",
+    "repeatability_thr": "minimum keypoint repeatability, in [0, 1]",
+    "nfeatures": "keypoints kept per image, best first (0: all)",
+}
+METHODS = ("r2d2", "sift", "orb")
+
+
+# --- shared options ----------------------------------------------------------------
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress bar, warnings and errors only")
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="debug messages (and COLMAP's own log)")
+
+
+def _add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None,
+                        help="torch device, e.g. cpu or cuda:0 (default: CUDA if available)")
+
+
+def _add_feature_options(parser: argparse.ArgumentParser) -> None:
+    """R2D2 options; the defaults are ExtractionParams', the paper's."""
+    from .extractor import DEFAULT_TILE_SIZE
+    from .weights import DEFAULT_MODEL, MODELS
+
+    group = parser.add_argument_group("R2D2 (defaults: the paper's)")
+    group.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"{', '.join(MODELS)}, or a checkpoint / .onnx path "
+                            f"(default: %(default)s)")
+    group.add_argument("--backend", default="torch",
+                       help="torch, onnxruntime or opencv (default: %(default)s)")
+    _add_device_option(group)
+    group.add_argument("--subpixel", action="store_true",
+                       help="refine keypoint positions to sub-pixel accuracy")
+    group.add_argument("--half", action="store_true", help="float16 network (CUDA only)")
+    group.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE,
+                       help="run pyramid levels larger than this squared on tiles, "
+                            "bounding memory (0: never; default: %(default)s)")
+    for f in fields(ExtractionParams):
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
+                           default=f.default,
+                           help=f"{_PARAM_HELP.get(f.name, f.name)} (default: %(default)s)")
+
+
+def _add_matching_options(parser: argparse.ArgumentParser, pairs_required: bool) -> None:
+    group = parser.add_argument_group("matching (mutual nearest neighbours)")
+    group.add_argument("--pairs", required=pairs_required,
+                       default=None if pairs_required else "exhaustive",
+                       help="exhaustive, sequential[:k] (each image with the k next ones by "
+                            "name, k=5 by default) or a file of 'name0 name1' lines"
+                            + ("" if pairs_required else " (default: %(default)s)"))
+    group.add_argument("--max-distance", type=float, default=None,
+                       help="drop matches farther apart than this L2 distance")
+    group.add_argument("--ratio", type=float, default=None,
+                       help="drop matches failing Lowe's ratio test at this ratio, both ways")
+
+
+def _create_feature(args: argparse.Namespace) -> Any:
+    from .feature2d import R2D2Feature
+
+    params = {f.name: getattr(args, f.name) for f in fields(ExtractionParams)}
+    return R2D2Feature.create(model=args.model, device=args.device, backend=args.backend,
+                              subpixel=args.subpixel, half=args.half,
+                              tile_size=args.tile_size, **params)
+
+
+def _report_failed(failed: Sequence[Tuple[str, str]]) -> None:
+    if failed:
+        print(f"{len(failed)} image(s) could not be read and were skipped:", file=sys.stderr)
+        for name, reason in failed:
+            print(f"  {name}: {reason}", file=sys.stderr)
+
+
+# --- extract -------------------------------------------------------------------------
+
+
+def _add_extract(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "extract", help="extract R2D2 features of images",
+        description="Extract R2D2 features of images into .r2d2 files or an hloc "
+                    "features.h5. Images already done are skipped (unless --overwrite), so "
+                    "an interrupted run resumes.",
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGES",
+                        help="image files, folders (searched recursively) or .txt lists")
+    parser.add_argument("-o", "--output", required=True,
+                        help="a .h5 file (hloc's layout) or a folder of .r2d2 files")
+    parser.add_argument("--format", choices=("auto", "r2d2", "h5"), default="auto",
+                        help="output format (default: by the output's suffix)")
+    parser.add_argument("--overwrite", action="store_true", help="redo images already done")
+    _add_feature_options(parser)
+    _add_output_options(parser)
+    parser.set_defaults(run=_run_extract)
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from .io import extract_collection, list_images, open_features
+
+    images = list_images(args.images)
+    feature = _create_feature(args)
+    with open_features(args.output, args.format, writable=True) as store:
+        report = extract_collection(images, store, feature, args.overwrite, not args.quiet)
+    print(f"extracted {len(report.extracted)} image(s), {len(report.skipped)} already done, "
+          f"into {args.output}")
+    _report_failed(report.failed)
+    return 1 if report.failed and not (report.extracted or report.skipped) else 0
+
+
+# --- match ---------------------------------------------------------------------------
+
+
+def _add_match(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "match", help="match features of image pairs",
+        description="Mutual nearest-neighbour matching of stored features (the pairs "
+                    "cv2.BFMatcher(NORM_L2, crossCheck=True) gives), batched with torch, into "
+                    "an hloc matches.h5. Pairs already done are skipped (unless --overwrite).",
+    )
+    parser.add_argument("features", metavar="FEATURES",
+                        help="a features .h5 file or a folder of .r2d2 files")
+    parser.add_argument("-o", "--output", required=True, help="the matches .h5 file")
+    parser.add_argument("--overwrite", action="store_true", help="redo pairs already done")
+    _add_matching_options(parser, pairs_required=True)
+    _add_device_option(parser)
+    _add_output_options(parser)
+    parser.set_defaults(run=_run_match)
+
+
+def _run_match(args: argparse.Namespace) -> int:
+    from .io import H5Matches, open_features
+    from .matching import match_collection, parse_pairs
+
+    with open_features(args.features) as features:
+        pairs = parse_pairs(args.pairs, features.names())
+        with H5Matches(args.output, writable=True) as matches:
+            report = match_collection(features, pairs, matches, args.max_distance, args.ratio,
+                                      args.device, args.overwrite, not args.quiet)
+    mean = sum(report.num_matches) / len(report.num_matches) if report.num_matches else 0.0
+    print(f"matched {len(report.matched)} pair(s) ({mean:.0f} matches on average), "
+          f"{len(report.skipped)} already done, into {args.output}")
+    return 0
+
+
+# --- sfm -----------------------------------------------------------------------------
+
+
+def _add_sfm(subparsers: Any) -> None:
+    from .sfm import CAMERA_MODES
+
+    parser = subparsers.add_parser(
+        "sfm", help="3-D reconstruction with COLMAP (pycolmap)",
+        description="Extract, match, write a COLMAP database, verify the matches and "
+                    "reconstruct a sparse model with pycolmap. OUTPUT_DIR receives "
+                    "features.h5, matches.h5 (reused by a later run), database.db and sparse/.",
+    )
+    parser.add_argument("image_dir", metavar="IMAGES_DIR", help="the photos")
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="where to write")
+    parser.add_argument("--camera-model", default="SIMPLE_RADIAL",
+                        help="COLMAP camera model (default: %(default)s)")
+    parser.add_argument("--camera-mode", choices=CAMERA_MODES, default="auto",
+                        help="cameras shared by all images, per folder, per image, or "
+                             "COLMAP's choice (default: %(default)s)")
+    parser.add_argument("--database-only", action="store_true",
+                        help="stop after the verified database (to run COLMAP yourself)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="extract and match again instead of reusing earlier results")
+    _add_matching_options(parser, pairs_required=False)
+    _add_feature_options(parser)
+    _add_output_options(parser)
+    parser.set_defaults(run=_run_sfm)
+
+
+def _run_sfm(args: argparse.Namespace) -> int:
+    from .sfm import import_pycolmap, reconstruct
+
+    import_pycolmap()  # before the long extraction, not after it
+    result = reconstruct(
+        args.image_dir, args.output_dir, feature=_create_feature(args), pairs=args.pairs,
+        camera_model=args.camera_model, camera_mode=args.camera_mode,
+        max_distance=args.max_distance, ratio=args.ratio, device=args.device,
+        database_only=args.database_only, overwrite=args.overwrite,
+        show_progress=not args.quiet, verbose=args.verbose,
+    )
+    print(result.summary())
+    _report_failed(result.failed)
+    return 0 if args.database_only or result.num_registered else 1
+
+
+# --- eval-hpatches -------------------------------------------------------------------
+
+
+def _methods(text: str) -> List[str]:
+    names = list(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"methods must be a comma-separated list of {', '.join(METHODS)}, got {text!r}")
+    return names
+
+
+def _add_eval_hpatches(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "eval-hpatches", help="HPatches mean matching accuracy (the paper's benchmark)",
+        description="D2-Net's HPatches-sequences protocol, as reported by the R2D2 paper: "
+                    "mutual nearest-neighbour matches of image 1 with images 2..6, mean "
+                    "matching accuracy at 1..10 px per illumination (i_*), viewpoint (v_*) "
+                    "and overall, on the sequences ROOT holds (the 8 high-resolution ones "
+                    "are left out). SIFT and ORB keep --nfeatures keypoints too.",
+    )
+    parser.add_argument("root", metavar="ROOT", help="hpatches-sequences-release or alike")
+    parser.add_argument("--methods", type=_methods, default=["r2d2", "sift"],
+                        help=f"comma-separated, of {', '.join(METHODS)} (default: r2d2,sift)")
+    parser.add_argument("-o", "--output", default="hpatches-mma.json",
+                        help="results JSON file (default: %(default)s)")
+    plot = parser.add_mutually_exclusive_group()
+    plot.add_argument("--plot", default="hpatches-mma.png",
+                      help="MMA plot, PNG (default: %(default)s)")
+    plot.add_argument("--no-plot", dest="plot", action="store_const", const=None,
+                      help="no plot (no matplotlib needed)")
+    _add_feature_options(parser)
+    _add_output_options(parser)
+    parser.set_defaults(run=_run_eval_hpatches)
+
+
+def _baseline(method: str, nfeatures: int) -> Any:
+    import cv2
+
+    if method == "sift":
+        return cv2.SIFT_create(nfeatures=nfeatures)
+    return cv2.ORB_create(nfeatures=nfeatures or 500)
+
+
+def _run_eval_hpatches(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_hpatches, format_table, plot_mma, write_json
+    from .io import import_optional
+
+    if args.plot is not None:
+        import_optional("matplotlib", "the HPatches plot (or pass --no-plot)")
+    methods = {m: _create_feature(args) if m == "r2d2" else _baseline(m, args.nfeatures)
+               for m in args.methods}
+    results = evaluate_hpatches(args.root, methods, device=args.device,
+                                show_progress=not args.quiet)
+    print(format_table(results))
+    write_json(results, args.output)
+    print(f"results: {args.output}")
+    if args.plot is not None:
+        plot_mma(results, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+# --- export-onnx ---------------------------------------------------------------------
+
+
+def _add_export_onnx(subparsers: Any) -> None:
+    from .weights import DEFAULT_MODEL
+
+    parser = subparsers.add_parser(
+        "export-onnx", help="export an R2D2 model to ONNX",
+        description="Export an R2D2 network to ONNX, optionally quantised to int8.",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="model name or checkpoint path (default: %(default)s)")
+    parser.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    parser.add_argument("--int8", action="store_true", help="quantise to int8")
+    parser.add_argument("--calibration", default=None,
+                        help="images (folder) to calibrate the int8 quantisation on")
+    _add_output_options(parser)
+    parser.set_defaults(run=_run_export_onnx)
+
+
+def _run_export_onnx(args: argparse.Namespace) -> int:
+    try:
+        from .export import export_onnx
+    except ImportError as exc:
+        raise ImportError(f"ONNX export is not available: {exc}") from exc
+    info = export_onnx(args.model, args.output, opset=args.opset, int8=args.int8,
+                       calibration=args.calibration)
+    for key, value in info.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+# --- entry point ---------------------------------------------------------------------
+
+COMMANDS: Tuple[Callable[[Any], None], ...] = (
+    _add_extract, _add_match, _add_sfm, _add_eval_hpatches, _add_export_onnx,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cv2r2d2`` argument parser with all subcommands."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="cv2r2d2",
+        description="R2D2 local features for photo collections: extraction, matching, "
+                    "COLMAP reconstruction, HPatches evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status (0: success)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return int(exc.code or 0)
+    package_logger = logging.getLogger("cv2r2d2")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    level = package_logger.level
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.DEBUG if args.verbose
+                            else logging.WARNING if args.quiet else logging.INFO)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, KeyError, ImportError, RuntimeError) as exc:
+        logger.debug("traceback", exc_info=True)
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"cv2r2d2 {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(level)

@@ -1,0 +1,266 @@
+"""HPatches-sequences evaluation, with the protocol of D2-Net that the R2D2 paper reports.
+
+For each sequence (``i_*``: illumination, ``v_*``: viewpoint) image 1 is matched to
+images 2..6 by mutual nearest neighbours; a match is correct at threshold t when
+image 1's keypoint, mapped by the ground-truth homography ``H_1_k``, lies within t
+pixels of its partner. A pair's matching accuracy at t is the fraction of its matches
+that are correct (0 for a pair without matches); the mean matching accuracy (MMA) is
+the mean over pairs, for ``i_*``, ``v_*`` and all sequences. The 8 sequences whose
+images exceed 1600 x 1200 pixels are left out, as D2-Net does.
+
+Metrics are functions of one image pair (:class:`PairData`) listed in
+:data:`METRICS`; another metric (repeatability, matching score) is one more function
+and one more entry there.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+
+from .io import atomic_path, import_optional, progress, read_image
+from .matching import mutual_nearest_neighbours
+
+__all__ = [
+    "HIGH_RESOLUTION_SEQUENCES",
+    "THRESHOLDS",
+    "PairData",
+    "mean_matching_accuracy",
+    "METRICS",
+    "list_sequences",
+    "evaluate_hpatches",
+    "format_table",
+    "write_json",
+    "plot_mma",
+]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+HIGH_RESOLUTION_SEQUENCES = frozenset({
+    "i_contruction", "i_crownnight", "i_dc", "i_pencils", "i_whitebuilding",
+    "v_artisans", "v_astronautis", "v_talent",
+})
+THRESHOLDS = tuple(range(1, 11))
+KINDS = {"i": "illumination", "v": "viewpoint"}
+
+
+@dataclass
+class PairData:
+    """Image 1 and image k of a sequence, their keypoints and matches.
+
+    Attributes:
+        keypoints_a, keypoints_b: (Na, 2), (Nb, 2) x, y in pixels.
+        matches: (M, 2) indices (in a, in b).
+        homography: (3, 3) maps image a's pixels to image b's.
+        size_a, size_b: (width, height) of the images.
+    """
+
+    keypoints_a: np.ndarray
+    keypoints_b: np.ndarray
+    matches: np.ndarray
+    homography: np.ndarray
+    size_a: Tuple[int, int]
+    size_b: Tuple[int, int]
+
+
+def _project(points: np.ndarray, homography: np.ndarray) -> np.ndarray:
+    """(N, 2) points mapped by a (3, 3) homography."""
+    mapped = np.concatenate([points, np.ones((len(points), 1))], axis=1) @ homography.T
+    return mapped[:, :2] / mapped[:, 2:]
+
+
+def mean_matching_accuracy(pair: PairData, thresholds: Sequence[float]) -> np.ndarray:
+    """The fraction of the pair's matches within each threshold (pixels) of the truth.
+
+    Returns:
+        (T,) float64, zeros for a pair without matches.
+    """
+    if not len(pair.matches):
+        return np.zeros(len(thresholds))
+    projected = _project(pair.keypoints_a[pair.matches[:, 0]].astype(np.float64), pair.homography)
+    errors = np.linalg.norm(projected - pair.keypoints_b[pair.matches[:, 1]], axis=1)
+    return (errors[None, :] <= np.asarray(thresholds, np.float64)[:, None]).mean(axis=1)
+
+
+Metric = Callable[[PairData, Sequence[float]], np.ndarray]
+METRICS: Mapping[str, Metric] = MappingProxyType({"mma": mean_matching_accuracy})
+
+
+def list_sequences(root: PathLike) -> List[Path]:
+    """The ``i_*`` and ``v_*`` sequence folders of ``root``, less the high-resolution ones.
+
+    Raises:
+        ValueError: no sequence, or a sequence lacking one of 1..6.ppm or H_1_2..H_1_6.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"no such HPatches folder: {root}")
+    sequences = []
+    for path in sorted(root.iterdir()):
+        if not path.is_dir() or path.name[:2] not in ("i_", "v_"):
+            continue
+        if path.name in HIGH_RESOLUTION_SEQUENCES:
+            logger.info("leaving out %s (high resolution, as D2-Net does)", path.name)
+            continue
+        wanted = [f"{k}.ppm" for k in range(1, 7)] + [f"H_1_{k}" for k in range(2, 7)]
+        missing = [name for name in wanted if not (path / name).is_file()]
+        if missing:
+            raise ValueError(f"{path} is not an HPatches sequence: missing {', '.join(missing)}")
+        sequences.append(path)
+    if not sequences:
+        raise ValueError(f"no HPatches sequences (i_* or v_* folders) in {root}")
+    return sequences
+
+
+def _detect(feature: Any, image: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    keypoints, descriptors = feature.detectAndCompute(image, None)
+    return cv2.KeyPoint_convert(keypoints).reshape(-1, 2), descriptors
+
+
+def _sequence_pairs(path: Path, feature: Any, device: Optional[str]) -> Tuple[List[PairData], List[int]]:
+    """The five pairs of one sequence and each image's keypoint count."""
+    images = [read_image(path / f"{k}.ppm") for k in range(1, 7)]
+    detected = [_detect(feature, image) for image in images]
+    norm = feature.defaultNorm()
+    keypoints_a, descriptors_a = detected[0]
+    pairs = []
+    for k in range(2, 7):
+        keypoints_b, descriptors_b = detected[k - 1]
+        if descriptors_a is None or descriptors_b is None:
+            matches = np.zeros((0, 2), np.int64)
+        else:
+            matches, _ = mutual_nearest_neighbours(descriptors_a, descriptors_b, norm, device=device)
+        pairs.append(PairData(
+            keypoints_a, keypoints_b, matches, np.loadtxt(path / f"H_1_{k}").reshape(3, 3),
+            images[0].shape[1::-1], images[k - 1].shape[1::-1],
+        ))
+    return pairs, [len(keypoints) for keypoints, _ in detected]
+
+
+def _by_kind(values: Dict[str, List[Any]]) -> Dict[str, Any]:
+    """Means per kind ('i', 'v') and overall of per-pair values (scalars or arrays)."""
+    out = {}
+    for kind in ("i", "v", "overall"):
+        chosen = values["i"] + values["v"] if kind == "overall" else values[kind]
+        mean = np.mean(chosen, axis=0) if chosen else None
+        out[kind] = None if mean is None else np.asarray(mean).tolist()
+    return out
+
+
+def evaluate_hpatches(
+    root: PathLike,
+    methods: Mapping[str, Any],
+    thresholds: Sequence[float] = THRESHOLDS,
+    metrics: Sequence[str] = ("mma",),
+    device: Optional[str] = None,
+    show_progress: bool = False,
+) -> Dict[str, Any]:
+    """Evaluate feature methods on the HPatches sequences in ``root``.
+
+    Args:
+        root: ``hpatches-sequences-release`` or any folder of such sequences.
+        methods: name -> an object with ``detectAndCompute(image, mask)`` and
+            ``defaultNorm()``: ``cv2r2d2.R2D2Feature``, ``cv2.SIFT_create()``...
+        thresholds: pixel thresholds (default 1..10).
+        metrics: names from :data:`METRICS`.
+        device: the matcher's torch device.
+
+    Returns:
+        A JSON-ready dict: ``thresholds``, ``sequences`` (counts per kind), and per
+        method the metrics (per kind: a list over thresholds), mean ``keypoints`` per
+        image and mean ``matches`` per pair (per kind).
+    """
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
+    if not methods:
+        raise ValueError("no methods to evaluate")
+    sequences = list_sequences(root)
+    results: Dict[str, Any] = {
+        "protocol": "HPatches sequences, D2-Net protocol (mutual nearest neighbours, "
+                    "8 high-resolution sequences left out)",
+        "thresholds": list(thresholds),
+        "sequences": {kind: sum(p.name.startswith(kind + "_") for p in sequences) for kind in KINDS},
+        "methods": {},
+    }
+    for method, feature in methods.items():
+        scores: Dict[str, Dict[str, List[Any]]] = {m: {"i": [], "v": []} for m in metrics}
+        counts: Dict[str, List[int]] = {"i": [], "v": []}
+        matches: Dict[str, List[int]] = {"i": [], "v": []}
+        for path in progress(sequences, len(sequences), show_progress, method):
+            kind = path.name[0]
+            pairs, keypoint_counts = _sequence_pairs(path, feature, device)
+            counts[kind] += keypoint_counts
+            for pair in pairs:
+                matches[kind].append(len(pair.matches))
+                for metric in metrics:
+                    scores[metric][kind].append(METRICS[metric](pair, thresholds))
+        results["methods"][method] = {
+            **{metric: _by_kind(scores[metric]) for metric in metrics},
+            "keypoints": _by_kind(counts),
+            "matches": _by_kind(matches),
+        }
+    return results
+
+
+def format_table(results: Mapping[str, Any], metric: str = "mma") -> str:
+    """The results as a text table: one row per method and kind."""
+    thresholds = results["thresholds"]
+    header = f"{'method':<10} {'sequences':<13} {'kpts':>7} {'matches':>8}  " + \
+        " ".join(f"@{t:<5g}" for t in thresholds)
+    lines = [f"{metric.upper()} on HPatches ({results['sequences']['i']} i_, "
+             f"{results['sequences']['v']} v_ sequences)", header]
+    for method, scores in results["methods"].items():
+        for kind, label in (*KINDS.items(), ("overall", "overall")):
+            values = scores[metric][kind]
+            if values is None:
+                continue
+            lines.append(
+                f"{method:<10} {label:<13} {scores['keypoints'][kind]:>7.0f} "
+                f"{scores['matches'][kind]:>8.0f}  " + " ".join(f"{v:<6.3f}" for v in values)
+            )
+    return "\n".join(lines)
+
+
+def write_json(results: Mapping[str, Any], path: PathLike) -> None:
+    """Write the results as JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+def plot_mma(results: Mapping[str, Any], path: PathLike, metric: str = "mma") -> None:
+    """Plot the metric against the threshold (overall, illumination, viewpoint) as the
+    paper's figure does, into a PNG file, atomically. Needs matplotlib."""
+    import_optional("matplotlib", "the HPatches plot")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # A Figure without pyplot keeps matplotlib's global state untouched.
+    figure = Figure(figsize=(12, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    thresholds = results["thresholds"]
+    for column, (kind, title) in enumerate((("overall", "Overall"), ("i", "Illumination"),
+                                             ("v", "Viewpoint"))):
+        axes = figure.add_subplot(1, 3, column + 1)
+        for method, scores in results["methods"].items():
+            if scores[metric][kind] is not None:
+                axes.plot(thresholds, scores[metric][kind], linewidth=2, label=method)
+        axes.set_title(title)
+        axes.set_xlabel("threshold [px]")
+        axes.set_xlim(thresholds[0], thresholds[-1])
+        axes.set_ylim(0, 1)
+        axes.grid(True)
+        if column == 0:
+            axes.set_ylabel(metric.upper())
+            axes.legend()
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")

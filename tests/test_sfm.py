@@ -1,0 +1,165 @@
+"""COLMAP reconstruction of a synthetic scene rendered from known camera poses."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import read_image
+
+pycolmap = pytest.importorskip("pycolmap")
+pytest.importorskip("h5py")
+
+WIDTH, HEIGHT = 320, 240
+# COLMAP's focal-length prior for images without EXIF: 1.2 x the longer side.
+FOCAL = 1.2 * WIDTH
+GROUND = 4.0  # side of the textured ground square: the scene's size
+NUM_VIEWS = 8
+
+
+def _texture(name: str, crop=None, side: int = 256) -> np.ndarray:
+    image = read_image(name)
+    if crop is not None:
+        image = image[crop[1]:crop[3], crop[0]:crop[2]]
+    return cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
+
+
+def _scene():
+    """Planar textured quads: corners (4, 3) in texture order, texture, outward normal.
+
+    A 1 x 1 x 1 box on a 4 x 4 ground square (z up), textured with the sample photos.
+    """
+    half = GROUND / 2
+    quads = [(np.array([[-half, half, 0], [half, half, 0], [half, -half, 0], [-half, -half, 0]]),
+              _texture("brooklyn.png", side=512), None)]
+    a = 0.5
+    faces = (
+        ([[a, -a, 1], [a, a, 1], [a, a, 0], [a, -a, 0]], "peppers.png", None, (1, 0, 0)),
+        ([[-a, a, 1], [-a, -a, 1], [-a, -a, 0], [-a, a, 0]], "test.png", (100, 0, 676, 576), (-1, 0, 0)),
+        ([[a, a, 1], [-a, a, 1], [-a, a, 0], [a, a, 0]], "boat.png", None, (0, 1, 0)),
+        ([[-a, -a, 1], [a, -a, 1], [a, -a, 0], [-a, -a, 0]], "brooklyn.png", (300, 100, 900, 700), (0, -1, 0)),
+        ([[-a, a, 1], [a, a, 1], [a, -a, 1], [-a, -a, 1]], "test.png", (100, 0, 676, 576), (0, 0, 1)),
+    )
+    for corners, name, crop, normal in faces:
+        quads.append((np.array(corners, float), _texture(name, crop), np.array(normal, float)))
+    return quads
+
+
+def _look_at(centre: np.ndarray, target=(0.0, 0.0, 0.2)):
+    """World-to-camera rotation and translation (x right, y down, z forward)."""
+    forward = np.asarray(target) - centre
+    forward /= np.linalg.norm(forward)
+    right = np.cross(forward, (0, 0, 1))
+    right /= np.linalg.norm(right)
+    rotation = np.stack([right, np.cross(forward, right), forward])
+    return rotation, -rotation @ centre
+
+
+def _render(quads, rotation, translation) -> np.ndarray:
+    K = np.array([[FOCAL, 0, WIDTH / 2], [0, FOCAL, HEIGHT / 2], [0, 0, 1]])
+    centre = -rotation.T @ translation
+    image = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+    # The box is convex and stands on the ground: ground first, then the box's faces
+    # that look at the camera, never overlapping one another.
+    for corners, texture, normal in quads:
+        if normal is not None and normal @ (centre - corners.mean(axis=0)) <= 0:
+            continue
+        projected = (corners @ rotation.T + translation) @ K.T
+        assert (projected[:, 2] > 0).all()
+        side = texture.shape[0]
+        source = np.float32([[0, 0], [side, 0], [side, side], [0, side]])
+        H = cv2.getPerspectiveTransform(source, np.float32(projected[:, :2] / projected[:, 2:]))
+        warped = cv2.warpPerspective(texture, H, (WIDTH, HEIGHT), flags=cv2.INTER_LINEAR)
+        cover = cv2.warpPerspective(np.full((side, side), 255, np.uint8), H, (WIDTH, HEIGHT),
+                                    flags=cv2.INTER_NEAREST)
+        image[cover > 0] = warped[cover > 0]
+    return image
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    """Eight views on a 90 degree arc, 3 units from the box and 2.5 above the ground."""
+    folder = tmp_path_factory.mktemp("scene")
+    quads = _scene()
+    centres = {}
+    for i, azimuth in enumerate(np.radians(np.linspace(-45, 45, NUM_VIEWS))):
+        centre = np.array([3 * np.cos(azimuth), 3 * np.sin(azimuth), 2.5])
+        name = f"view{i}.png"
+        cv2.imwrite(str(folder / name), _render(quads, *_look_at(centre)))
+        centres[name] = centre
+    return folder, centres
+
+
+@pytest.fixture(scope="module")
+def feature(r2d2):
+    import cv2r2d2
+
+    # One pyramid level on 320 px images: a quarter of the paper's cost, enough here.
+    return cv2r2d2.R2D2Feature.create(device="cpu", min_size=WIDTH, max_size=WIDTH)
+
+
+@pytest.fixture(scope="module")
+def reconstruction(scene, feature, tmp_path_factory):
+    from cv2r2d2.sfm import reconstruct
+
+    output = tmp_path_factory.mktemp("sfm")
+    return reconstruct(scene[0], output, feature=feature, camera_mode="single"), output
+
+
+def test_all_views_register_at_their_true_centres(scene, reconstruction):
+    result, output = reconstruction
+    _, centres = scene
+    assert result.num_images == NUM_VIEWS and result.failed == []
+    assert result.num_registered == NUM_VIEWS
+    assert result.num_points3D > 200 and result.mean_track_length > 3
+    assert result.mean_reprojection_error < 1.5
+    assert result.model == output / "sparse" / "0" and (result.model / "images.bin").is_file()
+    model = pycolmap.Reconstruction(str(result.model))
+    images = [model.image(i) for i in model.reg_image_ids()]
+    estimated = np.array([image.projection_center() for image in images])
+    true = np.array([centres[image.name] for image in images])
+    true_from_estimated = pycolmap.estimate_sim3d(estimated, true)
+    aligned = np.array([true_from_estimated * point for point in estimated])
+    errors = np.linalg.norm(aligned - true, axis=1)
+    assert errors.max() < 0.01 * GROUND, errors
+    assert "registered images:     8 / 8" in result.summary()
+
+
+def test_database_only_reuses_features_and_matches(scene, reconstruction):
+    from cv2r2d2.sfm import reconstruct
+
+    _, output = reconstruction
+    # Any extraction would fail: this "extractor" has no network.
+    result = reconstruct(scene[0], output, feature=object(), camera_mode="single",
+                         database_only=True)
+    assert result.model is None and result.num_registered == 0
+    database = pycolmap.Database.open(str(result.database))
+    try:
+        assert database.num_images() == NUM_VIEWS and database.num_cameras() == 1
+        assert database.num_matched_image_pairs() == NUM_VIEWS * (NUM_VIEWS - 1) // 2
+        assert database.num_verified_image_pairs() >= NUM_VIEWS - 1
+        camera = database.read_all_cameras()[0]
+        assert (camera.width, camera.height) == (WIDTH, HEIGHT)
+        assert camera.params[0] == pytest.approx(FOCAL)
+        image = database.read_image_with_name("view0.png")
+        keypoints = database.read_keypoints(image.image_id)
+        descriptors = database.read_descriptors(image.image_id).data
+    finally:
+        database.close()
+    from cv2r2d2.io import H5Features
+
+    with H5Features(output / "features.h5") as store:
+        stored = store.read("view0.png")
+    np.testing.assert_allclose(keypoints[:, :2], stored.keypoints + 0.5)
+    np.testing.assert_array_equal(descriptors.view(np.float32), stored.descriptors)
+    assert not list(Path(output).glob("*.tmp"))
+
+
+def test_write_database_refuses_an_existing_file(tmp_path):
+    from cv2r2d2.sfm import write_database
+
+    (tmp_path / "database.db").write_bytes(b"")
+    with pytest.raises(FileExistsError):
+        write_database(tmp_path / "database.db", tmp_path, None, None, [])
