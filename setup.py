@@ -22,10 +22,10 @@ setup(
     ],
     extras_require={
         "train": ["tqdm"],
-        "sfm": ["pycolmap>=3.12", "h5py", "tqdm", "matplotlib"],
+        "sfm": ["pycolmap>=4.2", "h5py", "tqdm", "matplotlib"],
         "onnx": ["onnx", "onnxruntime"],
         # Everything the test suite exercises.
-        "test": ["pytest>=7", "tqdm", "pycolmap>=3.12", "h5py", "matplotlib", "onnx", "onnxruntime"],
+        "test": ["pytest>=7", "tqdm", "pycolmap>=4.2", "h5py", "matplotlib", "onnx", "onnxruntime"],
     },
     entry_points={
         "console_scripts": [
