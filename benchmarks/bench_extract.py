@@ -125,8 +125,17 @@ def child(mode: str, image_name: str) -> None:
     start = time.perf_counter()
     keypoints, _ = r2d2.detectAndCompute(image, None)
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     print(json.dumps(dict(mode=mode, seconds=seconds, peak_mb=peak_mb, keypoints=len(keypoints))))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (VmHWM; ru_maxrss can carry the parent's)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_rss(mode: str, image_name: str, threads: int) -> dict:
@@ -147,7 +156,7 @@ def homography_pairs(seed: int = 0) -> List[tuple]:
             h, w = image.shape[:2]
         for _ in range(2):
             corners = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
-            moved = corners + rng.uniform(-0.12, 0.12, (4, 2)).astype(np.float32) * [w, h]
+            moved = (corners + rng.uniform(-0.12, 0.12, (4, 2)) * [w, h]).astype(np.float32)
             H = cv2.getPerspectiveTransform(corners, moved)
             pairs.append((image, cv2.warpPerspective(image, H, (w, h)), H))
     return pairs
