@@ -32,7 +32,7 @@ def weights_dir() -> Path:
     env = os.environ.get("CV2R2D2_WEIGHTS_DIR")
     if not env:
         missing("CV2R2D2_WEIGHTS_DIR is not set (point it at ../shared/weights)")
-    path = Path(env)
+    path = Path(env).resolve()
     if not path.is_dir():
         missing(f"CV2R2D2_WEIGHTS_DIR={env} is not a folder")
     return path

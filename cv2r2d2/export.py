@@ -1,0 +1,339 @@
+"""Export an R2D2 network to ONNX, in fp32 or statically quantised to int8.
+
+The graph is :meth:`FoldedNet.forward_raw` (BatchNorm folded in) with dynamic batch,
+height and width: input ``image`` (B, 3, H, W), outputs ``descriptors_raw``
+(B, dim, H', W'), ``reliability_logits`` (B, 2, H', W') and ``repeatability_logit``
+(B, 1, H', W'). The heads' softmax, softplus and normalisation stay outside the graph
+(``cv2.dnn`` returns NaN for softplus/(1+softplus) inside it); :mod:`cv2r2d2.onnx_runner`
+applies them in numpy. Exporting needs torch and onnx (and onnxruntime for int8).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+import onnx
+import torch
+
+from .extractor import ExtractionParams, Features, NetworkRunner, describe, extract
+from .image import normalize_image
+from .nets import FoldedNet, fold_batchnorm
+from .onnx_runner import INPUT_NAME, OUTPUT_NAMES, OnnxRuntimeRunner
+from .weights import MODELS, load_model
+
+__all__ = ["export_onnx", "read_images", "keypoint_agreement", "homography_mma", "HOMOGRAPHIES"]
+
+logger = logging.getLogger(__name__)
+
+# Calibration and evaluation images are downscaled to this longer side (pixels): the
+# activation ranges hardly depend on scale, and the export stays quick.
+CALIBRATION_SIDE = 512
+# The first calibration images (at most this many) also serve for the accuracy report;
+# each costs about 11 extractions (fp32 and int8, with 3 warps).
+EVALUATION_IMAGES = 4
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".webp")
+# Synthetic homography pairs for MMA: each image's corners (TL, TR, BR, BL) move by
+# these fractions of its width and height.
+HOMOGRAPHIES = (
+    ((0.10, 0.05), (-0.05, 0.10), (-0.10, -0.05), (0.05, -0.10)),
+    ((0.15, 0.00), (-0.15, 0.00), (0.00, 0.00), (0.00, 0.00)),
+    ((0.20, 0.20), (-0.10, 0.15), (-0.20, -0.20), (0.10, -0.15)),
+)
+
+
+def export_onnx(
+    model: str,
+    output: Union[str, os.PathLike],
+    opset: int = 17,
+    int8: bool = False,
+    calibration: Optional[Union[str, os.PathLike]] = None,
+) -> dict:
+    """Export a model to an ONNX file that passes ``onnx.checker``.
+
+    Args:
+        model: a registry name (``r2d2_WASF_N16``...) or a checkpoint path.
+        output: the ``.onnx`` file to write (overwritten).
+        opset: ONNX opset version (13 to 20).
+        int8: quantise statically, per channel (QDQ, uint8 activations, 7-bit int8
+            weights), the 1x1 heads kept in fp32.
+        calibration: with ``int8``, a folder of images (any size; downscaled to
+            ``CALIBRATION_SIDE``) to calibrate the activation ranges on.
+
+    Returns:
+        A report: ``output``, ``model``, ``precision``, ``opset``, ``bytes``,
+        ``max_abs_error`` (fp32 graph vs torch on a test input); for int8 also
+        ``keypoints_within_2px`` and ``descriptor_cosine_median`` / ``_p01`` (int8
+        vs fp32 on the calibration images, paper settings), ``mma3_fp32`` and
+        ``mma3_int8`` (mean matching accuracy at 3 px on synthetic homography pairs).
+    """
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 13 <= opset <= 20:
+        raise ValueError(f"opset must be an integer from 13 to 20, got {opset!r}")
+    if int8 and calibration is None:
+        raise ValueError("int8=True needs calibration=<folder of images> to calibrate on")
+    if not int8 and calibration is not None:
+        raise ValueError("calibration is only used with int8=True")
+    images = read_images(calibration) if int8 else []
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    text = os.fspath(model)
+    net = load_model(text, device="cpu")
+    info = MODELS.get(text)
+    metadata = {
+        "cv2r2d2.model": text if info else Path(text).stem,
+        "cv2r2d2.licence": info.licence if info else "unknown: user checkpoint, see its source",
+        "cv2r2d2.architecture": type(net).__name__,
+        "cv2r2d2.descriptor_size": str(net.out_dim),
+        "cv2r2d2.extraction_defaults": json.dumps(ExtractionParams().as_dict()),
+        "cv2r2d2.input": f"{INPUT_NAME}: (B, 3, H, W) float32 RGB in [0, 1] normalised with "
+                         "ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225)",
+        "cv2r2d2.outputs": "descriptors_raw: L2-normalise over channels; reliability_logits: "
+                           "softmax over the 2 channels, keep channel 1; repeatability_logit u: "
+                           "softplus(u) / (1 + softplus(u))",
+        "cv2r2d2.precision": "int8" if int8 else "fp32",
+    }
+    folded = fold_batchnorm(net)
+    # Written beside the output and renamed at the end: never half a file at `output`.
+    with tempfile.TemporaryDirectory(prefix=".cv2r2d2-export-", dir=output.parent) as folder:
+        fp32_path = Path(folder) / "fp32.onnx"
+        _torch_export(folded, fp32_path, opset)
+        _write_metadata(fp32_path, dict(metadata, **{"cv2r2d2.precision": "fp32"}))
+        report = {
+            "output": str(output),
+            "model": metadata["cv2r2d2.model"],
+            "precision": metadata["cv2r2d2.precision"],
+            "opset": opset,
+            "max_abs_error": _max_abs_error(folded, fp32_path),
+        }
+        final = fp32_path
+        if int8:
+            final = Path(folder) / "int8.onnx"
+            logger.info("calibrating int8 ranges on %d images", len(images))
+            _quantize(fp32_path, final, images)
+            _write_metadata(final, metadata)
+            report.update(_int8_report(OnnxRuntimeRunner(fp32_path), OnnxRuntimeRunner(final), images))
+        report["bytes"] = final.stat().st_size
+        os.replace(final, output)
+    logger.info("exported %s to %s: %s", text, output, report)
+    return report
+
+
+class _ForwardRaw(torch.nn.Module):
+    """:meth:`FoldedNet.forward_raw` as a module's forward, for the exporter."""
+
+    def __init__(self, folded: FoldedNet) -> None:
+        super().__init__()
+        self.net = folded
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.net.forward_raw(x)
+
+
+def _torch_export(folded: FoldedNet, path: Path, opset: int) -> None:
+    dynamic = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}}
+    dynamic.update({name: {0: "batch", 2: "out_height", 3: "out_width"} for name in OUTPUT_NAMES})
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of torch.export, which needs
+        # the onnxscript package; it handles these plain convolutions exactly.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        with torch.no_grad():
+            torch.onnx.export(
+                _ForwardRaw(folded).eval(), (torch.zeros(1, 3, 64, 64),), str(path), dynamo=False,
+                opset_version=opset, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                dynamic_axes=dynamic,
+            )
+
+
+def _write_metadata(path: Path, metadata: Dict[str, str]) -> None:
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.doc_string = (f"R2D2 {metadata['cv2r2d2.model']} ({metadata['cv2r2d2.precision']}), "
+                        "exported by cv2r2d2")
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+
+
+def _max_abs_error(folded: FoldedNet, path: Path) -> float:
+    """Largest output difference, ONNX Runtime vs torch, on an odd-sized random image."""
+    image = np.random.default_rng(0).standard_normal((1, 3, 61, 83)).astype(np.float32)
+    with torch.no_grad():
+        expected = [t.numpy() for t in folded.forward_raw(torch.from_numpy(image))]
+    actual = OnnxRuntimeRunner(path)._forward(image)
+    return float(max(np.abs(a - e).max() for a, e in zip(actual, expected)))
+
+
+def read_images(folder: Union[str, os.PathLike], max_side: int = CALIBRATION_SIDE) -> List[np.ndarray]:
+    """The images of a folder (sorted by name), as BGR uint8, downscaled to ``max_side``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"calibration must be a folder of images, got {os.fspath(folder)!r}")
+    images = []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            logger.warning("skipping %s: not readable as an image", path)
+            continue
+        factor = max_side / max(image.shape[:2])
+        if factor < 1:
+            size = (max(2, round(image.shape[1] * factor)), max(2, round(image.shape[0] * factor)))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        images.append(image)
+    if not images:
+        raise ValueError(f"calibration folder {os.fspath(folder)!r} holds no readable image "
+                         f"({', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
+def _head_nodes(graph) -> List[str]:
+    """The squaring of the raw map and the two 1x1 heads that read it."""
+    squares = [n for n in graph.node if n.op_type in ("Pow", "Mul") and OUTPUT_NAMES[0] in n.input]
+    squared = {out for n in squares for out in n.output}
+    heads = [n for n in graph.node if n.op_type == "Conv" and squared & set(n.input)]
+    if len(heads) != 2:
+        raise RuntimeError(f"expected the two 1x1 head convolutions, found {len(heads)}")
+    return [n.name for n in squares + heads]
+
+
+def _quantize(fp32_path: Path, output: Path, images: Sequence[np.ndarray]) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter([normalize_image(image)[None] for image in images])
+
+        def get_next(self) -> Optional[dict]:
+            batch = next(self._batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    # Shape inference and graph clean-up, as the quantiser expects.
+    prepared = fp32_path.with_name("prepared.onnx")
+    quant_pre_process(str(fp32_path), str(prepared))
+    excluded = _head_nodes(onnx.load(str(prepared)).graph)
+    # CPUs without VNNI (AVX2 only) can saturate u8 x s8 products in 16 bits:
+    # reduce_range (7-bit weights) avoids that at a negligible accuracy cost.
+    quantize_static(
+        str(prepared), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
+    )
+
+
+def _int8_report(fp32: NetworkRunner, int8: NetworkRunner, images: Sequence[np.ndarray]) -> dict:
+    images = list(images[:EVALUATION_IMAGES])
+    logger.info("measuring the int8 model's accuracy against fp32 on %d images", len(images))
+    params = ExtractionParams()
+    report = keypoint_agreement(fp32, int8, images, params)
+    report["mma3_fp32"] = homography_mma(fp32, images, params)
+    report["mma3_int8"] = homography_mma(int8, images, params)
+    report["evaluation_images"] = len(images)
+    return report
+
+
+def _extract(runner: NetworkRunner, image: np.ndarray, params: ExtractionParams) -> Features:
+    return extract(runner, normalize_image(image), params)
+
+
+def _nearest(query: np.ndarray, train: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """For each query row, the distance to and index of the nearest train row (L2)."""
+    if not len(query) or not len(train):
+        return np.full(len(query), np.inf, np.float32), np.zeros(len(query), np.int64)
+    matches = cv2.BFMatcher(cv2.NORM_L2).match(
+        np.ascontiguousarray(query, np.float32), np.ascontiguousarray(train, np.float32)
+    )
+    distance = np.array([m.distance for m in matches], np.float32)
+    index = np.array([m.trainIdx for m in matches], np.int64)
+    return distance, index
+
+
+def keypoint_agreement(
+    reference: NetworkRunner, runner: NetworkRunner, images: Sequence[np.ndarray],
+    params: ExtractionParams, radius: float = 2.0,
+) -> dict:
+    """How closely ``runner`` reproduces ``reference``'s keypoints and descriptors.
+
+    Args:
+        images: BGR uint8 images.
+
+    Returns:
+        ``keypoints_within_2px``: the fraction of reference keypoints with a keypoint of
+        ``runner`` within ``radius`` px; ``descriptor_cosine_median`` and
+        ``descriptor_cosine_p01`` (1st percentile): cosine between the two runners'
+        descriptors at the reference keypoints.
+    """
+    within, cosines = [], []
+    for image in images:
+        ours = _extract(reference, image, params)
+        theirs = _extract(runner, image, params)
+        distance, _ = _nearest(ours.xy, theirs.xy)
+        within.append(distance <= radius)
+        descriptors, kept = describe(runner, normalize_image(image), ours.xy, ours.sizes, params)
+        cosines.append(np.einsum("ij,ij->i", descriptors, ours.descriptors[kept]))
+    within, cosines = np.concatenate(within), np.concatenate(cosines)
+    return {
+        "keypoints_within_2px": float(within.mean()) if len(within) else float("nan"),
+        "descriptor_cosine_median": float(np.median(cosines)) if len(cosines) else float("nan"),
+        "descriptor_cosine_p01": float(np.percentile(cosines, 1)) if len(cosines) else float("nan"),
+    }
+
+
+def _project(homography: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    return cv2.perspectiveTransform(xy.reshape(-1, 1, 2).astype(np.float64), homography).reshape(-1, 2)
+
+
+def _inside(xy: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+    return (xy[:, 0] >= 0) & (xy[:, 0] <= shape[1] - 1) & (xy[:, 1] >= 0) & (xy[:, 1] <= shape[0] - 1)
+
+
+def homography_mma(
+    runner: NetworkRunner, images: Sequence[np.ndarray], params: ExtractionParams,
+    threshold: float = 3.0,
+) -> float:
+    """Mean matching accuracy at ``threshold`` px on synthetic homography pairs.
+
+    Each image is paired with its warps by :data:`HOMOGRAPHIES`; keypoints seen in
+    both images are matched by mutual nearest neighbour (L2); a pair's accuracy is the
+    fraction of matches within ``threshold`` px of the true position, and the MMA is
+    the mean over pairs (HPatches-style).
+    """
+    accuracies = []
+    for image in images:
+        height, width = image.shape[:2]
+        corners = np.float32([[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]])
+        first = _extract(runner, image, params)
+        for offsets in HOMOGRAPHIES:
+            moved = corners + np.float32(offsets) * np.float32([width, height])
+            homography = cv2.getPerspectiveTransform(corners, moved)
+            warped = cv2.warpPerspective(image, homography, (width, height), flags=cv2.INTER_LINEAR)
+            second = _extract(runner, warped, params)
+            a = _inside(_project(homography, first.xy), warped.shape)
+            b = _inside(_project(np.linalg.inv(homography), second.xy), image.shape)
+            if not a.any() or not b.any():
+                accuracies.append(0.0)
+                continue
+            matches = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True).match(
+                first.descriptors[a], second.descriptors[b]
+            )
+            if not matches:
+                accuracies.append(0.0)
+                continue
+            query = np.array([m.queryIdx for m in matches])
+            train = np.array([m.trainIdx for m in matches])
+            error = np.linalg.norm(
+                _project(homography, first.xy[a][query]) - second.xy[b][train], axis=1
+            )
+            accuracies.append(float((error <= threshold).mean()))
+    return float(np.mean(accuracies)) if accuracies else float("nan")

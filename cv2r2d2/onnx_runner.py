@@ -1,0 +1,359 @@
+"""ONNX backends of the extractor's :class:`~cv2r2d2.extractor.NetworkRunner` seam.
+
+An exported R2D2 graph (see :mod:`cv2r2d2.export`) runs in ONNX Runtime or in OpenCV's
+``cv2.dnn``; everything around it (pyramid resizing, the heads' activations,
+descriptor sampling and normalisation) is numpy and mirrors the torch backend
+operation for operation, so that the whole extraction runs without PyTorch.
+Neither this module nor anything it imports at module level imports torch.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import weakref
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import cv2
+import numpy as np
+
+from .weights import MODELS, WEIGHTS_DIR_ENV, WeightsError, _cache_dir
+
+__all__ = [
+    "INPUT_NAME",
+    "OUTPUT_NAMES",
+    "NUM_THREADS_ENV",
+    "OnnxLevelOutput",
+    "OnnxRuntimeRunner",
+    "OpenCVRunner",
+    "find_onnx_model",
+    "make_onnx_runner",
+    "resize_bilinear",
+]
+
+logger = logging.getLogger(__name__)
+
+# The exported graph's interface (written by cv2r2d2.export).
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("descriptors_raw", "reliability_logits", "repeatability_logit")
+# Thread count of the ONNX backends when the caller gives none (0: the runtime's default).
+NUM_THREADS_ENV = "CV2R2D2_NUM_THREADS"
+
+ONNX_BACKENDS = ("onnxruntime", "opencv")
+
+Box = Tuple[int, int, int, int]
+
+
+def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a (C, H, W) float32 array, as ``F.interpolate`` computes it.
+
+    align_corners=False, no antialiasing, float32 source positions and weights.
+    ``cv2.resize`` is not used: on float images its INTER_LINEAR results differ from
+    torch's by up to 1e-4 relative (OpenCV 5.0), beyond float rounding.
+    """
+
+    def taps(size_in: int, size_out: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        scale = np.float32(size_in) / np.float32(size_out)
+        # torch computes scale * (i + 0.5) - 0.5 with one fused multiply-add in float32;
+        # the float64 product of two float32 numbers, rounded once, is that result.
+        source = (np.float64(scale) * (np.arange(size_out) + 0.5) - 0.5).astype(np.float32)
+        source = np.maximum(source, np.float32(0))
+        first = source.astype(np.int64)
+        second = np.minimum(first + 1, size_in - 1)
+        weight = np.clip(source - first.astype(np.float32), 0, 1).astype(np.float32)
+        return first, second, np.float32(1) - weight, weight
+
+    x0, x1, wx0, wx1 = taps(image.shape[2], width)
+    y0, y1, wy0, wy1 = taps(image.shape[1], height)
+    # Along the width first, then the height: the order of torch's CPU kernel.
+    rows = image[:, :, x0] * wx0 + image[:, :, x1] * wx1
+    out = rows[:, y0, :] * wy0[:, None] + rows[:, y1, :] * wy1[:, None]
+    return np.ascontiguousarray(out, np.float32)
+
+
+def _l2_normalize(vectors: np.ndarray, axis: int) -> np.ndarray:
+    # As F.normalize: divide by max(norm, 1e-12).
+    norm = np.sqrt(np.sum(vectors * vectors, axis=axis, keepdims=True, dtype=np.float32))
+    return vectors / np.maximum(norm, np.float32(1e-12))
+
+
+def _reliability(logits: np.ndarray) -> np.ndarray:
+    """(2, h, w) logits -> (h, w) softmax probability of channel 1."""
+    top = np.maximum(logits[0], logits[1])
+    e0 = np.exp(logits[0] - top)
+    e1 = np.exp(logits[1] - top)
+    return np.ascontiguousarray(e1 / (e0 + e1), np.float32)
+
+
+def _repeatability(logit: np.ndarray) -> np.ndarray:
+    """(h, w) logit u -> softplus(u) / (1 + softplus(u)), softplus as torch's (threshold 20)."""
+    softplus = np.where(logit > 20, logit, np.log1p(np.exp(np.minimum(logit, np.float32(20)))))
+    return np.ascontiguousarray(softplus / (np.float32(1) + softplus), np.float32)
+
+
+class OnnxLevelOutput:
+    """One level's outputs, computed from the graph's raw outputs in numpy."""
+
+    def __init__(self, raw: np.ndarray, reliability_logits: np.ndarray, repeatability_logit: np.ndarray):
+        self._raw = raw  # (dim, h, w), not normalised
+        self.reliability = _reliability(reliability_logits)
+        self.repeatability = _repeatability(repeatability_logit)
+
+    def descriptors_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(n,) map coordinates -> (n, dim) L2-normalised bilinear samples, borders clamped."""
+        raw = self._raw
+        _, h, w = raw.shape
+        x = np.clip(np.asarray(x, np.float32), 0, w - 1)
+        y = np.clip(np.asarray(y, np.float32), 0, h - 1)
+        x0 = np.floor(x).astype(np.int64)
+        y0 = np.floor(y).astype(np.int64)
+        if w > 1:
+            x0 = np.minimum(x0, w - 2)
+        if h > 1:
+            y0 = np.minimum(y0, h - 2)
+        x1 = np.minimum(x0 + 1, w - 1)
+        y1 = np.minimum(y0 + 1, h - 1)
+        fx = x - x0.astype(np.float32)
+        fy = y - y0.astype(np.float32)
+        top = raw[:, y0, x0] * (1 - fx) + raw[:, y0, x1] * fx
+        bottom = raw[:, y1, x0] * (1 - fx) + raw[:, y1, x1] * fx
+        samples = np.ascontiguousarray((top * (1 - fy) + bottom * fy).T)
+        return _l2_normalize(samples, axis=1)
+
+    def dense_descriptors(self) -> np.ndarray:
+        return _l2_normalize(self._raw, axis=0)
+
+
+class _OnnxRunner:
+    """What both ONNX backends share: numpy image handles, the heads outside the graph."""
+
+    def __init__(self, path: Union[str, os.PathLike], num_threads: Optional[int]) -> None:
+        self.path = Path(path)
+        self.num_threads = _thread_count(num_threads)
+        # Graph outputs per live image handle (see run).
+        self._outputs: Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def _probe(self) -> None:
+        """Learn the descriptor size and the map size rule from one tiny forward pass.
+
+        A network whose middle layers are pooled by k (a power of two) gives maps of
+        k * floor(n / k) pixels for n; on 63 x 64 pixels that is (64 - k) x 64.
+        """
+        raw = self._forward(np.zeros((1, 3, 63, 64), np.float32))[0]
+        self.descriptor_size = int(raw.shape[1])
+        self._stride = 64 - int(raw.shape[2])
+        if raw.shape[3] != 64 or self._stride < 1 or self._stride & (self._stride - 1):
+            raise WeightsError(f"{self.path}: unexpected map size {raw.shape[2:]} for a 63 x 64 input")
+
+    def output_size(self, height: int, width: int) -> Tuple[int, int]:
+        """Map size (h', w') for a height x width input."""
+        return height // self._stride * self._stride, width // self._stride * self._stride
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """(3, H, W) normalised float32 image -> a C-contiguous copy.
+
+        A copy, so that the outputs kept for this handle go with the extractor's
+        handle, not with the caller's image.
+        """
+        return np.array(image, np.float32, order="C", copy=True)
+
+    def resize(self, image: np.ndarray, height: int, width: int) -> np.ndarray:
+        return resize_bilinear(image, height, width)
+
+    def run(self, image: np.ndarray, box: Optional[Box] = None) -> OnnxLevelOutput:
+        """Network outputs on the whole image, or on ``box`` = (y0, y1, x0, x1) of its map.
+
+        The graph runs on the whole image, once per image handle: its outputs are kept
+        for the next boxes of the same handle and dropped with the handle. Boxes thus
+        equal the whole-image maps, without a halo, but memory is not bounded by them.
+        """
+        key = id(image)
+        outputs = self._outputs.get(key)
+        if outputs is None:
+            outputs = self._outputs[key] = self._forward(image[None])
+            weakref.finalize(image, self._outputs.pop, key, None)
+        raw, reliability_logits, repeatability_logit = outputs
+        y0, y1, x0, x1 = box if box is not None else (0, raw.shape[2], 0, raw.shape[3])
+        return OnnxLevelOutput(
+            raw[0, :, y0:y1, x0:x1],
+            reliability_logits[0, :, y0:y1, x0:x1],
+            repeatability_logit[0, 0, y0:y1, x0:x1],
+        )
+
+    def _forward(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+def _thread_count(num_threads: Optional[int]) -> int:
+    """The requested thread count: the argument, else $CV2R2D2_NUM_THREADS, else 0 (default)."""
+    source = "num_threads"
+    if num_threads is None:
+        text = os.environ.get(NUM_THREADS_ENV, "").strip()
+        if not text:
+            return 0
+        source = NUM_THREADS_ENV
+        try:
+            num_threads = int(text)
+        except ValueError:
+            raise ValueError(f"{NUM_THREADS_ENV} must be an integer >= 0, got {text!r}") from None
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 0:
+        raise ValueError(f"{source} must be an integer >= 0 (0: the runtime's default), got {num_threads!r}")
+    return int(num_threads)
+
+
+class OnnxRuntimeRunner(_OnnxRunner):
+    """Runs an exported R2D2 graph (fp32 or int8) with ONNX Runtime.
+
+    The session runs with the CPU memory arena off (with it, peak memory roughly
+    doubles as the pyramid walks through sizes) and ``num_threads`` intra-op threads.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], device: Optional[str] = None,
+                 num_threads: Optional[int] = None) -> None:
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise ImportError(
+                "backend='onnxruntime' needs the onnxruntime package: pip install onnxruntime"
+            ) from exc
+        super().__init__(path, num_threads)
+        options = onnxruntime.SessionOptions()
+        options.enable_cpu_mem_arena = False
+        options.intra_op_num_threads = self.num_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = onnxruntime.InferenceSession(
+            str(self.path), sess_options=options, providers=_providers(device, onnxruntime)
+        )
+        _check_interface([i.name for i in self.session.get_inputs()],
+                         [o.name for o in self.session.get_outputs()], self.path)
+        self._probe()
+
+    def _forward(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch}))
+
+
+def _providers(device: Optional[str], onnxruntime) -> list:
+    if device is None or device == "cpu":
+        return ["CPUExecutionProvider"]
+    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
+        available = onnxruntime.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise ValueError(
+                f"device={device!r} needs onnxruntime-gpu (CUDAExecutionProvider); "
+                f"available providers: {', '.join(available)}"
+            )
+        index = device.partition(":")[2] or "0"
+        if not index.isdigit():
+            raise ValueError(f"device must be 'cuda' or 'cuda:N', got {device!r}")
+        return [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
+    raise ValueError(f"device must be None, 'cpu', 'cuda' or 'cuda:N' for onnxruntime, got {device!r}")
+
+
+class OpenCVRunner(_OnnxRunner):
+    """Runs an exported R2D2 graph (fp32 or int8) with ``cv2.dnn`` (CPU); needs only OpenCV.
+
+    OpenCV's thread pool is process-wide: with ``num_threads`` set, it is changed
+    around each forward pass and restored afterwards.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], device: Optional[str] = None,
+                 num_threads: Optional[int] = None) -> None:
+        if device not in (None, "cpu"):
+            raise ValueError(f"backend='opencv' runs on the CPU only (device None or 'cpu'), got {device!r}")
+        super().__init__(path, num_threads)
+        try:
+            self._net = cv2.dnn.readNetFromONNX(str(self.path))
+        except cv2.error as exc:
+            raise WeightsError(f"OpenCV cannot read {self.path} as an ONNX R2D2 model: {exc}") from exc
+        self._probe()
+
+    def _forward(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        previous = cv2.getNumThreads()
+        if self.num_threads:
+            cv2.setNumThreads(self.num_threads)
+        try:
+            self._net.setInput(batch, INPUT_NAME)
+            outputs = self._net.forward(list(OUTPUT_NAMES))
+        finally:
+            if self.num_threads:
+                cv2.setNumThreads(previous)
+        return tuple(np.asarray(o, np.float32) for o in outputs)
+
+
+def _check_interface(inputs: list, outputs: list, path: Path) -> None:
+    if inputs != [INPUT_NAME] or list(outputs) != list(OUTPUT_NAMES):
+        raise WeightsError(
+            f"{path} is not a cv2r2d2 ONNX export: expected input {INPUT_NAME!r} and outputs "
+            f"{', '.join(OUTPUT_NAMES)}, got {inputs} -> {outputs}"
+        )
+
+
+def find_onnx_model(model: Union[str, os.PathLike]) -> Path:
+    """The ``.onnx`` file of a path or a registry name, exporting it once if needed.
+
+    A registry name is looked up as ``<name>.onnx`` in ``$CV2R2D2_WEIGHTS_DIR``, then
+    in the weights cache folder; when neither holds it, it is exported into the cache
+    folder, which needs PyTorch (once).
+    """
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a .onnx path or a model name, got {type(model).__name__}")
+    text = os.fspath(model)
+    info = MODELS.get(text)
+    if info is None:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise WeightsError(
+                f"{text!r} is neither an existing .onnx file nor a known model name "
+                f"(known: {', '.join(MODELS)})"
+            )
+        if path.suffix.lower() != ".onnx":
+            raise ValueError(
+                f"the ONNX backends run an exported .onnx file, got {text!r}; export it with "
+                f"`cv2r2d2 export-onnx --model {text} --output model.onnx`"
+            )
+        return path
+    folders = [Path(os.environ[WEIGHTS_DIR_ENV]).expanduser()] if os.environ.get(WEIGHTS_DIR_ENV) else []
+    folders.append(_cache_dir())
+    for folder in folders:
+        candidate = folder / f"{info.name}.onnx"
+        if candidate.is_file():
+            return candidate
+    target = _cache_dir() / f"{info.name}.onnx"
+    searched = " and ".join(str(f) for f in folders)
+    if importlib.util.find_spec("torch") is None:
+        raise WeightsError(
+            f"no {info.name}.onnx in {searched}, and exporting it needs PyTorch. On a machine "
+            f"with torch, run `cv2r2d2 export-onnx --model {info.name} --output {info.name}.onnx` "
+            f"and put the file in {WEIGHTS_DIR_ENV} or at {target}, or pass its path as model."
+        )
+    logger.warning("no %s.onnx in %s: exporting it once to %s (this uses PyTorch)",
+                   info.name, searched, target)
+    from .export import export_onnx
+
+    export_onnx(info.name, target)
+    return target
+
+
+def make_onnx_runner(
+    model: Union[str, os.PathLike],
+    device: Optional[str] = None,
+    backend: str = "onnxruntime",
+    num_threads: Optional[int] = None,
+) -> _OnnxRunner:
+    """A runner for an exported R2D2 model.
+
+    Args:
+        model: a ``.onnx`` path (fp32 or int8 export) or a registry name (see
+            :func:`find_onnx_model`).
+        device: None or ``"cpu"``; ``"cuda[:N]"`` with onnxruntime-gpu.
+        backend: ``"onnxruntime"`` or ``"opencv"`` (``cv2.dnn``).
+        num_threads: intra-op threads; None reads ``$CV2R2D2_NUM_THREADS``, 0 keeps the
+            runtime's default (onnxruntime: one per physical core).
+    """
+    if backend not in ONNX_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(ONNX_BACKENDS)}, got {backend!r}")
+    path = find_onnx_model(model)
+    runner_class = OnnxRuntimeRunner if backend == "onnxruntime" else OpenCVRunner
+    return runner_class(path, device=device, num_threads=num_threads)

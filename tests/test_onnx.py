@@ -1,0 +1,236 @@
+"""ONNX export and the torch-free backends (cv2r2d2.export, cv2r2d2.onnx_runner)."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+
+import cv2
+import numpy as np
+import pytest
+
+import cv2r2d2
+from conftest import image_path, missing, read_image, reference_file, weights_file
+from cv2r2d2.extractor import ExtractionParams
+from cv2r2d2.onnx_runner import (
+    NUM_THREADS_ENV, OUTPUT_NAMES, OnnxRuntimeRunner, find_onnx_model, make_onnx_runner,
+)
+from cv2r2d2.weights import MODELS, WEIGHTS_DIR_ENV, WeightsError
+from test_parity import parity_figures
+
+MODEL = "r2d2_WASF_N16"
+BACKENDS = ["onnxruntime", "opencv"]
+
+
+def _need(*modules: str) -> None:
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            missing(f"the {module} package (pip install cv2r2d2[onnx])")
+
+
+@pytest.fixture(scope="session")
+def onnx_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx")
+
+
+@pytest.fixture(scope="session")
+def exported(onnx_folder):
+    """export(model) -> the fp32 export's report, each model exported once."""
+    reports = {}
+
+    def export(model: str = MODEL) -> dict:
+        _need("onnx", "onnxruntime")
+        weights_file(model)
+        if model not in reports:
+            from cv2r2d2.export import export_onnx
+
+            reports[model] = export_onnx(model, onnx_folder / f"{model}.onnx")
+        return reports[model]
+
+    return export
+
+
+def _reference(name: str):
+    """A reference file and its extraction parameters, as create() keywords."""
+    reference = np.load(reference_file(name))
+    params = ast.literal_eval(str(reference["params"]))
+    params["nfeatures"] = params.pop("top_k")
+    return reference, params
+
+
+def _assert_parity(figures: dict, count: int) -> None:
+    assert figures["count"] == (count, count)
+    assert figures["overlap"] >= 0.995
+    assert figures["max_score_error"] <= 1e-4
+    assert figures["min_cosine"] >= 0.9999
+
+
+def test_export_passes_checker_with_metadata_and_dynamic_size(exported):
+    import onnx
+
+    report = exported()
+    model = onnx.load(report["output"])
+    onnx.checker.check_model(model, full_check=True)
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert metadata["cv2r2d2.model"] == MODEL
+    assert metadata["cv2r2d2.licence"] == MODELS[MODEL].licence
+    assert metadata["cv2r2d2.precision"] == "fp32"
+    assert json.loads(metadata["cv2r2d2.extraction_defaults"]) == ExtractionParams().as_dict()
+    assert [o.name for o in model.graph.output] == list(OUTPUT_NAMES)
+    shape = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in shape[2:]] == ["height", "width"]
+    # No head activation inside the graph (cv2.dnn's NaN); BatchNorm folded away.
+    ops = {n.op_type for n in model.graph.node}
+    assert not ops & {"Softplus", "Softmax", "Div", "BatchNormalization"}
+    assert report["precision"] == "fp32" and report["max_abs_error"] < 1e-3
+
+
+def test_onnxruntime_extracts_without_torch_and_matches_reference(exported, tmp_path):
+    report = exported()
+    reference, params = _reference(f"{MODEL}__boat__default.npz")
+    result = tmp_path / "features.npz"
+    script = textwrap.dedent(f"""
+        import sys
+        import cv2
+        import numpy as np
+        import cv2r2d2
+
+        r2d2 = cv2r2d2.R2D2Feature.create(model={report['output']!r}, backend="onnxruntime", **{params!r})
+        keypoints, descriptors = r2d2.detectAndCompute(cv2.imread({str(image_path('boat.png'))!r}), None)
+        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+        assert not loaded, loaded
+        np.savez({str(result)!r}, descriptors=descriptors,
+                 keypoints=np.array([(k.pt[0], k.pt[1], k.size, k.response) for k in keypoints]))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    ours = np.load(result)
+    keypoints = [cv2.KeyPoint(x, y, size, -1, response) for x, y, size, response in ours["keypoints"]]
+    _assert_parity(parity_figures(keypoints, ours["descriptors"], reference), len(reference["scores"]))
+
+
+def test_opencv_backend_matches_reference(exported):
+    reference, params = _reference(f"{MODEL}__boat__default.npz")
+    r2d2 = cv2r2d2.R2D2Feature.create(model=exported()["output"], backend="opencv", **params)
+    keypoints, descriptors = r2d2.detectAndCompute(read_image("boat.png"), None)
+    _assert_parity(parity_figures(keypoints, descriptors, reference), len(reference["scores"]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model", [MODEL, "faster2d2_WASF_N16"])
+def test_dense_maps_match_reference(exported, backend, model):
+    reference = np.load(reference_file(f"{model}__peppers_crop__dense.npz"))
+    crop = cv2.imread(str(reference_file("peppers_crop_96x128.png")))
+    r2d2 = cv2r2d2.R2D2Feature.create(model=exported(model)["output"], backend=backend)
+    maps = r2d2.computeDenseMaps(crop)
+    for key in ("descriptors", "reliability", "repeatability"):
+        assert maps[key].dtype == np.float32
+        np.testing.assert_allclose(maps[key], reference[key], atol=1e-4, rtol=0, err_msg=key)
+
+
+def test_compute_at_given_keypoints_matches_torch_backend(exported, boat):
+    # Off-grid positions and several sizes: bilinear sampling on both pyramid levels.
+    crop = boat[96:416, 96:416]
+    keypoints = cv2.SIFT_create(300).detect(crop, None)
+    torch_kept, expected = cv2r2d2.R2D2Feature.create(device="cpu").compute(crop, keypoints)
+    for backend in BACKENDS:
+        r2d2 = cv2r2d2.R2D2Feature.create(model=exported()["output"], backend=backend)
+        kept, descriptors = r2d2.compute(crop, keypoints)
+        assert [k.pt for k in kept] == [k.pt for k in torch_kept]
+        assert np.einsum("ij,ij->i", descriptors, expected).min() >= 0.9999, backend
+
+
+def test_nothing_detected_gives_empty_result(exported):
+    r2d2 = cv2r2d2.R2D2Feature.create(model=exported()["output"], backend="onnxruntime")
+    assert r2d2.detectAndCompute(np.full((256, 256), 128, np.uint8), None) == ((), None)
+    assert r2d2.descriptorSize() == 128
+
+
+def test_session_has_arena_off_and_requested_threads(exported, monkeypatch):
+    path = exported()["output"]
+    options = OnnxRuntimeRunner(path, num_threads=1).session.get_session_options()
+    assert options.enable_cpu_mem_arena is False
+    assert options.intra_op_num_threads == 1
+    monkeypatch.setenv(NUM_THREADS_ENV, "2")
+    assert make_onnx_runner(path).session.get_session_options().intra_op_num_threads == 2
+    with pytest.raises(ValueError, match="num_threads"):
+        make_onnx_runner(path, num_threads=-1)
+    monkeypatch.setenv(NUM_THREADS_ENV, "many")
+    with pytest.raises(ValueError, match=NUM_THREADS_ENV):
+        make_onnx_runner(path)
+
+
+def test_registry_name_finds_export_in_weights_dir(exported, tmp_path, monkeypatch):
+    (tmp_path / f"{MODEL}.onnx").symlink_to(exported()["output"])
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path))
+    assert find_onnx_model(MODEL) == tmp_path / f"{MODEL}.onnx"
+
+
+def test_registry_name_is_exported_once_into_the_cache(tmp_path, monkeypatch):
+    _need("onnx", "onnxruntime")
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / f"{MODEL}.pt").symlink_to(weights_file(MODEL))
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(weights))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    runner = make_onnx_runner(MODEL)
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / f"{MODEL}.onnx"
+    assert runner.path == cached and cached.is_file()
+    assert [p.name for p in cached.parent.iterdir() if p.suffix == ".onnx"] == [cached.name]
+    stamp = cached.stat().st_mtime_ns
+    assert make_onnx_runner(MODEL, backend="opencv").path == cached
+    assert cached.stat().st_mtime_ns == stamp
+
+
+def test_bad_arguments_are_refused(exported, tmp_path):
+    from cv2r2d2.export import export_onnx
+
+    with pytest.raises(ValueError, match=r"\.onnx"):
+        make_onnx_runner(weights_file(MODEL))
+    with pytest.raises(WeightsError, match="neither"):
+        make_onnx_runner(tmp_path / "absent.onnx")
+    with pytest.raises(ValueError, match="backend"):
+        make_onnx_runner(exported()["output"], backend="tensorrt")
+    with pytest.raises(ValueError, match="CPU only"):
+        make_onnx_runner(exported()["output"], backend="opencv", device="cuda")
+    with pytest.raises(ValueError, match="calibration"):
+        export_onnx(MODEL, tmp_path / "a.onnx", int8=True)
+    with pytest.raises(ValueError, match="no readable image"):
+        export_onnx(MODEL, tmp_path / "a.onnx", int8=True, calibration=tmp_path)
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(MODEL, tmp_path / "a.onnx", opset=7)
+
+
+def test_int8_export_keeps_heads_fp32_and_reports_its_accuracy(exported, onnx_folder, tmp_path):
+    import onnx
+
+    from cv2r2d2.export import export_onnx
+
+    exported()
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    cv2.imwrite(str(calibration / "boat.png"), read_image("boat.png")[128:384, 128:384])
+    cv2.imwrite(str(calibration / "peppers.png"), cv2.resize(read_image("peppers.png"), (256, 256)))
+    report = export_onnx(MODEL, onnx_folder / "int8.onnx", int8=True, calibration=calibration)
+    print(report)
+
+    assert report["precision"] == "int8" and report["evaluation_images"] == 2
+    assert report["keypoints_within_2px"] >= 0.9
+    assert report["descriptor_cosine_median"] >= 0.98
+    assert report["mma3_int8"] >= report["mma3_fp32"] - 0.05
+    assert report["bytes"] < 0.5 * exported()["bytes"]
+    model = onnx.load(report["output"])
+    onnx.checker.check_model(model, full_check=True)
+    assert {p.key: p.value for p in model.metadata_props}["cv2r2d2.precision"] == "int8"
+    heads = [n for n in model.graph.node if n.name in ("/clf/Conv", "/sal/Conv")]
+    float_weights = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert len(heads) == 2 and all(n.input[1] in float_weights for n in heads)
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+    r2d2 = cv2r2d2.R2D2Feature.create(model=report["output"], backend="onnxruntime", nfeatures=500)
+    keypoints, descriptors = r2d2.detectAndCompute(read_image("test.png")[:256, :320], None)
+    assert len(keypoints) > 100
+    np.testing.assert_allclose(np.linalg.norm(descriptors, axis=1), 1.0, atol=1e-5)
