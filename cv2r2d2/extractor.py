@@ -462,9 +462,15 @@ def dense_maps(runner: NetworkRunner, image: np.ndarray, scale: float = 1.0) -> 
     if not (isinstance(scale, (int, float)) and 0 < scale <= 1):
         raise ValueError(f"scale must lie in (0, 1], got {scale!r}")
     height, width = image.shape[1:]
+    size = (round(height * scale), round(width * scale))
+    if min(size) < 2:
+        raise ValueError(
+            f"scale {scale!r} makes the {height}x{width} image {size[0]}x{size[1]} pixels; "
+            "the network needs at least 2x2"
+        )
     handle = runner.prepare(image)
     if scale != 1:
-        handle = runner.resize(handle, round(height * scale), round(width * scale))
+        handle = runner.resize(handle, *size)
     output = runner.run(handle)
     return {
         "descriptors": output.dense_descriptors(),

@@ -247,3 +247,12 @@ def test_subpixel_keypoints_localise_better(warped_pair, boat):
     assert (sub <= 3).mean() >= (plain <= 3).mean() - 0.005
     with pytest.raises(TypeError, match="subpixel"):
         refined.setSubpixel("yes")
+
+
+def test_dense_maps_shapes_and_bad_scales(r2d2, boat):
+    maps = r2d2.computeDenseMaps(boat, scale=0.5)
+    assert maps["descriptors"].shape == (128, 256, 256)
+    assert maps["reliability"].shape == maps["repeatability"].shape == (256, 256)
+    for scale in (0, 1.5, "1", 0.001):
+        with pytest.raises(ValueError, match="scale"):
+            r2d2.computeDenseMaps(boat, scale=scale)
