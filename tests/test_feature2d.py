@@ -233,15 +233,17 @@ def test_subpixel_keypoints_localise_better(warped_pair, boat):
     assert refined.getSubpixel()
     rk1, rd1 = refined.detectAndCompute(boat, None)
     rk2, rd2 = refined.detectAndCompute(warped, None)
-    # Same keypoints (order, scores, descriptors), only their positions move, by < 1 px.
+    # Same keypoints (order, scores), moved by at most half a pixel of their level, and
+    # described where they now are: descriptors close to the integer position's.
     assert [k.response for k in rk1] == [k.response for k in kp1]
-    np.testing.assert_array_equal(rd1, d1)
     shift = np.array([k.pt for k in rk1]) - np.array([k.pt for k in kp1])
     assert np.abs(shift).max() < 0.5 * 2**1.5 + 0.5
+    cosine = (rd1 * d1).sum(axis=1)
+    assert np.median(cosine) > 0.95 and not np.array_equal(rd1, d1)
     plain, sub = _reprojection_errors(kp1, d1, kp2, d2), _reprojection_errors(rk1, rd1, rk2, rd2)
     print("median error", np.median(plain[plain < 5]), "->", np.median(sub[sub < 5]),
-          "MMA@1", (plain <= 1).mean(), "->", (sub <= 1).mean())
-    assert len(sub) == len(plain)
+          "MMA@1", (plain <= 1).mean(), "->", (sub <= 1).mean(), "matches", len(plain), len(sub))
+    assert len(sub) >= len(plain)
     assert np.median(sub[sub < 5]) < 0.8 * np.median(plain[plain < 5])
     assert (sub <= 1).mean() >= (plain <= 1).mean() + 0.1
     assert (sub <= 3).mean() >= (plain <= 3).mean() - 0.005
