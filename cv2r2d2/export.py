@@ -22,8 +22,10 @@ import numpy as np
 import onnx
 import torch
 
+from .evaluation import PairData, mean_matching_accuracy
 from .extractor import ExtractionParams, Features, NetworkRunner, describe, extract
 from .image import normalize_image
+from .matching import mutual_nearest_neighbours
 from .nets import FoldedNet, fold_batchnorm
 from .onnx_runner import INPUT_NAME, OUTPUT_NAMES, OnnxRuntimeRunner
 from .weights import MODELS, load_model
@@ -291,7 +293,9 @@ def keypoint_agreement(
 
 
 def _project(homography: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    return cv2.perspectiveTransform(xy.reshape(-1, 1, 2).astype(np.float64), homography).reshape(-1, 2)
+    # numpy rather than cv2.perspectiveTransform, which returns None for no points.
+    mapped = np.concatenate([xy.reshape(-1, 2), np.ones((len(xy), 1))], axis=1) @ homography.T
+    return mapped[:, :2] / mapped[:, 2:]
 
 
 def _inside(xy: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
@@ -321,19 +325,8 @@ def homography_mma(
             second = _extract(runner, warped, params)
             a = _inside(_project(homography, first.xy), warped.shape)
             b = _inside(_project(np.linalg.inv(homography), second.xy), image.shape)
-            if not a.any() or not b.any():
-                accuracies.append(0.0)
-                continue
-            matches = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True).match(
-                first.descriptors[a], second.descriptors[b]
-            )
-            if not matches:
-                accuracies.append(0.0)
-                continue
-            query = np.array([m.queryIdx for m in matches])
-            train = np.array([m.trainIdx for m in matches])
-            error = np.linalg.norm(
-                _project(homography, first.xy[a][query]) - second.xy[b][train], axis=1
-            )
-            accuracies.append(float((error <= threshold).mean()))
+            matches, _ = mutual_nearest_neighbours(first.descriptors[a], second.descriptors[b])
+            pair = PairData(first.xy[a], second.xy[b], matches, homography,
+                            (width, height), (width, height))
+            accuracies.append(float(mean_matching_accuracy(pair, [threshold])[0]))
     return float(np.mean(accuracies)) if accuracies else float("nan")
