@@ -6,8 +6,9 @@ Prints, for brooklyn.png at the paper's settings: the median time of several
 interleaved runs of each mode against the un-optimised baseline (``backend="reference"``,
 the original implementation's way of running the network), cv2.SIFT for context, the
 per-stage split, the fraction of the machine's fp32 matmul throughput reached, the peak
-RSS of each mode (each in a fresh process), and for the fast modes the mean matching
-accuracy at 3 px they cost on homography pairs made from the sample images.
+RSS of each mode (each in a fresh process), and for the fast modes (faster2d2, int8
+ONNX Runtime exports calibrated on the other sample images, and both) the mean
+matching accuracy at 3 px they cost on homography pairs made from the sample images.
 ``--huge`` adds an 8000 x 6000 synthetic image at full resolution (minutes).
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -28,18 +30,49 @@ import torch
 from torch import nn
 
 import cv2r2d2
+from cv2r2d2.evaluation import PairData, mean_matching_accuracy
 from cv2r2d2.extractor import ExtractionParams, pyramid
+from cv2r2d2.matching import mutual_nearest_neighbours
+from homography_pairs import IMAGES, by_image, make_pairs
 
-IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "images"
 HUGE = dict(max_size=9999, min_size=0, min_scale=0.3)
 
-# name -> R2D2Feature.create keyword arguments; "reference" is the baseline.
+# name -> R2D2Feature.create keyword arguments; "reference" is the baseline. An
+# "onnx_int8" entry names the model exported to int8 (calibrated on the sample images
+# other than brooklyn) and run by onnxruntime.
 MODES: Dict[str, dict] = {
     "reference": dict(backend="reference", tile_size=0),
     "exact": dict(),
     "exact, untiled": dict(tile_size=0),
     "faster2d2": dict(model="faster2d2_WASF_N16"),
+    "int8 onnxruntime": dict(onnx_int8="r2d2_WASF_N16"),
+    "faster2d2, int8 onnxruntime": dict(onnx_int8="faster2d2_WASF_N16"),
 }
+FAST_MODES = ("faster2d2", "int8 onnxruntime", "faster2d2, int8 onnxruntime")
+ONNX_DIR_ENV = "BENCH_ONNX_DIR"
+
+
+def export_int8(folder: Path) -> None:
+    """Export the int8 models the modes name into ``folder`` (skipped when present)."""
+    from cv2r2d2.export import export_onnx
+
+    calibration = folder / "calibration"
+    calibration.mkdir(exist_ok=True)
+    for other in sorted(IMAGES.glob("*.png")):
+        if other.name != "brooklyn.png" and not (calibration / other.name).exists():
+            (calibration / other.name).symlink_to(other.resolve())
+    for model in {kw["onnx_int8"] for kw in MODES.values() if "onnx_int8" in kw}:
+        if not (folder / f"{model}-int8.onnx").is_file():
+            export_onnx(model, folder / f"{model}-int8.onnx", int8=True, calibration=calibration)
+
+
+def create(mode: str, **params) -> cv2r2d2.R2D2Feature:
+    kwargs = dict(MODES[mode], **params)
+    model = kwargs.pop("onnx_int8", None)
+    if model is not None:
+        onnx_path = Path(os.environ[ONNX_DIR_ENV]) / f"{model}-int8.onnx"
+        return cv2r2d2.R2D2Feature.create(str(onnx_path), backend="onnxruntime", **kwargs)
+    return cv2r2d2.R2D2Feature.create(device="cpu", **kwargs)
 
 
 def matmul_gflops(n: int = 4096, repeat: int = 3) -> float:
@@ -121,7 +154,7 @@ def child(mode: str, image_name: str) -> None:
         image, params = huge_image(), HUGE
     else:
         image, params = cv2.imread(str(IMAGES / image_name)), {}
-    r2d2 = cv2r2d2.R2D2Feature.create(device="cpu", **MODES[mode], **params)
+    r2d2 = create(mode, **params)
     start = time.perf_counter()
     keypoints, _ = r2d2.detectAndCompute(image, None)
     seconds = time.perf_counter() - start
@@ -145,35 +178,23 @@ def peak_rss(mode: str, image_name: str, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def homography_pairs(seed: int = 0) -> List[tuple]:
-    rng = np.random.default_rng(seed)
-    pairs = []
-    for name in ("boat.png", "peppers.png", "test.png", "brooklyn.png"):
-        image = cv2.imread(str(IMAGES / name))
-        h, w = image.shape[:2]
-        if max(h, w) > 800:
-            image = cv2.resize(image, (w * 640 // max(h, w), h * 640 // max(h, w)), interpolation=cv2.INTER_AREA)
-            h, w = image.shape[:2]
-        for _ in range(2):
-            corners = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
-            moved = (corners + rng.uniform(-0.12, 0.12, (4, 2)) * [w, h]).astype(np.float32)
-            H = cv2.getPerspectiveTransform(corners, moved)
-            pairs.append((image, cv2.warpPerspective(image, H, (w, h)), H))
-    return pairs
-
-
 def mma(r2d2, pairs, threshold: float = 3.0) -> float:
     """Mean matching accuracy: mutual nearest-neighbour matches within threshold px."""
     accuracies = []
-    for image1, image2, H in pairs:
-        kp1, d1 = r2d2.detectAndCompute(image1, None)
-        kp2, d2 = r2d2.detectAndCompute(image2, None)
-        matches = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True).match(d1, d2)
-        p1 = np.float32([kp1[m.queryIdx].pt for m in matches]).reshape(-1, 1, 2)
-        p2 = np.float32([kp2[m.trainIdx].pt for m in matches]).reshape(-1, 2)
-        error = np.linalg.norm(cv2.perspectiveTransform(p1, H).reshape(-1, 2) - p2, axis=1)
-        accuracies.append(float((error <= threshold).mean()))
+    for image_a, group in by_image(pairs):
+        xy_a, desc_a = detect(r2d2, image_a)
+        for pair in group:
+            xy_b, desc_b = detect(r2d2, pair.image_b)
+            matches, _ = mutual_nearest_neighbours(desc_a, desc_b)
+            data = PairData(xy_a, xy_b, matches, pair.homography,
+                            image_a.shape[1::-1], pair.image_b.shape[1::-1])
+            accuracies.append(mean_matching_accuracy(data, [threshold])[0])
     return float(np.mean(accuracies))
+
+
+def detect(r2d2, image: np.ndarray):
+    keypoints, descriptors = r2d2.detectAndCompute(image, None)
+    return cv2.KeyPoint_convert(keypoints).reshape(-1, 2), descriptors
 
 
 def main() -> None:
@@ -181,6 +202,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--huge", action="store_true", help="add the 8000 x 6000 image")
+    parser.add_argument("--pairs", type=int, default=2,
+                        help="homography pairs per sample image and kind for MMA@3")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "IMAGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -192,7 +215,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, opencv {cv2.__version__}, {args.threads} threads; "
           f"fp32 matmul {gflops:.0f} GFLOP/s")
 
-    extractors = {name: cv2r2d2.R2D2Feature.create(device="cpu", **kw) for name, kw in MODES.items()}
+    onnx_dir = tempfile.TemporaryDirectory(prefix="bench-extract-")
+    os.environ[ONNX_DIR_ENV] = onnx_dir.name
+    export_int8(Path(onnx_dir.name))
+    extractors = {name: create(name) for name in MODES}
     sift = cv2.SIFT_create(5000)
     times: Dict[str, List[float]] = {name: [] for name in [*extractors, "cv2.SIFT(5000)"]}
     counts = {}
@@ -222,7 +248,8 @@ def main() -> None:
         if name in MODES:
             rss = f"{peak_rss(name, 'brooklyn.png', args.threads)['peak_mb']:.0f}"
             model_flops = flops if "faster" not in name else flops * 142.6 / 483.6
-            fraction = f"{model_flops / median[name] / 1e9 / gflops:.2f}"
+            # int8 arithmetic is not measured against the fp32 rate.
+            fraction = "-" if "int8" in name else f"{model_flops / median[name] / 1e9 / gflops:.2f}"
         else:
             rss, fraction = "-", "-"
         print(f"| {name} | {median[name]:.2f} | {median['reference'] / median[name]:.2f}x | "
@@ -239,13 +266,16 @@ def main() -> None:
         f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in
         [*timed.seconds.items(), ("image, NMS/top-k and keypoints", rest)]))
 
-    pairs = homography_pairs()
+    pairs = make_pairs(args.pairs)
     exact_mma = mma(extractors["exact"], pairs)
-    print(f"\nMMA@3 on {len(pairs)} homography pairs from the sample images:")
-    for name in ("exact", "faster2d2"):
-        value = exact_mma if name == "exact" else mma(extractors[name], pairs)
-        print(f"- {name}: {value:.3f} ({value - exact_mma:+.3f} vs exact), "
-              f"{median['reference'] / median[name]:.2f}x the reference's speed")
+    print(f"\nFast modes: MMA@3 on {len(pairs)} homography pairs (viewpoint and illumination, "
+          f"benchmarks/homography_pairs.py); exact: {exact_mma:.3f}")
+    print("| mode | speed-up vs reference | MMA@3 | vs exact |")
+    print("| --- | --- | --- | --- |")
+    for name in FAST_MODES:
+        value = mma(extractors[name], pairs)
+        print(f"| {name} | {median['reference'] / median[name]:.2f}x | {value:.3f} | "
+              f"{value - exact_mma:+.3f} |")
 
     if args.huge:
         print("\n8000x6000 synthetic image, max_size=9999, min_size=0, min_scale=0.3 (one run):")

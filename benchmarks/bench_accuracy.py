@@ -1,0 +1,103 @@
+"""Localisation accuracy of R2D2, with and without ``subpixel=True``, against cv2.SIFT.
+
+    python benchmarks/bench_accuracy.py [--per-image 5] [--threads 2]
+
+On homography pairs made from ../shared/images (benchmarks/homography_pairs.py: per
+image and kind, ``--per-image`` viewpoint and illumination pairs), prints for each
+method the mean matching accuracy at 1..10 px of mutual nearest-neighbour matches
+(overall, illumination, viewpoint), keypoints and matches per pair, the fraction of
+pairs whose homography cv2.findHomography (RANSAC, 3 px) recovers with a mean corner
+error <= 3 px, and the extraction time of ``subpixel=True`` against the default
+(median over images of the per-image ratio, runs interleaved).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Dict, List, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+import cv2r2d2
+from cv2r2d2.evaluation import PairData, _project, mean_matching_accuracy
+from cv2r2d2.matching import mutual_nearest_neighbours
+from homography_pairs import by_image, make_pairs
+
+THRESHOLDS = tuple(range(1, 11))
+KINDS = ("overall", "illumination", "viewpoint")
+
+
+def detect(feature: Any, image: np.ndarray) -> Tuple[np.ndarray, np.ndarray, float]:
+    start = time.perf_counter()
+    keypoints, descriptors = feature.detectAndCompute(image, None)
+    seconds = time.perf_counter() - start
+    return cv2.KeyPoint_convert(keypoints).reshape(-1, 2), descriptors, seconds
+
+
+def homography_correct(pair: PairData, max_corner_error: float = 3.0) -> bool:
+    if len(pair.matches) < 4:
+        return False
+    estimate, _ = cv2.findHomography(pair.keypoints_a[pair.matches[:, 0]],
+                                     pair.keypoints_b[pair.matches[:, 1]], cv2.RANSAC, 3.0)
+    if estimate is None:
+        return False
+    w, h = pair.size_a
+    corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float64)
+    error = np.linalg.norm(_project(corners, estimate) - _project(corners, pair.homography), axis=1)
+    return bool(error.mean() <= max_corner_error)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-image", type=int, default=5, help="pairs per image and kind")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    methods: Dict[str, Any] = {
+        "R2D2 (default)": cv2r2d2.R2D2_create(device="cpu"),
+        "R2D2 subpixel=True": cv2r2d2.R2D2_create(device="cpu", subpixel=True),
+        "cv2.SIFT(5000)": cv2.SIFT_create(5000),
+    }
+    pairs = make_pairs(args.per_image)
+    rows: Dict[str, List[Tuple[str, np.ndarray, bool, int, int]]] = {m: [] for m in methods}
+    ratios = []
+    for image_a, group in by_image(pairs):
+        images = [image_a] + [pair.image_b for pair in group]
+        detected: Dict[str, list] = {m: [] for m in methods}
+        for image in images:
+            for name, feature in methods.items():
+                detected[name].append(detect(feature, image))
+            ratios.append(detected["R2D2 subpixel=True"][-1][2] / detected["R2D2 (default)"][-1][2])
+        for name, feature in methods.items():
+            xy_a, desc_a, _ = detected[name][0]
+            for pair, (xy_b, desc_b, _) in zip(group, detected[name][1:]):
+                matches, _ = mutual_nearest_neighbours(desc_a, desc_b, feature.defaultNorm())
+                data = PairData(xy_a, xy_b, matches, pair.homography,
+                                image_a.shape[1::-1], pair.image_b.shape[1::-1])
+                rows[name].append((pair.kind, mean_matching_accuracy(data, THRESHOLDS),
+                                   homography_correct(data), (len(xy_a) + len(xy_b)) // 2,
+                                   len(matches)))
+        print(f"{group[0].name}: {len(group)} pairs done", flush=True)
+
+    n_kinds = {kind: sum(p.kind == kind for p in pairs) for kind in KINDS[1:]}
+    print(f"\n{len(pairs)} pairs ({n_kinds['viewpoint']} viewpoint, {n_kinds['illumination']} "
+          f"illumination) from {', '.join(sorted({p.name for p in pairs}))}")
+    print("| method | pairs | " + " | ".join(f"MMA@{t}" for t in THRESHOLDS)
+          + " | homography correct | keypoints | matches |")
+    print("| --- " * (len(THRESHOLDS) + 6) + "|")
+    for kind in KINDS:
+        for name, method_rows in rows.items():
+            chosen = [r for r in method_rows if kind == "overall" or r[0] == kind]
+            mma = np.mean([r[1] for r in chosen], axis=0)
+            print(f"| {name} | {kind} | " + " | ".join(f"{v:.3f}" for v in mma)
+                  + f" | {np.mean([r[2] for r in chosen]):.2f} | {np.mean([r[3] for r in chosen]):.0f}"
+                  f" | {np.mean([r[4] for r in chosen]):.0f} |")
+    print(f"\nextraction time, subpixel=True / default: {np.median(ratios):.3f} "
+          f"(median over {len(ratios)} images, interleaved runs)")
+
+
+if __name__ == "__main__":
+    main()
