@@ -177,7 +177,10 @@ class _Extractor:
         if shard is None:
             return extract_collection(images, R2D2Folder(output), self._feature, overwrite)
         with atomic_path(shard) as tmp, H5Features(tmp, writable=True) as store:
-            return extract_collection(images, store, self._feature, overwrite=True)
+            report = extract_collection(images, store, self._feature, overwrite=True)
+        if not report.extracted:  # only unreadable images: no shard to keep
+            os.remove(shard)
+        return report
 
 
 def extract_collection_ray(
@@ -216,6 +219,7 @@ def extract_collection_ray(
             worker dies (default: about 4 blocks per actor, at most 64 images).
         merge: end with one plain ``.h5`` file instead of a master over shards.
     """
+    _import_ray()  # before anything is written
     feature_options = dict(feature_options or {})
     output = Path(output)
     is_h5 = feature_format(output, format) == "h5"
@@ -388,6 +392,7 @@ def match_collection_ray(
             64 pairs).
         merge: end with one plain ``.h5`` file instead of a master over shards.
     """
+    _import_ray()  # before anything is written
     sharded = ShardedH5(output, "matches")
     run_id = new_run_id()
     report = RayMatchingReport()
