@@ -171,8 +171,10 @@ def _run_extract(args: argparse.Namespace) -> int:
         from .distributed import extract_collection_ray
 
         report = extract_collection_ray(
-            images, args.output, _feature_options(args), args.format, args.overwrite,
-            not args.quiet, args.ray, args.actors, args.threads, args.block_size, args.merge)
+            images, args.output, _feature_options(args), format=args.format,
+            overwrite=args.overwrite, show_progress=not args.quiet, address=args.ray,
+            actors=args.actors, threads=args.threads, block_size=args.block_size,
+            merge=args.merge)
         _print_throughput(len(report.extracted), "image", report.seconds,
                           f" on {report.actors} actor(s)")
     else:
@@ -224,8 +226,10 @@ def _run_match(args: argparse.Namespace) -> int:
         from .distributed import match_collection_ray
 
         report = match_collection_ray(
-            args.features, pairs, args.output, args.max_distance, args.ratio, args.device,
-            args.overwrite, not args.quiet, args.ray, args.block_size, args.merge)
+            args.features, pairs, args.output, max_distance=args.max_distance,
+            ratio=args.ratio, device=args.device, overwrite=args.overwrite,
+            show_progress=not args.quiet, address=args.ray, block_size=args.block_size,
+            merge=args.merge)
         failed = report.failed
         _print_throughput(len(report.matched), "pair", report.seconds)
     mean = sum(report.num_matches) / len(report.num_matches) if report.num_matches else 0.0
