@@ -134,14 +134,14 @@ def main() -> None:
                                        actors, threads)
         finally:
             ray.shutdown()
-        print(f"| run | images/s | start-up s (model; Ray actors) |")
+        print("| run | images/s | start-up s (model; Ray actors) |")
         print("| --- | --- | --- |")
         for name, figures in results.items():
             print(f"| {name} | {figures['per_second']:.2f} | {figures['startup']:.1f} |")
         print(f"\nstarting a local Ray: {ray_start:.1f} s")
 
-        print(f"\ndriver peak RSS, 2 actors x 1 thread, each run in a fresh process "
-              f"starting its own local Ray:")
+        print("\ndriver peak RSS, 2 actors x 1 thread, each run in a fresh process "
+              "starting its own local Ray:")
         print("| images | driver peak RSS MB | images/s | wall s |")
         print("| --- | --- | --- | --- |")
         for count in (args.images // 4, args.images):
