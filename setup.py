@@ -24,8 +24,10 @@ setup(
         "train": ["tqdm"],
         "sfm": ["pycolmap>=4.2", "h5py", "tqdm", "matplotlib"],
         "onnx": ["onnx", "onnxruntime"],
+        "ray": ["ray", "h5py", "tqdm"],
         # Everything the test suite exercises.
-        "test": ["pytest>=7", "tqdm", "pycolmap>=4.2", "h5py", "matplotlib", "onnx", "onnxruntime"],
+        "test": ["pytest>=7", "tqdm", "pycolmap>=4.2", "h5py", "matplotlib", "onnx", "onnxruntime",
+                 "ray"],
     },
     entry_points={
         "console_scripts": [

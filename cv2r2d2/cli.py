@@ -88,13 +88,48 @@ def _add_matching_options(parser: argparse.ArgumentParser, pairs_required: bool)
                        help="drop matches failing Lowe's ratio test at this ratio, both ways")
 
 
+def _add_ray_options(parser: argparse.ArgumentParser, actors: bool) -> None:
+    group = parser.add_argument_group("Ray cluster (pip install 'cv2r2d2[ray]')")
+    group.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help="run on Ray: alone, a local Ray started for the run; 'auto', "
+                            "'host:port' or 'ray://host:port', that cluster (images and "
+                            "outputs on a file system all nodes share)")
+    if actors:
+        group.add_argument("--actors", type=int, default=None,
+                           help="models run at once (default: one per GPU of the cluster, "
+                                "else its CPUs / --threads)")
+        group.add_argument("--threads", type=int, default=None,
+                           help="CPU threads per actor without GPUs (default: 4, at most "
+                                "a node's CPUs)")
+    group.add_argument("--block-size", type=int, default=None,
+                       help="items per Ray task and per shard file (default: about 4 per "
+                            "worker, at most 64)")
+    group.add_argument("--merge", action="store_true",
+                       help="end with one .h5 file instead of a master file of links to "
+                            "the shards")
+
+
+def _feature_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of R2D2Feature.create from the R2D2 options."""
+    params = {f.name: getattr(args, f.name) for f in fields(ExtractionParams)}
+    return dict(model=args.model, device=args.device, backend=args.backend,
+                subpixel=args.subpixel, half=args.half, tile_size=args.tile_size, **params)
+
+
 def _create_feature(args: argparse.Namespace) -> Any:
     from .feature2d import R2D2Feature
 
-    params = {f.name: getattr(args, f.name) for f in fields(ExtractionParams)}
-    return R2D2Feature.create(model=args.model, device=args.device, backend=args.backend,
-                              subpixel=args.subpixel, half=args.half,
-                              tile_size=args.tile_size, **params)
+    return R2D2Feature.create(**_feature_options(args))
+
+
+def _check_merge(args: argparse.Namespace) -> None:
+    if args.merge and args.ray is None:
+        raise ValueError("--merge goes with --ray (without it the output is one file)")
+
+
+def _print_throughput(count: int, unit: str, seconds: float, where: str = "") -> None:
+    rate = count / seconds if seconds > 0 else 0.0
+    print(f"{count} {unit}(s) in {seconds:.1f} s: {rate:.2f} {unit}s/s{where}")
 
 
 def _report_failed(failed: Sequence[Tuple[str, str]]) -> None:
@@ -122,6 +157,7 @@ def _add_extract(subparsers: Any) -> None:
                         help="output format (default: by the output's suffix)")
     parser.add_argument("--overwrite", action="store_true", help="redo images already done")
     _add_feature_options(parser)
+    _add_ray_options(parser, actors=True)
     _add_output_options(parser)
     parser.set_defaults(run=_run_extract)
 
@@ -129,10 +165,23 @@ def _add_extract(subparsers: Any) -> None:
 def _run_extract(args: argparse.Namespace) -> int:
     from .io import extract_collection, list_images, open_features
 
+    _check_merge(args)
     images = list_images(args.images)
-    feature = _create_feature(args)
-    with open_features(args.output, args.format, writable=True) as store:
-        report = extract_collection(images, store, feature, args.overwrite, not args.quiet)
+    if args.ray is not None:
+        from .distributed import extract_collection_ray
+
+        report = extract_collection_ray(
+            images, args.output, _feature_options(args), format=args.format,
+            overwrite=args.overwrite, show_progress=not args.quiet, address=args.ray,
+            actors=args.actors, threads=args.threads, block_size=args.block_size,
+            merge=args.merge)
+        _print_throughput(len(report.extracted), "image", report.seconds,
+                          f" on {report.actors} actor(s)")
+    else:
+        feature = _create_feature(args)
+        with open_features(args.output, args.format, writable=True) as store:
+            report = extract_collection(images, store, feature, args.overwrite,
+                                        not args.quiet)
     print(f"extracted {len(report.extracted)} image(s), {len(report.skipped)} already done, "
           f"into {args.output}")
     _report_failed(report.failed)
@@ -155,6 +204,7 @@ def _add_match(subparsers: Any) -> None:
     parser.add_argument("--overwrite", action="store_true", help="redo pairs already done")
     _add_matching_options(parser, pairs_required=True)
     _add_device_option(parser)
+    _add_ray_options(parser, actors=False)
     _add_output_options(parser)
     parser.set_defaults(run=_run_match)
 
@@ -163,15 +213,32 @@ def _run_match(args: argparse.Namespace) -> int:
     from .io import H5Matches, open_features
     from .matching import match_collection, parse_pairs
 
+    _check_merge(args)
     with open_features(args.features) as features:
         pairs = parse_pairs(args.pairs, features.names())
-        with H5Matches(args.output, writable=True) as matches:
-            report = match_collection(features, pairs, matches, args.max_distance, args.ratio,
-                                      args.device, args.overwrite, not args.quiet)
+        if args.ray is None:
+            with H5Matches(args.output, writable=True) as matches:
+                report = match_collection(features, pairs, matches, args.max_distance,
+                                          args.ratio, args.device, args.overwrite,
+                                          not args.quiet)
+    failed = []
+    if args.ray is not None:
+        from .distributed import match_collection_ray
+
+        report = match_collection_ray(
+            args.features, pairs, args.output, max_distance=args.max_distance,
+            ratio=args.ratio, device=args.device, overwrite=args.overwrite,
+            show_progress=not args.quiet, address=args.ray, block_size=args.block_size,
+            merge=args.merge)
+        failed = report.failed
+        _print_throughput(len(report.matched), "pair", report.seconds)
     mean = sum(report.num_matches) / len(report.num_matches) if report.num_matches else 0.0
     print(f"matched {len(report.matched)} pair(s) ({mean:.0f} matches on average), "
           f"{len(report.skipped)} already done, into {args.output}")
-    return 0
+    if failed:
+        print(f"{len(failed)} pair(s) failed, their workers died: {failed[0][1]}; run the "
+              "same command again to retry them", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # --- sfm -----------------------------------------------------------------------------

@@ -56,6 +56,7 @@ __all__ = [
     "FeatureStore",
     "R2D2Folder",
     "H5Features",
+    "feature_format",
     "open_features",
     "pair_key",
     "H5Matches",
@@ -73,7 +74,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp",
                   ".tif", ".tiff", ".webp", ".jp2")
 R2D2_SUFFIX = ".r2d2"
 H5_SUFFIXES = (".h5", ".hdf5")
-EXTRA = "pip install 'cv2r2d2[sfm]'"
 
 
 # --- optional dependencies and progress -------------------------------------------
@@ -83,26 +83,29 @@ class MissingDependencyError(ImportError):
     """An optional dependency (an extra of the package) is not installed."""
 
 
-def import_optional(module: str, purpose: str) -> ModuleType:
+def import_optional(module: str, purpose: str, extra: str = "sfm") -> ModuleType:
     """Import an optional dependency, or raise an error naming the pip command.
 
     Args:
         module: the module (and PyPI package) name: ``h5py``, ``pycolmap``, ``tqdm``,
-            ``matplotlib``.
+            ``matplotlib``, ``ray``.
         purpose: what needs it, for the message (e.g. ``"HDF5 feature files"``).
+        extra: the package extra that installs it, for the message.
     """
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependencyError(
             f"{module} is needed for {purpose} but is not installed: "
-            f"pip install {module} (or {EXTRA})"
+            f"pip install {module} (or pip install 'cv2r2d2[{extra}]')"
         ) from exc
 
 
 def progress(iterable: Iterable, total: Optional[int] = None, enabled: bool = True,
-             desc: str = "") -> Iterable:
+             desc: str = "", unit: str = "it") -> Iterable:
     """Wrap ``iterable`` in a tqdm progress bar when enabled and stderr is a terminal.
+
+    The bar counts ``unit`` items (rate per second and time left included).
 
     Without tqdm the iterable is returned unchanged (a progress bar is no reason to
     fail), after a log message naming the pip command.
@@ -114,7 +117,7 @@ def progress(iterable: Iterable, total: Optional[int] = None, enabled: bool = Tr
     except MissingDependencyError as exc:
         logger.info("%s", exc)
         return iterable
-    return tqdm.tqdm(iterable, total=total, desc=desc, leave=False)
+    return tqdm.tqdm(iterable, total=total, desc=desc, unit=unit, leave=False)
 
 
 def _stderr_is_terminal() -> bool:
@@ -337,6 +340,19 @@ class R2D2Folder(FeatureStore):
 _H5_FEATURE_KEYS = ("keypoints", "descriptors", "scores", "image_size")
 
 
+def _walk(group: Any, h5py: ModuleType, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    """(path, object) of every object under ``group``, following external links (which
+    ``visititems`` does not: a sharded file's master is made of them); dangling links
+    are left out."""
+    for key in group:
+        item = group.get(key)
+        if item is None:
+            continue
+        yield prefix + key, item
+        if isinstance(item, h5py.Group):
+            yield from _walk(item, h5py, prefix + key + "/")
+
+
 class _H5File(_Closable):
     """An HDF5 file opened read-only or for appending, with clear errors."""
 
@@ -345,10 +361,14 @@ class _H5File(_Closable):
         self._h5py = import_optional("h5py", purpose)
         if not writable and not self.path.is_file():
             raise FileNotFoundError(f"no such file: {self.path}")
+        mode = "a" if writable else "r"
         if writable:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # An empty file (atomic_path's placeholder) is a new file, not a broken one.
+            if self.path.is_file() and self.path.stat().st_size == 0:
+                mode = "w"
         try:
-            self._file = self._h5py.File(self.path, "a" if writable else "r")
+            self._file = self._h5py.File(self.path, mode)
         except OSError as exc:
             raise ValueError(
                 f"{self.path} is not a readable HDF5 file ({exc}); if a run was killed "
@@ -384,13 +404,8 @@ class H5Features(_H5File, FeatureStore):
         return isinstance(group, self._h5py.Group) and self._complete(group)
 
     def names(self) -> List[str]:
-        names: List[str] = []
-
-        def visit(key: str, item: Any) -> None:
-            if isinstance(item, self._h5py.Group) and self._complete(item):
-                names.append(key)
-
-        self._file.visititems(visit)
+        names = [key for key, item in _walk(self._file, self._h5py)
+                 if isinstance(item, self._h5py.Group) and self._complete(item)]
         return sorted(names)
 
     def read(self, name: str) -> ImageFeatures:
@@ -415,12 +430,14 @@ class H5Features(_H5File, FeatureStore):
         self._file.flush()
 
 
-def _feature_format(path: Path, format: str) -> str:
+def feature_format(path: PathLike, format: str = "auto") -> str:
+    """``"h5"`` or ``"r2d2"``: the format of a feature output, from ``format`` or, for
+    ``"auto"``, the suffix of ``path``."""
     if format not in ("auto", "r2d2", "h5"):
         raise ValueError(f"format must be 'auto', 'r2d2' or 'h5', got {format!r}")
     if format != "auto":
         return format
-    return "h5" if path.suffix.lower() in H5_SUFFIXES else "r2d2"
+    return "h5" if Path(path).suffix.lower() in H5_SUFFIXES else "r2d2"
 
 
 def open_features(path: PathLike, format: str = "auto", writable: bool = False) -> FeatureStore:
@@ -432,7 +449,7 @@ def open_features(path: PathLike, format: str = "auto", writable: bool = False) 
         writable: open for writing (the file or folder is created if needed).
     """
     path = Path(path)
-    if _feature_format(path, format) == "h5":
+    if feature_format(path, format) == "h5":
         return H5Features(path, writable)
     if not writable and not path.is_dir():
         raise FileNotFoundError(f"no such feature file or folder: {path}")
@@ -457,14 +474,22 @@ class H5Matches(_H5File):
         """The stored group of the pair and whether it is stored the other way round."""
         for key, swapped in ((pair_key(name0, name1), False), (pair_key(name1, name0), True)):
             group = self._file.get(key)
-            if isinstance(group, self._h5py.Group) and \
-                    isinstance(group.get("matching_scores0"), self._h5py.Dataset) and \
-                    isinstance(group.get("matches0"), self._h5py.Dataset):
+            if self._complete(group):
                 return group, swapped
         return None, False
 
+    def _complete(self, group: Any) -> bool:
+        return isinstance(group, self._h5py.Group) and \
+            isinstance(group.get("matching_scores0"), self._h5py.Dataset) and \
+            isinstance(group.get("matches0"), self._h5py.Dataset)
+
     def __contains__(self, pair: Tuple[str, str]) -> bool:
         return self._group(*pair)[0] is not None
+
+    def keys(self) -> List[str]:
+        """The h5 keys (:func:`pair_key`) of the complete pairs, sorted."""
+        return sorted(key for key, item in _walk(self._file, self._h5py)
+                      if key.count("/") == 1 and self._complete(item))
 
     def read(self, name0: str, name1: str) -> Tuple[np.ndarray, np.ndarray]:
         """The matches of a pair, in either stored order.

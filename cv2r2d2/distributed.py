@@ -1,0 +1,456 @@
+"""Extraction and matching of photo collections on a Ray cluster (``pip install ray``).
+
+The driver (this process) lists the work, splits it into blocks and hands them to Ray;
+it never receives descriptors, only the names of what each block wrote.
+
+- Extraction: a pool of actors, each holding one R2D2 model (one GPU per actor when the
+  cluster has GPUs, else ``threads`` CPU threads), extracts blocks of images with
+  :func:`cv2r2d2.io.extract_collection`. An ``.h5`` output gets one shard per block,
+  written whole and renamed into place, and a master file of external links
+  (:mod:`cv2r2d2.shards`); ``.r2d2`` files are written per image, each atomically.
+- Matching: Ray tasks match blocks of pairs with :func:`cv2r2d2.matching.match_collection`,
+  each block into its own shard, read through a master ``matches.h5`` likewise.
+
+Runs resume: entries already in any shard (or in the ``.r2d2`` folder) are skipped. An
+actor or task killed mid-block is restarted by Ray and its block done again, up to
+``RETRIES`` times; the shards it had finished are kept. Images, features and outputs
+must be on a file system that every node of the cluster sees under the same paths.
+
+Ray is imported only here, and only when one of these functions runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import (
+    Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union,
+)
+
+from .io import (
+    ExtractionReport, H5Features, H5Matches, R2D2Folder, atomic_path, extract_collection,
+    feature_format, import_optional, open_features, pair_key, progress,
+)
+from .matching import MatchingReport, match_collection
+from .shards import ShardedH5, new_run_id
+
+__all__ = [
+    "RayExtractionReport",
+    "RayMatchingReport",
+    "extract_collection_ray",
+    "match_collection_ray",
+]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+# Times Ray runs a block again after the process running it died.
+RETRIES = 3
+# Blocks queued per actor (or per CPU for matching tasks): one running, one waiting.
+QUEUE_DEPTH = 2
+MAX_BLOCK_SIZE = 64
+DEFAULT_THREADS = 4
+# Environment variables the workers need as the driver has them.
+FORWARDED_ENV = ("CV2R2D2_WEIGHTS_DIR", "CV2R2D2_NUM_THREADS")
+
+
+def _import_ray() -> ModuleType:
+    return import_optional("ray", "--ray (extraction and matching on a Ray cluster)",
+                           extra="ray")
+
+
+@contextlib.contextmanager
+def _ray_session(address: Optional[str]) -> Iterator[ModuleType]:
+    """Ray, connected: the caller's session if there is one; else a new local Ray
+    (``address`` None or ``"local"``) or the cluster at ``address`` (``"auto"``,
+    ``"host:port"``, ``"ray://host:port"``), shut down on exit."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    options: Dict[str, Any] = dict(
+        log_to_driver=logger.isEnabledFor(logging.DEBUG), logging_level=logging.WARNING,
+        runtime_env={"env_vars": env} if env else None,
+    )
+    if address in (None, "local"):
+        ray.init(address="local", include_dashboard=False, **options)
+    else:
+        ray.init(address=address, **options)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _blocks(items: Sequence[Any], block_size: Optional[int], workers: int) -> List[List[Any]]:
+    """Consecutive blocks of ``items``; by default about 4 per worker, at most
+    ``MAX_BLOCK_SIZE`` items each (what a killed worker costs)."""
+    if block_size is None:
+        block_size = min(MAX_BLOCK_SIZE, math.ceil(len(items) / (2 * QUEUE_DEPTH * workers)))
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size!r}")
+    return [list(items[i : i + block_size]) for i in range(0, len(items), block_size)]
+
+
+def _stream(ray: ModuleType, slots: Sequence[Callable[[Any], Any]],
+            blocks: Iterable[Any]) -> Iterator[Tuple[Any, Any]]:
+    """Run blocks, one in flight per slot (a function submitting a block to Ray), and
+    yield (block, result) as they finish; the result is the exception when the worker
+    died more often than retried."""
+    pending = iter(blocks)
+    running: Dict[Any, Tuple[Callable[[Any], Any], Any]] = {}
+
+    def submit(slot: Callable[[Any], Any]) -> None:
+        block = next(pending, None)
+        if block is not None:
+            running[slot(block)] = (slot, block)
+
+    for slot in slots:
+        submit(slot)
+    while running:
+        (ref,), _ = ray.wait(list(running), num_returns=1)
+        slot, block = running.pop(ref)
+        try:
+            result = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+            result = exc
+        yield block, result
+        submit(slot)
+
+
+def _cluster_gpus(ray: ModuleType, device: Optional[str]) -> int:
+    """GPUs to use: the cluster's, unless the device asked for is the CPU."""
+    if device is not None and not str(device).startswith("cuda"):
+        return 0
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def _largest_node_cpus(ray: ModuleType) -> int:
+    return int(max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]),
+                   default=1)) or 1
+
+
+# --- extraction ------------------------------------------------------------------------
+
+
+@dataclass
+class RayExtractionReport(ExtractionReport):
+    """What :func:`extract_collection_ray` did, as :class:`~cv2r2d2.io.ExtractionReport`,
+    with the number of actors and the seconds spent extracting (actors started)."""
+
+    actors: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        """Images extracted per second of the extraction."""
+        return len(self.extracted) / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Extractor:
+    """A Ray actor: one R2D2 model, extracting blocks of images."""
+
+    def __init__(self, feature_options: Mapping[str, Any], threads: int) -> None:
+        from .feature2d import R2D2Feature
+
+        if feature_options.get("backend", "torch") in ("torch", "reference"):
+            import torch
+
+            # This process is the actor's own; its thread count is its share of the node.
+            torch.set_num_threads(threads)
+        self._feature = R2D2Feature.create(**feature_options)
+
+    def ready(self) -> bool:
+        """True once the model is loaded."""
+        return True
+
+    def extract(self, images: List[Tuple[str, str]], output: str, shard: Optional[str],
+                overwrite: bool) -> ExtractionReport:
+        """Extract ``images`` into ``shard`` (an h5 file written whole), or into the
+        ``.r2d2`` folder ``output`` when ``shard`` is None. Returns names only."""
+        if shard is None:
+            return extract_collection(images, R2D2Folder(output), self._feature, overwrite)
+        with atomic_path(shard) as tmp, H5Features(tmp, writable=True) as store:
+            report = extract_collection(images, store, self._feature, overwrite=True)
+        if not report.extracted:  # only unreadable images: no shard to keep
+            os.remove(shard)
+        return report
+
+
+def extract_collection_ray(
+    images: Sequence[Tuple[str, PathLike]],
+    output: PathLike,
+    feature_options: Optional[Mapping[str, Any]] = None,
+    format: str = "auto",
+    overwrite: bool = False,
+    show_progress: bool = False,
+    address: Optional[str] = None,
+    actors: Optional[int] = None,
+    threads: Optional[int] = None,
+    block_size: Optional[int] = None,
+    merge: bool = False,
+) -> RayExtractionReport:
+    """Extract the features of many images on a Ray cluster, resuming a previous run.
+
+    The features are those :func:`cv2r2d2.io.extract_collection` writes (bit for bit on
+    the CPU); images already done are skipped unless ``overwrite``, unreadable ones are
+    listed in the report's ``failed``.
+
+    Args:
+        images: (name, path) pairs, e.g. from :func:`cv2r2d2.io.list_images`.
+        output: an ``.h5`` file (a master file over a ``<output>.shards`` folder) or a
+            folder of ``.r2d2`` files, as :func:`cv2r2d2.io.open_features` takes.
+        feature_options: keyword arguments of :meth:`cv2r2d2.R2D2Feature.create`
+            (default: the paper's settings).
+        format: ``"auto"`` (by the suffix), ``"h5"`` or ``"r2d2"``.
+        address: None or ``"local"``: a local Ray started for the run; ``"auto"``,
+            ``"host:port"`` or ``"ray://host:port"``: that cluster. Ignored when Ray is
+            already initialised in this process.
+        actors: actors (models) to run; default: one per GPU of the cluster, else its
+            CPUs divided by ``threads``.
+        threads: CPU threads per actor without GPUs (default: 4, at most a node's CPUs).
+        block_size: images per block, the unit of work, of shards and of loss when a
+            worker dies (default: about 4 blocks per actor, at most 64 images).
+        merge: end with one plain ``.h5`` file instead of a master over shards.
+    """
+    _import_ray()  # before anything is written
+    feature_options = dict(feature_options or {})
+    output = Path(output)
+    is_h5 = feature_format(output, format) == "h5"
+    if merge and not is_h5:
+        raise ValueError("merge applies to .h5 outputs; .r2d2 files are one per image")
+    if not is_h5 and output.is_file():
+        raise ValueError(f"{output} is a file; .r2d2 features go in a folder")
+    sharded = ShardedH5(output, "features") if is_h5 else None
+    run_id = new_run_id()
+    report = RayExtractionReport()
+    if sharded is not None:
+        sharded.adopt_plain_file(run_id)
+        sharded.remove_temporary_files()
+        done = set(sharded.scan())
+    else:
+        done = set(R2D2Folder(output).names())
+    todo: List[Tuple[str, str]] = []
+    for name, path in images:
+        if name in done and not overwrite:
+            report.skipped.append(name)
+        else:
+            todo.append((name, os.fspath(path)))
+    # Largest files first, in blocks of similar sizes: blocks cost about the same, the
+    # longest ones start first, and an actor sees images of similar shapes in a row.
+    todo.sort(key=lambda item: -_file_size(item[1]))
+    try:
+        if todo:
+            _extract_on_ray(todo, output, sharded, run_id, feature_options, overwrite,
+                            show_progress, address, actors, threads, block_size, report)
+    finally:
+        if sharded is not None:
+            _finish(sharded, merge, rewrite=bool(todo))
+    return report
+
+
+def _finish(sharded: ShardedH5, merge: bool, rewrite: bool) -> None:
+    """Write the master file (or the merged file) when the run changed the shards or
+    the output is not what was asked."""
+    is_master = sharded.is_master()
+    if rewrite or (merge and is_master) or (not merge and not is_master):
+        sharded.remove_temporary_files()
+        entries = sharded.scan()
+        if merge:
+            sharded.merge(entries)
+        else:
+            sharded.write_master(entries)
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0  # reported as unreadable by the actor that gets it
+
+
+def _extract_on_ray(todo: List[Tuple[str, str]], output: Path, sharded: Optional[ShardedH5],
+                    run_id: str, feature_options: Dict[str, Any], overwrite: bool,
+                    show_progress: bool, address: Optional[str], actors: Optional[int],
+                    threads: Optional[int], block_size: Optional[int],
+                    report: RayExtractionReport) -> None:
+    with _ray_session(address) as ray:
+        gpus = _cluster_gpus(ray, feature_options.get("device"))
+        if threads is None:
+            threads = min(DEFAULT_THREADS, _largest_node_cpus(ray))
+        if actors is None:
+            actors = gpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+        if actors < 1 or threads < 1:
+            raise ValueError(f"actors and threads must be >= 1, got {actors!r}, {threads!r}")
+        logger.info("extracting %d image(s) on %d actor(s), %s", len(todo), actors,
+                    "one GPU each" if gpus else f"{threads} CPU thread(s) each")
+        resources = dict(num_gpus=1, num_cpus=1) if gpus else dict(num_cpus=threads)
+        actor_class = ray.remote(max_restarts=-1, max_task_retries=RETRIES,
+                                 **resources)(_Extractor)
+        pool = [actor_class.remote(feature_options, threads) for _ in range(actors)]
+
+        def slot(actor: Any) -> Callable[[Any], Any]:
+            def submit(numbered: Tuple[int, List[Tuple[str, str]]]) -> Any:
+                number, block = numbered
+                shard = None if sharded is None else sharded.shard_path(run_id, number)
+                return actor.extract.remote(block, os.fspath(output),
+                                            shard and os.fspath(shard), overwrite)
+            return submit
+
+        try:
+            try:
+                ray.get([actor.ready.remote() for actor in pool])
+            except ray.exceptions.RayActorError as exc:
+                raise RuntimeError(f"the extraction actors could not start: {exc}") from exc
+            blocks = list(enumerate(_blocks(todo, block_size, actors), 1))
+            report.actors = actors
+            start = time.perf_counter()
+            results = _stream(ray, [slot(a) for a in pool for _ in range(QUEUE_DEPTH)], blocks)
+            try:
+                for _ in progress(_finished_images(results, report), len(todo),
+                                  show_progress, "extract", unit="img"):
+                    pass
+            finally:
+                report.seconds = time.perf_counter() - start
+        finally:
+            for actor in pool:  # free their resources now, for the caller's next run
+                ray.kill(actor)
+
+
+def _finished_images(results: Iterable[Tuple[Any, Any]],
+                     report: RayExtractionReport) -> Iterator[str]:
+    """Add each block's outcome to the report; yield its images one by one."""
+    for (_, block), result in results:
+        if isinstance(result, BaseException):
+            reason = f"the worker died {RETRIES + 1} times on this block: {result}"
+            done = []
+            failed = [(name, reason) for name, _ in block]
+        else:
+            # Images a killed attempt had written (.r2d2) were done by this run too.
+            done = result.extracted + result.skipped
+            failed = result.failed
+        report.extracted += done
+        report.failed += failed
+        yield from done + [name for name, _ in failed]
+
+
+# --- matching --------------------------------------------------------------------------
+
+
+@dataclass
+class RayMatchingReport(MatchingReport):
+    """What :func:`match_collection_ray` did, as :class:`~cv2r2d2.matching.MatchingReport`,
+    with the pairs that failed (pair, reason: their worker died) and the seconds spent
+    matching."""
+
+    failed: List[Tuple[Tuple[str, str], str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _match_block(features: str, pairs: List[Tuple[str, str]], shard: str,
+                 options: Dict[str, Any]) -> Tuple[List[Tuple[str, str]], List[int]]:
+    """A Ray task: match ``pairs`` into the h5 file ``shard``, written whole."""
+    with open_features(features) as store, atomic_path(shard) as tmp, \
+            H5Matches(tmp, writable=True) as matches:
+        report = match_collection(store, pairs, matches, overwrite=True, **options)
+    return report.matched, report.num_matches
+
+
+def match_collection_ray(
+    features: PathLike,
+    pairs: Sequence[Tuple[str, str]],
+    output: PathLike,
+    max_distance: Optional[float] = None,
+    ratio: Optional[float] = None,
+    device: Optional[str] = None,
+    overwrite: bool = False,
+    show_progress: bool = False,
+    address: Optional[str] = None,
+    block_size: Optional[int] = None,
+    merge: bool = False,
+) -> RayMatchingReport:
+    """Match image pairs on a Ray cluster into a sharded ``matches.h5``, resuming.
+
+    The matches are those :func:`cv2r2d2.matching.match_collection` writes; pairs
+    already in a shard (either way round) are skipped unless ``overwrite``.
+
+    Args:
+        features: the feature file (a master file too) or ``.r2d2`` folder, which every
+            node reads.
+        pairs: (name0, name1) pairs, e.g. from :func:`cv2r2d2.matching.parse_pairs`.
+        output: the matches ``.h5`` file (a master over ``<output>.shards``).
+        max_distance, ratio, device: as :func:`cv2r2d2.matching.match_batch`; tasks
+            take one GPU each when the cluster has GPUs and ``device`` allows.
+        address: as :func:`extract_collection_ray`.
+        block_size: pairs per task and shard (default: about 4 blocks per CPU, at most
+            64 pairs).
+        merge: end with one plain ``.h5`` file instead of a master over shards.
+    """
+    _import_ray()  # before anything is written
+    sharded = ShardedH5(output, "matches")
+    run_id = new_run_id()
+    report = RayMatchingReport()
+    sharded.adopt_plain_file(run_id)
+    sharded.remove_temporary_files()
+    done = set(sharded.scan())
+    todo = []
+    for a, b in pairs:
+        if not overwrite and sharded.identity(pair_key(a, b)) in done:
+            report.skipped.append((a, b))
+        else:
+            todo.append((a, b))
+    options = dict(max_distance=max_distance, ratio=ratio, device=device)
+    try:
+        if todo:
+            _match_on_ray(todo, os.fspath(features), sharded, run_id, options,
+                          show_progress, address, block_size, report)
+    finally:
+        _finish(sharded, merge, rewrite=bool(todo))
+    return report
+
+
+def _match_on_ray(todo: List[Tuple[str, str]], features: str, sharded: ShardedH5,
+                  run_id: str, options: Dict[str, Any], show_progress: bool,
+                  address: Optional[str], block_size: Optional[int],
+                  report: RayMatchingReport) -> None:
+    with _ray_session(address) as ray:
+        gpus = _cluster_gpus(ray, options["device"])
+        workers = gpus or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0,
+                          max_retries=RETRIES)(_match_block)
+
+        def submit(numbered: Tuple[int, List[Tuple[str, str]]]) -> Any:
+            number, block = numbered
+            shard = os.fspath(sharded.shard_path(run_id, number))
+            return task.remote(features, block, shard, options)
+
+        blocks = list(enumerate(_blocks(todo, block_size, workers), 1))
+        start = time.perf_counter()
+        results = _stream(ray, [submit] * (QUEUE_DEPTH * workers), blocks)
+        try:
+            for _ in progress(_finished_pairs(results, report), len(todo), show_progress,
+                              "match", unit="pair"):
+                pass
+        finally:
+            report.seconds = time.perf_counter() - start
+
+
+def _finished_pairs(results: Iterable[Tuple[Any, Any]],
+                    report: RayMatchingReport) -> Iterator[Tuple[str, str]]:
+    """Add each block's outcome to the report; yield its pairs one by one."""
+    for (_, block), result in results:
+        if isinstance(result, BaseException):
+            reason = f"the worker died {RETRIES + 1} times on this block: {result}"
+            report.failed += [(tuple(pair), reason) for pair in block]
+            yield from block
+        else:
+            matched, num_matches = result
+            report.matched += [tuple(pair) for pair in matched]
+            report.num_matches += num_matches
+            yield from matched

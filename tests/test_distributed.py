@@ -1,0 +1,277 @@
+"""Extraction and matching on a local Ray cluster of two worker nodes (this machine).
+
+The results must be the single-machine command's, bit for bit; killed actors and an
+interrupted driver must cost only unfinished work.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import ROOT, read_image, weights_dir
+from cv2r2d2.cli import main
+from cv2r2d2.io import H5Matches, list_images, open_features
+
+h5py = pytest.importorskip("h5py")
+
+# Small inputs for speed: one 160 px pyramid level.
+OPTIONS = dict(device="cpu", nfeatures=300, min_size=160, max_size=160)
+FAST = ["--device", "cpu", "--nfeatures", "300", "--min-size", "160", "--max-size", "160"]
+READABLE = 13
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """13 photos of 160 x 120 or 120 x 160 px (crops of the samples, some in a subfolder)
+    and a corrupt file."""
+    folder = tmp_path_factory.mktemp("photos")
+    (folder / "sub").mkdir()
+    count = 0
+    for name in ("boat.png", "peppers.png", "brooklyn.png", "test.png"):
+        image = read_image(name)
+        height, width = image.shape[:2]
+        for k in range(4 if name == "brooklyn.png" else 3):
+            y, x = (height // 2) * k // 4, (width // 2) * k // 4
+            crop = cv2.resize(image[y : y + height // 2, x : x + width // 2], (160, 120),
+                              interpolation=cv2.INTER_AREA)
+            if k == 1:
+                crop = cv2.rotate(crop, cv2.ROTATE_90_CLOCKWISE)
+            cv2.imwrite(str(folder / ("sub" if count % 4 == 0 else ".") / f"{name[:-4]}{k}.png"),
+                        crop)
+            count += 1
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    assert count == READABLE
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(photos, tmp_path_factory) -> Path:
+    """The single-machine command's features.h5."""
+    weights_dir()
+    path = tmp_path_factory.mktemp("reference") / "features.h5"
+    assert main(["extract", str(photos), "-o", str(path), "-q", *FAST]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node without CPUs and two worker nodes of 2 CPUs, and this process
+    connected to it as the driver. Actors get 2 threads, as the single-machine command
+    has on this 2-core machine: with 1 thread oneDNN rounds the 1x1 heads differently
+    (scores change in the last bit), with 2, 3 or 4 it does not."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    weights_dir()
+    node = dict(object_store_memory=80 * 2**20)
+    cluster = Cluster(initialize_head=True,
+                      head_node_args=dict(num_cpus=0, include_dashboard=False, **node))
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=2, **node)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _contents(path: Path) -> dict:
+    """Every dataset of every entry of an h5 file, read through any external link."""
+    with h5py.File(path, "r") as f:
+        found = {}
+
+        def walk(group, prefix):
+            for key in group:
+                item = group[key]
+                if isinstance(item, h5py.Dataset):
+                    found[prefix + key] = item[()]
+                else:
+                    walk(item, prefix + key + "/")
+
+        walk(f, "")
+        return found
+
+
+def _assert_same_file(path: Path, expected: Path) -> None:
+    got, want = _contents(path), _contents(expected)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key]), key
+
+
+def _names(path: Path) -> list:
+    with open_features(path) as store:
+        return store.names()
+
+
+def test_extraction_and_matching_give_the_single_machine_files(
+        cluster, photos, reference, tmp_path, capsys):
+    output = tmp_path / "features.h5"
+    argv = ["extract", str(photos), "-o", str(output), "--ray", cluster.address, "-q", *FAST]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert f"extracted {READABLE} image(s), 0 already done" in captured.out
+    assert "images/s on 2 actor(s)" in captured.out
+    assert "broken.jpg" in captured.err
+    _assert_same_file(output, reference)
+    with h5py.File(output, "r") as f:  # a master of links to per-block shards
+        link = f["sub"].get("boat0.png", getlink=True)
+        assert isinstance(link, h5py.ExternalLink)
+        assert link.filename.startswith("features.h5.shards/")
+    assert len(list((tmp_path / "features.h5.shards").glob("*.h5"))) >= 2
+
+    assert main(argv) == 0  # resumed: nothing left to do
+    assert f"extracted 0 image(s), {READABLE} already done" in capsys.readouterr().out
+
+    single = tmp_path / "single-matches.h5"
+    assert main(["match", str(reference), "--pairs", "exhaustive", "-o", str(single),
+                 "--device", "cpu", "-q"]) == 0
+    matches = tmp_path / "matches.h5"
+    assert main(["match", str(output), "--pairs", "exhaustive", "-o", str(matches),
+                 "--device", "cpu", "--ray", cluster.address, "--block-size", "20",
+                 "-q"]) == 0
+    pairs = READABLE * (READABLE - 1) // 2
+    assert f"matched {pairs} pair(s)" in capsys.readouterr().out
+    _assert_same_file(matches, single)
+    with H5Matches(matches) as stored:
+        assert len(stored.keys()) == pairs
+    assert len(list((tmp_path / "matches.h5.shards").glob("*.h5"))) == -(-pairs // 20)
+
+    assert main(["extract", str(photos), "-o", str(output), "--ray", cluster.address,
+                 "--merge", "-q", *FAST]) == 0
+    assert not (tmp_path / "features.h5.shards").exists()
+    with h5py.File(output, "r") as f:
+        assert isinstance(f["sub"].get("boat0.png", getlink=True), h5py.HardLink)
+    _assert_same_file(output, reference)
+
+
+def _actor_processes() -> list:
+    """Process ids of the extraction actors this test process started (through its
+    cluster's raylets), from /proc: Ray titles actor processes ray::<class>."""
+    parents, titles = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            titles[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+
+    def descends_from_us(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return [pid for pid, title in titles.items()
+            if b"ray::_Extractor" in title and descends_from_us(pid)]
+
+
+def test_a_killed_actor_costs_only_its_block(cluster, photos, reference, tmp_path):
+    from cv2r2d2.distributed import extract_collection_ray
+
+    output = tmp_path / "features.h5"
+    shards = tmp_path / "features.h5.shards"
+    killed = []
+
+    def kill_an_actor_mid_run():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list(shards.glob("*.h5")):
+            time.sleep(0.01)
+        for pid in _actor_processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # an actor of an earlier run, gone since
+                continue
+            killed.append(pid)
+            break
+
+    killer = threading.Thread(target=kill_an_actor_mid_run)
+    killer.start()
+    report = extract_collection_ray(list_images([photos]), output, OPTIONS, block_size=1)
+    killer.join()
+    assert killed, "no actor was killed"
+    assert len(report.extracted) == READABLE and [n for n, _ in report.failed] == ["broken.jpg"]
+    assert len(list(shards.glob("*.h5"))) == READABLE
+    for shard in shards.glob("*.h5"):  # every shard whole
+        assert len(_names(shard)) == 1
+    assert not list(shards.glob(".*"))
+    _assert_same_file(output, reference)
+
+
+def test_an_interrupted_driver_resumes_with_the_missing_images(
+        cluster, photos, reference, tmp_path):
+    from cv2r2d2.distributed import extract_collection_ray
+
+    output = tmp_path / "features.h5"
+    shards = tmp_path / "features.h5.shards"
+    env = dict(os.environ, CV2R2D2_WEIGHTS_DIR=str(weights_dir()))
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "cv2r2d2", "extract", str(photos), "-o", str(output), "-q",
+         "--ray", cluster.address, "--block-size", "1", *FAST],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(shards.glob("*.h5"))) < 3 \
+                and driver.poll() is None:
+            time.sleep(0.01)
+        driver.send_signal(signal.SIGINT)
+        out, _ = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130, out
+    done = _names(output)  # the interrupted run's master file lists what it finished
+    assert 3 <= len(done) < READABLE
+    report = extract_collection_ray(list_images([photos]), output, OPTIONS)
+    assert set(done) <= set(report.skipped)
+    assert sorted(report.skipped + report.extracted) == _names(reference)
+    assert len(report.extracted) >= 1
+    _assert_same_file(output, reference)
+
+
+def test_without_ray_only_the_ray_option_asks_for_it(photos, tmp_path):
+    code = f"""
+import importlib.abc, sys
+
+class NoRay(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("ray is blocked")
+
+sys.meta_path.insert(0, NoRay())
+import numpy as np
+import cv2r2d2, cv2r2d2.io, cv2r2d2.matching, cv2r2d2.shards, cv2r2d2.distributed
+from cv2r2d2.cli import main
+from cv2r2d2.io import H5Features, ImageFeatures
+
+assert main(["extract", "--help"]) == 0
+assert main(["extract", {str(photos)!r}, "-o", {str(tmp_path / "f.h5")!r}, "--ray"]) == 1
+assert main(["extract", {str(photos)!r}, "-o", {str(tmp_path / "f.h5")!r}, "--merge"]) == 1
+with H5Features({str(tmp_path / "g.h5")!r}, writable=True) as store:
+    for name in ("a.png", "b.png"):
+        store.write(name, ImageFeatures(np.zeros((1, 2), np.float32),
+                                        np.ones((1, 128), np.float32), np.ones(1, np.float32),
+                                        (8, 8)))
+assert main(["match", {str(tmp_path / "g.h5")!r}, "--pairs", "exhaustive", "-o",
+             {str(tmp_path / "m.h5")!r}, "--ray", "auto"]) == 1
+assert not any(name == "ray" or name.startswith("ray.") for name in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--ray [ADDRESS]" in done.stdout
+    assert done.stderr.count("pip install ray (or pip install 'cv2r2d2[ray]')") == 2
+    assert "--merge goes with --ray" in done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["g.h5"]  # nothing written
