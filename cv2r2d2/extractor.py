@@ -392,6 +392,65 @@ def _empty_features(dim: int) -> Features:
     )
 
 
+def _level_choice(sizes: np.ndarray, levels: List[Level]) -> np.ndarray:
+    """Index of the level whose keypoint size is closest (by ratio) to each size."""
+    level_sizes = np.log([level.size for level in levels])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_sizes = np.where(sizes > 0, np.log(np.maximum(sizes, 1e-30)), -np.inf)
+    return np.abs(log_sizes[:, None] - level_sizes[None, :]).argmin(axis=1)
+
+
+def _at_levels(
+    runner: NetworkRunner,
+    image: np.ndarray,
+    xy: np.ndarray,
+    sizes: np.ndarray,
+    params: ExtractionParams,
+    tile_size: int,
+    centred: bool = False,
+    margin: int = 1,
+) -> Iterator[Tuple[np.ndarray, Level, LevelOutput, np.ndarray, np.ndarray, Box]]:
+    """Network outputs around points, each on the level its size picks.
+
+    Yields, per level and tile holding some points: their indices, the level, the
+    tile's output, their (x, y) in the tile's map pixels, and the tile's window. A
+    window reaches ``margin`` map pixels beyond its tile. ``centred`` maps image to
+    map pixels with consistent pixel centres, (x + 0.5) w / W - 0.5, as sub-pixel
+    keypoints are mapped; else as x w / W, the inverse of the reference's mapping.
+    """
+    height, width = image.shape[1:]
+    steps = pyramid(height, width, params)
+    levels = [level for level in steps if level.processed]
+    if not len(xy) or not levels:
+        return
+    choice = _level_choice(sizes, levels)
+    shift = np.float32(0.5 if centred else 0)
+    for index, (level, handle) in enumerate(_walk(runner, image, steps)):
+        rows = np.flatnonzero(choice == index)
+        if not len(rows):
+            continue
+        map_h, map_w = runner.output_size(level.height, level.width)
+        mx = np.clip((xy[rows, 0] + shift) * np.float32(level.width / width) - shift, 0, map_w - 1)
+        my = np.clip((xy[rows, 1] + shift) * np.float32(level.height / height) - shift, 0, map_h - 1)
+        for core in tiles(map_h, map_w, tile_size, getattr(runner, "halo", 0)):
+            inside = (my >= core[0]) & (my < core[1]) & (mx >= core[2]) & (mx < core[3])
+            if not inside.any():
+                continue
+            window = _grow(core, map_h, map_w, margin)
+            output = runner.run(handle, window)
+            yield (rows[inside], level, output, mx[inside] - np.float32(window[2]),
+                   my[inside] - np.float32(window[0]), window)
+            del output  # free this tile's maps before the next tile runs
+
+
+def _inside_image(xy: np.ndarray, height: int, width: int) -> np.ndarray:
+    return (
+        np.isfinite(xy).all(axis=1)
+        & (xy[:, 0] >= 0) & (xy[:, 0] < width)
+        & (xy[:, 1] >= 0) & (xy[:, 1] < height)
+    )
+
+
 def describe(
     runner: NetworkRunner,
     image: np.ndarray,
@@ -419,44 +478,70 @@ def describe(
         inside the image (0 <= x < W, 0 <= y < H); the others are dropped as
         OpenCV's ``compute`` drops them.
     """
+    xy = np.asarray(xy, np.float32).reshape(-1, 2)
+    sizes = np.asarray(sizes, np.float32).reshape(-1)
+    kept = np.flatnonzero(_inside_image(xy, *image.shape[1:]))
+    descriptors = np.zeros((len(kept), runner.descriptor_size), np.float32)
+    # One pixel more than the tile: bilinear sampling reads the next pixel too.
+    for rows, _, output, x, y, _ in _at_levels(runner, image, xy[kept], sizes[kept], params,
+                                               tile_size):
+        descriptors[rows] = output.descriptors_at(x, y)
+    return descriptors, kept
+
+
+def refine_matches(
+    runner: NetworkRunner,
+    image: np.ndarray,
+    xy: np.ndarray,
+    sizes: np.ndarray,
+    descriptors: np.ndarray,
+    params: ExtractionParams,
+    radius: float = 1.5,
+    step: float = 0.25,
+    temperature: float = 0.01,
+    tile_size: int = DEFAULT_TILE_SIZE,
+) -> np.ndarray:
+    """Move matched keypoints to where their partners' descriptors fit best.
+
+    Around each keypoint, on its level, the dense descriptor map is sampled on a grid
+    (+-``radius`` map pixels, spacing ``step``); the new position is the soft-argmax of
+    the cosine similarity with the partner's descriptor (softmax at ``temperature``).
+
+    Args:
+        image: (3, H, W) normalised image the keypoints belong to.
+        xy: (N, 2) matched keypoint positions in image pixels; sizes: (N,) their sizes.
+        descriptors: (N, dim) the partners' L2-normalised descriptors, row for row.
+
+    Returns:
+        (N, 2) float32 refined positions in image pixels (consistent pixel centres);
+        points outside the image are returned unchanged.
+    """
     height, width = image.shape[1:]
     xy = np.asarray(xy, np.float32).reshape(-1, 2)
     sizes = np.asarray(sizes, np.float32).reshape(-1)
-    inside = (
-        np.isfinite(xy).all(axis=1)
-        & (xy[:, 0] >= 0) & (xy[:, 0] < width)
-        & (xy[:, 1] >= 0) & (xy[:, 1] < height)
-    )
-    kept = np.flatnonzero(inside)
-    descriptors = np.zeros((len(kept), runner.descriptor_size), np.float32)
-    steps = pyramid(height, width, params)
-    levels = [level for level in steps if level.processed]
-    if not len(kept) or not levels:
-        return descriptors[:0], kept[:0]
-    level_sizes = np.log([level.size for level in levels])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_sizes = np.where(sizes[kept] > 0, np.log(np.maximum(sizes[kept], 1e-30)), -np.inf)
-    choice = np.abs(log_sizes[:, None] - level_sizes[None, :]).argmin(axis=1)
-    for index, (level, handle) in enumerate(_walk(runner, image, steps)):
-        rows = np.flatnonzero(choice == index)
-        if not len(rows):
-            continue
-        map_h, map_w = runner.output_size(level.height, level.width)
-        # Inverse of the detection mapping x * W / w, clamped to the map.
-        mx = np.clip(xy[kept[rows], 0] * np.float32(level.width / width), 0, map_w - 1)
-        my = np.clip(xy[kept[rows], 1] * np.float32(level.height / height), 0, map_h - 1)
-        for core in tiles(map_h, map_w, tile_size, getattr(runner, "halo", 0)):
-            inside = ((my >= core[0]) & (my < core[1]) & (mx >= core[2]) & (mx < core[3]))
-            if not inside.any():
-                continue
-            # One pixel more than the core: bilinear sampling reads the next pixel too.
-            window = _grow(core, map_h, map_w)
-            output = runner.run(handle, window)
-            descriptors[rows[inside]] = output.descriptors_at(
-                mx[inside] - np.float32(window[2]), my[inside] - np.float32(window[0])
-            )
-            del output
-    return descriptors, kept
+    refined = xy.copy()
+    kept = np.flatnonzero(_inside_image(xy, height, width))
+    offsets = np.arange(-radius, radius + step / 2, step, dtype=np.float32)
+    grid_y, grid_x = (g.reshape(-1) for g in np.meshgrid(offsets, offsets, indexing="ij"))
+    chunk = max(1, 2**22 // (len(grid_x) * runner.descriptor_size))  # ~16 MB of samples
+    margin = int(np.ceil(radius)) + 1
+    for rows, level, output, x, y, window in _at_levels(
+        runner, image, xy[kept], sizes[kept], params, tile_size, centred=True, margin=margin
+    ):
+        for part in range(0, len(rows), chunk):
+            r = rows[part:part + chunk]
+            px, py = x[part:part + chunk], y[part:part + chunk]
+            samples = output.descriptors_at((px[:, None] + grid_x).reshape(-1),
+                                            (py[:, None] + grid_y).reshape(-1))
+            similarity = np.einsum("ngd,nd->ng", samples.reshape(len(r), len(grid_x), -1),
+                                   descriptors[kept[r]].astype(np.float32))
+            weights = np.exp((similarity - similarity.max(axis=1, keepdims=True)) / temperature)
+            weights /= weights.sum(axis=1, keepdims=True)
+            map_x = px + weights @ grid_x + np.float32(window[2])
+            map_y = py + weights @ grid_y + np.float32(window[0])
+            refined[kept[r], 0] = (map_x + 0.5) * np.float32(width / level.width) - 0.5
+            refined[kept[r], 1] = (map_y + 0.5) * np.float32(height / level.height) - 0.5
+    return refined
 
 
 def dense_maps(runner: NetworkRunner, image: np.ndarray, scale: float = 1.0) -> dict:

@@ -21,6 +21,7 @@ from .extractor import (
     describe,
     dense_maps,
     extract,
+    refine_matches,
 )
 from .image import check_mask, normalize_image
 from .weights import DEFAULT_MODEL
@@ -75,6 +76,22 @@ def _check_keypoints(keypoints: Any) -> List[cv2.KeyPoint]:
         if not isinstance(kp, cv2.KeyPoint):
             raise TypeError(f"keypoints[{i}] must be a cv2.KeyPoint, got {type(kp).__name__}")
     return keypoints
+
+
+def _match_indices(matches: Any) -> np.ndarray:
+    """cv2.DMatch sequence or (M, 2) integer array -> (M, 2) int64 (index in 1, in 2)."""
+    if isinstance(matches, np.ndarray):
+        if matches.ndim != 2 or matches.shape[1] != 2 or not np.issubdtype(matches.dtype, np.integer):
+            raise TypeError(f"matches must be cv2.DMatch objects or an M x 2 integer array, "
+                            f"got {matches.dtype} {matches.shape}")
+        return matches.astype(np.int64)
+    if matches is None:
+        raise TypeError("matches must be cv2.DMatch objects or an M x 2 integer array, got None")
+    matches = list(matches)
+    for i, m in enumerate(matches):
+        if not isinstance(m, cv2.DMatch):
+            raise TypeError(f"matches[{i}] must be a cv2.DMatch, got {type(m).__name__}")
+    return np.array([(m.queryIdx, m.trainIdx) for m in matches], np.int64).reshape(-1, 2)
 
 
 class R2D2Feature:
@@ -265,6 +282,59 @@ class R2D2Feature:
             the same keypoints as :meth:`detectAndCompute`.
         """
         return self._detect_one(image, mask)
+
+    def refineMatches(
+        self,
+        image2: Any,
+        descriptors1: np.ndarray,
+        keypoints2: Sequence[cv2.KeyPoint],
+        matches: Any,
+        radius: float = 1.5,
+        temperature: float = 0.01,
+    ) -> np.ndarray:
+        """Positions in image 2 of matches, refined against their image-1 descriptors.
+
+        Around each matched keypoint of image 2, on its pyramid level, the dense
+        descriptor map is compared with the partner's descriptor on a grid of +-radius
+        level pixels; the match moves to the similarity's soft-argmax. It runs the
+        network on image 2 again (about one more extraction). Best with
+        ``subpixel=True`` keypoints (see the README's sub-pixel section).
+
+        Args:
+            image2: the image ``keypoints2`` were detected in.
+            descriptors1: (N1, 128) float32 descriptors of image 1.
+            keypoints2: image 2's keypoints.
+            matches: ``cv2.DMatch`` list (queryIdx: image 1, trainIdx: image 2) or an
+                (M, 2) integer array of (index in 1, index in 2).
+
+        Returns:
+            (M, 2) float32 positions in image 2, one per match in order, for e.g.
+            ``cv2.findHomography(points1, refined, ...)``.
+        """
+        keypoints2 = _check_keypoints(keypoints2)
+        pairs = _match_indices(matches)
+        descriptors1 = np.asarray(descriptors1)
+        if descriptors1.dtype != np.float32 or descriptors1.ndim != 2 \
+                or descriptors1.shape[1] != self.descriptorSize():
+            raise TypeError(f"descriptors1 must be float32 N x {self.descriptorSize()} R2D2 "
+                            f"descriptors, got {descriptors1.dtype} {descriptors1.shape}")
+        for column, (name, count) in enumerate((("queryIdx", len(descriptors1)),
+                                                ("trainIdx", len(keypoints2)))):
+            if len(pairs) and (pairs[:, column].min() < 0 or pairs[:, column].max() >= count):
+                raise ValueError(f"matches' {name} must lie in [0, {count}), got "
+                                 f"{pairs[:, column].min()}..{pairs[:, column].max()}")
+        for name, value in (("radius", radius), ("temperature", temperature)):
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        normalised = self._prepare(image2, "image2")
+        if not len(pairs):
+            return np.zeros((0, 2), np.float32)
+        chosen = [keypoints2[i] for i in pairs[:, 1].tolist()]
+        xy = np.array([kp.pt for kp in chosen], np.float32)
+        sizes = np.array([kp.size for kp in chosen], np.float32)
+        return refine_matches(self._runner, normalised, xy, sizes, descriptors1[pairs[:, 0]],
+                              self._params, radius=float(radius),
+                              temperature=float(temperature), tile_size=self._tile_size)
 
     def computeDenseMaps(self, image: Any, scale: float = 1.0) -> dict:
         """Dense network outputs on the image resized by ``scale`` (0 < scale <= 1).

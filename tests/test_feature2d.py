@@ -250,6 +250,32 @@ def test_subpixel_keypoints_localise_better(warped_pair, boat):
     with pytest.raises(TypeError, match="subpixel"):
         refined.setSubpixel("yes")
 
+    # Match refinement moves image 2's matched keypoints closer still.
+    matches = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True).match(rd1, rd2)
+    moved = refined.refineMatches(warped, rd1, rk2, matches)
+    assert moved.shape == (len(matches), 2) and moved.dtype == np.float32
+    np.testing.assert_array_equal(
+        refined.refineMatches(warped, rd1, rk2, np.array([[m.queryIdx, m.trainIdx] for m in matches])),
+        moved)
+    p1 = np.float32([rk1[m.queryIdx].pt for m in matches]).reshape(-1, 1, 2)
+    truth = cv2.perspectiveTransform(p1, H_TRUE).reshape(-1, 2)
+    before = np.linalg.norm(truth - np.float32([rk2[m.trainIdx].pt for m in matches]), axis=1)
+    after = np.linalg.norm(truth - moved, axis=1)
+    print("refineMatches: median error", np.median(before[before < 5]), "->",
+          np.median(after[after < 5]), "MMA@1", (before <= 1).mean(), "->", (after <= 1).mean())
+    assert np.median(after[after < 5]) < np.median(before[before < 5])
+    assert (after <= 1).mean() > (before <= 1).mean()
+    assert np.abs(after - before).max() < 4 * 1.5 * 2**1.5  # within the search radius
+    assert refined.refineMatches(warped, rd1, rk2, []).shape == (0, 2)
+    with pytest.raises(ValueError, match="trainIdx"):
+        refined.refineMatches(warped, rd1, rk2, [cv2.DMatch(0, len(rk2), 0.0)])
+    with pytest.raises(TypeError, match="descriptors1"):
+        refined.refineMatches(warped, rd1.astype(np.float64), rk2, matches)
+    with pytest.raises(TypeError, match="matches"):
+        refined.refineMatches(warped, rd1, rk2, [(0, 1)])
+    with pytest.raises(ValueError, match="radius"):
+        refined.refineMatches(warped, rd1, rk2, matches, radius=0)
+
 
 def test_dense_maps_shapes_and_bad_scales(r2d2, boat):
     maps = r2d2.computeDenseMaps(boat, scale=0.5)
