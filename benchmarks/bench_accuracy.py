@@ -4,7 +4,8 @@
 
 On homography pairs made from ../shared/images (benchmarks/homography_pairs.py: per
 image and kind, ``--per-image`` viewpoint and illumination pairs), prints for each
-method the mean matching accuracy at 1..10 px of mutual nearest-neighbour matches
+method (and for ``subpixel=True`` followed by ``refineMatches`` on image b) the mean
+matching accuracy at 1..10 px of mutual nearest-neighbour matches
 (overall, illumination, viewpoint), keypoints and matches per pair, the fraction of
 pairs whose homography cv2.findHomography (RANSAC, 3 px) recovers with a mean corner
 error <= 3 px, and the extraction time of ``subpixel=True`` against the default
@@ -26,14 +27,15 @@ from cv2r2d2.matching import mutual_nearest_neighbours
 from homography_pairs import by_image, make_pairs
 
 THRESHOLDS = tuple(range(1, 11))
+REFINED_FROM = "R2D2 subpixel=True"
+REFINED = "R2D2 subpixel=True + refineMatches"
 KINDS = ("overall", "illumination", "viewpoint")
 
 
-def detect(feature: Any, image: np.ndarray) -> Tuple[np.ndarray, np.ndarray, float]:
+def detect(feature: Any, image: np.ndarray) -> Tuple[tuple, np.ndarray, float]:
     start = time.perf_counter()
     keypoints, descriptors = feature.detectAndCompute(image, None)
-    seconds = time.perf_counter() - start
-    return cv2.KeyPoint_convert(keypoints).reshape(-1, 2), descriptors, seconds
+    return keypoints, descriptors, time.perf_counter() - start
 
 
 def homography_correct(pair: PairData, max_corner_error: float = 3.0) -> bool:
@@ -62,24 +64,36 @@ def main() -> None:
         "cv2.SIFT(5000)": cv2.SIFT_create(5000),
     }
     pairs = make_pairs(args.per_image)
-    rows: Dict[str, List[Tuple[str, np.ndarray, bool, int, int]]] = {m: [] for m in methods}
-    ratios = []
+    rows: Dict[str, List[Tuple[str, np.ndarray, bool, int, int]]] = {
+        m: [] for m in [*methods, REFINED]}
+    ratios, refine_seconds, subpixel_seconds = [], [], []
     for image_a, group in by_image(pairs):
         images = [image_a] + [pair.image_b for pair in group]
         detected: Dict[str, list] = {m: [] for m in methods}
         for image in images:
             for name, feature in methods.items():
                 detected[name].append(detect(feature, image))
-            ratios.append(detected["R2D2 subpixel=True"][-1][2] / detected["R2D2 (default)"][-1][2])
+            ratios.append(detected[REFINED_FROM][-1][2] / detected["R2D2 (default)"][-1][2])
+            subpixel_seconds.append(detected[REFINED_FROM][-1][2])
         for name, feature in methods.items():
-            xy_a, desc_a, _ = detected[name][0]
-            for pair, (xy_b, desc_b, _) in zip(group, detected[name][1:]):
+            kp_a, desc_a, _ = detected[name][0]
+            xy_a = cv2.KeyPoint_convert(kp_a).reshape(-1, 2)
+            for pair, (kp_b, desc_b, _) in zip(group, detected[name][1:]):
+                xy_b = cv2.KeyPoint_convert(kp_b).reshape(-1, 2)
                 matches, _ = mutual_nearest_neighbours(desc_a, desc_b, feature.defaultNorm())
-                data = PairData(xy_a, xy_b, matches, pair.homography,
-                                image_a.shape[1::-1], pair.image_b.shape[1::-1])
-                rows[name].append((pair.kind, mean_matching_accuracy(data, THRESHOLDS),
-                                   homography_correct(data), (len(xy_a) + len(xy_b)) // 2,
-                                   len(matches)))
+                variants = {name: (xy_a, xy_b, matches)}
+                if name == REFINED_FROM:
+                    start = time.perf_counter()
+                    moved = feature.refineMatches(pair.image_b, desc_a, kp_b, matches)
+                    refine_seconds.append(time.perf_counter() - start)
+                    # One point per match: the refined positions replace image b's.
+                    variants[REFINED] = (xy_a, moved, np.c_[matches[:, 0], np.arange(len(moved))])
+                for variant, (p_a, p_b, m) in variants.items():
+                    data = PairData(p_a, p_b, m, pair.homography,
+                                    image_a.shape[1::-1], pair.image_b.shape[1::-1])
+                    rows[variant].append((pair.kind, mean_matching_accuracy(data, THRESHOLDS),
+                                          homography_correct(data), (len(kp_a) + len(kp_b)) // 2,
+                                          len(m)))
         print(f"{group[0].name}: {len(group)} pairs done", flush=True)
 
     n_kinds = {kind: sum(p.kind == kind for p in pairs) for kind in KINDS[1:]}
@@ -97,6 +111,8 @@ def main() -> None:
                   f" | {np.mean([r[4] for r in chosen]):.0f} |")
     print(f"\nextraction time, subpixel=True / default: {np.median(ratios):.3f} "
           f"(median over {len(ratios)} images, interleaved runs)")
+    print(f"refineMatches on image b / its subpixel extraction: "
+          f"{np.median(refine_seconds) / np.median(subpixel_seconds):.2f} (medians)")
 
 
 if __name__ == "__main__":
