@@ -1,8 +1,8 @@
 """The ``cv2r2d2`` command line.
 
 Subcommands: ``extract`` (features of a photo collection), ``match`` (mutual nearest
-neighbours), ``sfm`` (COLMAP reconstruction), ``eval-hpatches`` (the HPatches MMA
-benchmark), ``export-onnx``. Each is a pair of functions, ``_add_<name>(subparsers)``
+neighbours), ``sfm`` (COLMAP reconstruction), ``eval-hpatches`` (the HPatches
+benchmark), ``heatmap`` (a dense map drawn over an image), ``export-onnx``. Each is a pair of functions, ``_add_<name>(subparsers)``
 and ``_run_<name>(args) -> int``, listed in ``COMMANDS``.
 
 Heavy modules (torch, pycolmap, h5py) are imported by the subcommand that needs them,
@@ -349,6 +349,50 @@ def _run_eval_hpatches(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- heatmap -------------------------------------------------------------------------
+
+
+def _add_heatmap(subparsers: Any) -> None:
+    from .visualize import DEFAULT_HEATMAP, HEATMAPS
+
+    parser = subparsers.add_parser(
+        "heatmap", help="draw R2D2's repeatability, reliability or score map over an image",
+        description="Run the network on IMAGE resized by --scale and draw one of its dense "
+                    "maps (values 0 to 1 span the colour map) blended over the photo, at the "
+                    "photo's size. The score is repeatability x reliability: keypoints are its "
+                    "local maxima that pass both thresholds. --keypoints adds the keypoints "
+                    "that the R2D2 options give, as circles of their size.",
+    )
+    parser.add_argument("image", metavar="IMAGE", help="the image")
+    parser.add_argument("-o", "--output", required=True,
+                        help="the heatmap image to write (.png, .jpg, ...)")
+    parser.add_argument("--which", choices=HEATMAPS, default=DEFAULT_HEATMAP,
+                        help="the map to draw (default: %(default)s)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="the image's scale for the network, in (0, 1] (default: %(default)s)")
+    parser.add_argument("--keypoints", action="store_true",
+                        help="draw the detected keypoints (all pyramid levels) too")
+    _add_feature_options(parser)
+    _add_output_options(parser)
+    parser.set_defaults(run=_run_heatmap)
+
+
+def _run_heatmap(args: argparse.Namespace) -> int:
+    from .io import check_image_suffix, read_image, write_image
+    from .visualize import draw_heatmap
+
+    check_image_suffix(args.output)
+    image = read_image(args.image)
+    feature = _create_feature(args)
+    maps = feature.computeDenseMaps(image, args.scale)
+    keypoints = feature.detect(image) if args.keypoints else None
+    write_image(args.output, draw_heatmap(image, maps, args.which, keypoints))
+    height, width = maps["repeatability"].shape
+    drawn = f", {len(keypoints)} keypoints" if keypoints is not None else ""
+    print(f"{args.which} map of {width}x{height} pixels{drawn}: {args.output}")
+    return 0
+
+
 # --- export-onnx ---------------------------------------------------------------------
 
 
@@ -385,7 +429,7 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
 # --- entry point ---------------------------------------------------------------------
 
 COMMANDS: Tuple[Callable[[Any], None], ...] = (
-    _add_extract, _add_match, _add_sfm, _add_eval_hpatches, _add_export_onnx,
+    _add_extract, _add_match, _add_sfm, _add_eval_hpatches, _add_heatmap, _add_export_onnx,
 )
 
 
@@ -396,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cv2r2d2",
         description="R2D2 local features for photo collections: extraction, matching, "
-                    "COLMAP reconstruction, HPatches evaluation.",
+                    "COLMAP reconstruction, HPatches evaluation, heatmaps.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

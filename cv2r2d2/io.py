@@ -52,6 +52,8 @@ __all__ = [
     "atomic_path",
     "list_images",
     "read_image",
+    "check_image_suffix",
+    "write_image",
     "ImageFeatures",
     "FeatureStore",
     "R2D2Folder",
@@ -210,6 +212,31 @@ def read_image(path: PathLike) -> np.ndarray:
     if image is None:
         raise OSError(f"cannot decode {os.fspath(path)} as an image")
     return image
+
+
+def check_image_suffix(path: PathLike) -> None:
+    """Raise a ValueError unless OpenCV can write an image in the format of the path's
+    suffix (checked before a long computation, not after it)."""
+    suffix = Path(path).suffix
+    if not cv2.haveImageWriter(f"image{suffix}"):
+        raise ValueError(f"cannot write {os.fspath(path)}: OpenCV has no encoder for "
+                         f"{suffix or 'a name without suffix'!r} (use .png or .jpg)")
+
+
+def write_image(path: PathLike, image: np.ndarray) -> None:
+    """Write an image as ``cv2.imwrite`` does, in the format of the path's suffix, to any
+    path (non-ASCII included), atomically.
+
+    Raises:
+        ValueError: OpenCV has no encoder for the suffix.
+    """
+    check_image_suffix(path)
+    suffix = Path(path).suffix
+    ok, data = cv2.imencode(suffix, image)
+    if not ok:
+        raise OSError(f"cannot encode the image as {suffix}")
+    with atomic_path(path) as tmp:
+        data.tofile(tmp)
 
 
 # --- features ----------------------------------------------------------------------
