@@ -44,7 +44,7 @@ def features(photos, tmp_path_factory) -> Path:
 def test_help_lists_the_subcommands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("extract", "match", "sfm", "eval-hpatches", "export-onnx"):
+    for command in ("extract", "match", "sfm", "eval-hpatches", "heatmap", "export-onnx"):
         assert command in out
     assert main(["extract", "--help"]) == 0
     assert "--nfeatures NFEATURES" in capsys.readouterr().out
@@ -155,6 +155,21 @@ def test_eval_hpatches(tmp_path, capsys):
     assert results["sequences"] == {"i": 1, "v": 1}
     assert results["methods"]["sift"]["mma"]["overall"][2] > 0.8
     assert main(["eval-hpatches", str(root), "--methods", "surf"]) == 2
+
+
+def test_heatmap(photos, tmp_path, capsys):
+    weights_dir()
+    output = tmp_path / "heat.png"
+    assert main(["heatmap", str(photos / "crop0.png"), "-o", str(output), "--which",
+                 "repeatability", "--scale", "0.5", "--keypoints", "-q", *FAST]) == 0
+    assert "repeatability map of 128x96 pixels" in capsys.readouterr().out
+    heatmap = cv2.imread(str(output))
+    assert heatmap.shape == (192, 256, 3)
+    # White keypoint circles: no heat colour blended with the photo is that light.
+    assert (heatmap.min(axis=2) > 200).sum() > 100
+    assert main(["heatmap", str(photos / "crop0.png"), "-o", str(tmp_path / "heat.xyz")]) == 1
+    assert "no encoder for '.xyz'" in capsys.readouterr().err
+    assert main(["heatmap", str(photos / "crop0.png"), "-o", str(output), "--which", "x"]) == 2
 
 
 def test_export_onnx(tmp_path, capsys):
