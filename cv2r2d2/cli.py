@@ -300,12 +300,16 @@ def _methods(text: str) -> List[str]:
 
 def _add_eval_hpatches(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "eval-hpatches", help="HPatches mean matching accuracy (the paper's benchmark)",
+        "eval-hpatches",
+        help="HPatches matching accuracy, repeatability and matching score (the paper's "
+             "benchmark)",
         description="D2-Net's HPatches-sequences protocol, as reported by the R2D2 paper: "
                     "mutual nearest-neighbour matches of image 1 with images 2..6, mean "
                     "matching accuracy at 1..10 px per illumination (i_*), viewpoint (v_*) "
                     "and overall, on the sequences ROOT holds (the 8 high-resolution ones "
-                    "are left out). SIFT and ORB keep --nfeatures keypoints too.",
+                    "are left out); and the detector's repeatability and the matching score "
+                    "at 1..10 px, over the smaller count of keypoints in the region both "
+                    "images see. SIFT and ORB keep --nfeatures keypoints too.",
     )
     parser.add_argument("root", metavar="ROOT", help="hpatches-sequences-release or alike")
     parser.add_argument("--methods", type=_methods, default=["r2d2", "sift"],
@@ -314,7 +318,7 @@ def _add_eval_hpatches(subparsers: Any) -> None:
                         help="results JSON file (default: %(default)s)")
     plot = parser.add_mutually_exclusive_group()
     plot.add_argument("--plot", default="hpatches-mma.png",
-                      help="MMA plot, PNG (default: %(default)s)")
+                      help="plot of the metrics, PNG (default: %(default)s)")
     plot.add_argument("--no-plot", dest="plot", action="store_const", const=None,
                       help="no plot (no matplotlib needed)")
     _add_feature_options(parser)
@@ -331,7 +335,7 @@ def _baseline(method: str, nfeatures: int) -> Any:
 
 
 def _run_eval_hpatches(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_hpatches, format_table, plot_mma, write_json
+    from .evaluation import evaluate_hpatches, format_table, plot_metrics, write_json
     from .io import import_optional
 
     if args.plot is not None:
@@ -344,7 +348,7 @@ def _run_eval_hpatches(args: argparse.Namespace) -> int:
     write_json(results, args.output)
     print(f"results: {args.output}")
     if args.plot is not None:
-        plot_mma(results, args.plot)
+        plot_metrics(results, args.plot)
         print(f"plot: {args.plot}")
     return 0
 

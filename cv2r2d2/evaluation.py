@@ -8,9 +8,21 @@ that are correct (0 for a pair without matches); the mean matching accuracy (MMA
 the mean over pairs, for ``i_*``, ``v_*`` and all sequences. The 8 sequences whose
 images exceed 1600 x 1200 pixels are left out, as D2-Net does.
 
-Metrics are functions of one image pair (:class:`PairData`) listed in
-:data:`METRICS`; another metric (repeatability, matching score) is one more function
-and one more entry there.
+The detector's repeatability and the matching score count keypoints in the region both
+images see only: a keypoint of image a is *visible* when ``H_1_k`` maps it into image
+b (an image covers -0.5 .. W - 0.5 by OpenCV's pixel centres), and one of b when the
+inverse maps it into a. Of the visible keypoints, with n = min(visible in a, visible
+in b), as in the usual (Mikolajczyk et al., SuperPoint) definition:
+
+- repeatability at t: the number of mutual nearest neighbours *in position* (a's
+  keypoints mapped into b, against b's) within t pixels, over n. A one-to-one count,
+  so at most 1;
+- matching score at t: the number of correct descriptor matches (as for the MMA)
+  between visible keypoints, over the same n.
+
+Both are averaged over pairs as the MMA is, and are 0 for a pair without visible
+keypoints. Metrics are functions of one image pair (:class:`PairData`) listed in
+:data:`METRICS`.
 """
 from __future__ import annotations
 
@@ -33,12 +45,14 @@ __all__ = [
     "THRESHOLDS",
     "PairData",
     "mean_matching_accuracy",
+    "repeatability",
+    "matching_score",
     "METRICS",
     "list_sequences",
     "evaluate_hpatches",
     "format_table",
     "write_json",
-    "plot_mma",
+    "plot_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,6 +91,33 @@ def _project(points: np.ndarray, homography: np.ndarray) -> np.ndarray:
     return mapped[:, :2] / mapped[:, 2:]
 
 
+def _errors(pair: PairData, matches: np.ndarray) -> np.ndarray:
+    """(M,) distances in pixels in image b between each match's b keypoint and its a
+    keypoint mapped by the homography."""
+    projected = _project(pair.keypoints_a[matches[:, 0]].astype(np.float64), pair.homography)
+    return np.linalg.norm(projected - pair.keypoints_b[matches[:, 1]], axis=1)
+
+
+def _within(errors: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """(T, M) whether each error is within each threshold."""
+    return errors[None, :] <= np.asarray(thresholds, np.float64)[:, None]
+
+
+def _inside(points: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """(N,) whether (N, 2) points lie in an image of size (width, height)."""
+    width, height = size
+    x, y = points[:, 0], points[:, 1]
+    return (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
+
+
+def _visible(pair: PairData) -> Tuple[np.ndarray, np.ndarray]:
+    """(Na,), (Nb,) whether each keypoint lies in the region both images see."""
+    in_b = _inside(_project(pair.keypoints_a.astype(np.float64), pair.homography), pair.size_b)
+    in_a = _inside(_project(pair.keypoints_b.astype(np.float64), np.linalg.inv(pair.homography)),
+                   pair.size_a)
+    return in_b, in_a
+
+
 def mean_matching_accuracy(pair: PairData, thresholds: Sequence[float]) -> np.ndarray:
     """The fraction of the pair's matches within each threshold (pixels) of the truth.
 
@@ -85,13 +126,50 @@ def mean_matching_accuracy(pair: PairData, thresholds: Sequence[float]) -> np.nd
     """
     if not len(pair.matches):
         return np.zeros(len(thresholds))
-    projected = _project(pair.keypoints_a[pair.matches[:, 0]].astype(np.float64), pair.homography)
-    errors = np.linalg.norm(projected - pair.keypoints_b[pair.matches[:, 1]], axis=1)
-    return (errors[None, :] <= np.asarray(thresholds, np.float64)[:, None]).mean(axis=1)
+    return _within(_errors(pair, pair.matches), thresholds).mean(axis=1)
+
+
+def repeatability(pair: PairData, thresholds: Sequence[float]) -> np.ndarray:
+    """Keypoints found again: mutual nearest neighbours in position within each
+    threshold (pixels), over the smaller count of visible keypoints (module docstring).
+
+    Returns:
+        (T,) float64 in [0, 1], zeros for a pair without visible keypoints.
+    """
+    visible_a, visible_b = _visible(pair)
+    count = min(visible_a.sum(), visible_b.sum())
+    if not count:
+        return np.zeros(len(thresholds))
+    projected = _project(pair.keypoints_a[visible_a].astype(np.float64), pair.homography)
+    # 2-D positions as "descriptors": exactly the pairs BFMatcher(crossCheck=True) gives.
+    # The CPU is fast enough for so short vectors.
+    _, distances = mutual_nearest_neighbours(projected.astype(np.float32),
+                                             pair.keypoints_b[visible_b].astype(np.float32),
+                                             cv2.NORM_L2, device="cpu")
+    return _within(distances.astype(np.float64), thresholds).sum(axis=1) / count
+
+
+def matching_score(pair: PairData, thresholds: Sequence[float]) -> np.ndarray:
+    """Correct matches between visible keypoints at each threshold (pixels), over the
+    smaller count of visible keypoints (module docstring).
+
+    Returns:
+        (T,) float64 in [0, 1], zeros for a pair without visible keypoints.
+    """
+    visible_a, visible_b = _visible(pair)
+    count = min(visible_a.sum(), visible_b.sum())
+    if not count:
+        return np.zeros(len(thresholds))
+    matches = pair.matches[visible_a[pair.matches[:, 0]] & visible_b[pair.matches[:, 1]]]
+    return _within(_errors(pair, matches), thresholds).sum(axis=1) / count
 
 
 Metric = Callable[[PairData, Sequence[float]], np.ndarray]
-METRICS: Mapping[str, Metric] = MappingProxyType({"mma": mean_matching_accuracy})
+METRICS: Mapping[str, Metric] = MappingProxyType({
+    "mma": mean_matching_accuracy,
+    "repeatability": repeatability,
+    "matching_score": matching_score,
+})
 
 
 def list_sequences(root: PathLike) -> List[Path]:
@@ -159,7 +237,7 @@ def evaluate_hpatches(
     root: PathLike,
     methods: Mapping[str, Any],
     thresholds: Sequence[float] = THRESHOLDS,
-    metrics: Sequence[str] = ("mma",),
+    metrics: Sequence[str] = tuple(METRICS),
     device: Optional[str] = None,
     show_progress: bool = False,
 ) -> Dict[str, Any]:
@@ -170,13 +248,13 @@ def evaluate_hpatches(
         methods: name -> an object with ``detectAndCompute(image, mask)`` and
             ``defaultNorm()``: ``cv2r2d2.R2D2Feature``, ``cv2.SIFT_create()``...
         thresholds: pixel thresholds (default 1..10).
-        metrics: names from :data:`METRICS`.
+        metrics: names from :data:`METRICS` (default: all).
         device: the matcher's torch device.
 
     Returns:
-        A JSON-ready dict: ``thresholds``, ``sequences`` (counts per kind), and per
-        method the metrics (per kind: a list over thresholds), mean ``keypoints`` per
-        image and mean ``matches`` per pair (per kind).
+        A JSON-ready dict: ``thresholds``, ``metrics``, ``sequences`` (counts per kind),
+        and per method the metrics (per kind: a list over thresholds), mean
+        ``keypoints`` per image and mean ``matches`` per pair (per kind).
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -186,8 +264,10 @@ def evaluate_hpatches(
     sequences = list_sequences(root)
     results: Dict[str, Any] = {
         "protocol": "HPatches sequences, D2-Net protocol (mutual nearest neighbours, "
-                    "8 high-resolution sequences left out)",
+                    "8 high-resolution sequences left out); repeatability and matching "
+                    "score over the smaller count of keypoints in the common region",
         "thresholds": list(thresholds),
+        "metrics": list(metrics),
         "sequences": {kind: sum(p.name.startswith(kind + "_") for p in sequences) for kind in KINDS},
         "methods": {},
     }
@@ -211,22 +291,31 @@ def evaluate_hpatches(
     return results
 
 
-def format_table(results: Mapping[str, Any], metric: str = "mma") -> str:
-    """The results as a text table: one row per method and kind."""
+def _label(metric: str) -> str:
+    return metric.replace("_", " ").upper()
+
+
+def format_table(results: Mapping[str, Any], metrics: Optional[Sequence[str]] = None) -> str:
+    """The results as text: per metric (default: all evaluated), a table with one row
+    per method and kind."""
     thresholds = results["thresholds"]
     header = f"{'method':<10} {'sequences':<13} {'kpts':>7} {'matches':>8}  " + \
         " ".join(f"@{t:<5g}" for t in thresholds)
-    lines = [f"{metric.upper()} on HPatches ({results['sequences']['i']} i_, "
-             f"{results['sequences']['v']} v_ sequences)", header]
-    for method, scores in results["methods"].items():
-        for kind, label in (*KINDS.items(), ("overall", "overall")):
-            values = scores[metric][kind]
-            if values is None:
-                continue
-            lines.append(
-                f"{method:<10} {label:<13} {scores['keypoints'][kind]:>7.0f} "
-                f"{scores['matches'][kind]:>8.0f}  " + " ".join(f"{v:<6.3f}" for v in values)
-            )
+    lines: List[str] = []
+    for metric in results["metrics"] if metrics is None else metrics:
+        if lines:
+            lines.append("")
+        lines += [f"{_label(metric)} on HPatches ({results['sequences']['i']} i_, "
+                  f"{results['sequences']['v']} v_ sequences)", header]
+        for method, scores in results["methods"].items():
+            for kind, label in (*KINDS.items(), ("overall", "overall")):
+                values = scores[metric][kind]
+                if values is None:
+                    continue
+                lines.append(
+                    f"{method:<10} {label:<13} {scores['keypoints'][kind]:>7.0f} "
+                    f"{scores['matches'][kind]:>8.0f}  " + " ".join(f"{v:<6.3f}" for v in values)
+                )
     return "\n".join(lines)
 
 
@@ -236,31 +325,35 @@ def write_json(results: Mapping[str, Any], path: PathLike) -> None:
         tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
-def plot_mma(results: Mapping[str, Any], path: PathLike, metric: str = "mma") -> None:
-    """Plot the metric against the threshold (overall, illumination, viewpoint) as the
-    paper's figure does, into a PNG file, atomically. Needs matplotlib."""
+def plot_metrics(results: Mapping[str, Any], path: PathLike,
+                 metrics: Optional[Sequence[str]] = None) -> None:
+    """Plot each metric (default: all evaluated, a row each) against the threshold,
+    overall, for illumination and for viewpoint, as the paper's MMA figure does, into a
+    PNG file of 1200 x 400 pixels per row, atomically. Needs matplotlib."""
     import_optional("matplotlib", "the HPatches plot")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    metrics = results["metrics"] if metrics is None else metrics
     # A Figure without pyplot keeps matplotlib's global state untouched.
-    figure = Figure(figsize=(12, 4), dpi=100)
+    figure = Figure(figsize=(12, 4 * len(metrics)), dpi=100)
     FigureCanvasAgg(figure)
     thresholds = results["thresholds"]
-    for column, (kind, title) in enumerate((("overall", "Overall"), ("i", "Illumination"),
-                                             ("v", "Viewpoint"))):
-        axes = figure.add_subplot(1, 3, column + 1)
-        for method, scores in results["methods"].items():
-            if scores[metric][kind] is not None:
-                axes.plot(thresholds, scores[metric][kind], linewidth=2, label=method)
-        axes.set_title(title)
-        axes.set_xlabel("threshold [px]")
-        axes.set_xlim(thresholds[0], thresholds[-1])
-        axes.set_ylim(0, 1)
-        axes.grid(True)
-        if column == 0:
-            axes.set_ylabel(metric.upper())
-            axes.legend()
+    for row, metric in enumerate(metrics):
+        for column, (kind, title) in enumerate((("overall", "Overall"), ("i", "Illumination"),
+                                                 ("v", "Viewpoint"))):
+            axes = figure.add_subplot(len(metrics), 3, 3 * row + column + 1)
+            for method, scores in results["methods"].items():
+                if scores[metric][kind] is not None:
+                    axes.plot(thresholds, scores[metric][kind], linewidth=2, label=method)
+            axes.set_title(title)
+            axes.set_xlabel("threshold [px]")
+            axes.set_xlim(thresholds[0], thresholds[-1])
+            axes.set_ylim(0, 1)
+            axes.grid(True)
+            if column == 0:
+                axes.set_ylabel(_label(metric))
+                axes.legend()
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")

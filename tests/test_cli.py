@@ -151,9 +151,12 @@ def test_eval_hpatches(tmp_path, capsys):
         assert main([*args, "--no-plot"]) == 0
     out = capsys.readouterr().out
     assert "sift" in out and "orb" in out and "illumination" in out
+    assert "REPEATABILITY on HPatches" in out and "MATCHING SCORE on HPatches" in out
     results = json.loads(output.read_text())
     assert results["sequences"] == {"i": 1, "v": 1}
-    assert results["methods"]["sift"]["mma"]["overall"][2] > 0.8
+    sift = results["methods"]["sift"]
+    assert sift["mma"]["overall"][2] > 0.8
+    assert sift["repeatability"]["overall"][2] > 0.5 and sift["matching_score"]["overall"][2] > 0.3
     assert main(["eval-hpatches", str(root), "--methods", "surf"]) == 2
 
 

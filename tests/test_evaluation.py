@@ -10,8 +10,8 @@ import pytest
 
 from conftest import read_image
 from cv2r2d2.evaluation import (
-    PairData, evaluate_hpatches, format_table, list_sequences, mean_matching_accuracy,
-    plot_mma, write_json,
+    METRICS, PairData, evaluate_hpatches, format_table, list_sequences, matching_score,
+    mean_matching_accuracy, plot_metrics, repeatability, write_json,
 )
 
 SIDE = 256  # one pyramid level at the paper's settings
@@ -91,16 +91,18 @@ def test_perfect_matches_give_mma_one(hpatches):
     assert results["sequences"] == {"i": 1, "v": 1}
     scores = results["methods"]["truth"]
     for kind in ("i", "v", "overall"):
-        assert scores["mma"][kind] == pytest.approx([1.0] * 10)
+        for metric in METRICS:
+            assert scores[metric][kind] == pytest.approx([1.0] * 10), metric
         assert scores["matches"][kind] == scores["keypoints"][kind] > 100
 
 
 def test_matches_off_by_two_pixels(hpatches):
     results = evaluate_hpatches(hpatches, {"off": GroundTruthFeature(hpatches, shift=2.0)},
                                 device="cpu")
-    mma = results["methods"]["off"]["mma"]["overall"]
-    assert mma[0] == 0.0  # 1 px
-    assert mma[2:] == pytest.approx([1.0] * 8)  # 3..10 px
+    for metric in METRICS:
+        values = results["methods"]["off"][metric]["overall"]
+        assert values[0] == 0.0  # 1 px
+        assert values[2:] == pytest.approx([1.0] * 8)  # 3..10 px
 
 
 def test_r2d2_is_at_least_as_accurate_as_sift_at_3px(hpatches, r2d2, tmp_path):
@@ -111,12 +113,24 @@ def test_r2d2_is_at_least_as_accurate_as_sift_at_3px(hpatches, r2d2, tmp_path):
     assert r2d2_mma["overall"][2] >= sift_mma["overall"][2]
     assert r2d2_mma["overall"][2] > 0.8
     assert results["methods"]["r2d2"]["matches"]["overall"] > 100
+    # Measured: repeatability@3 0.87 (R2D2) and 0.59 (SIFT), matching score@3 0.72, 0.60.
+    for method in ("r2d2", "sift"):
+        scores = results["methods"][method]
+        for kind in ("i", "v", "overall"):
+            assert 0.4 < scores["repeatability"][kind][2] <= 1
+            assert 0.4 < scores["matching_score"][kind][2] <= 1
+    r2d2_repeatability = results["methods"]["r2d2"]["repeatability"]["overall"][2]
+    assert r2d2_repeatability > max(0.75, results["methods"]["sift"]["repeatability"]["overall"][2])
     table = format_table(results)
+    for title in ("MMA on HPatches", "REPEATABILITY on HPatches", "MATCHING SCORE on HPatches"):
+        assert title in table
     assert "r2d2" in table and "viewpoint" in table and "@3" in table
     write_json(results, tmp_path / "mma.json")
     assert json.loads((tmp_path / "mma.json").read_text()) == results
     pytest.importorskip("matplotlib")
-    plot_mma(results, tmp_path / "mma.png")
+    plot_metrics(results, tmp_path / "metrics.png")
+    assert cv2.imread(str(tmp_path / "metrics.png")).shape[:2] == (1200, 1200)
+    plot_metrics(results, tmp_path / "mma.png", ["mma"])
     assert cv2.imread(str(tmp_path / "mma.png")).shape[:2] == (400, 1200)
 
 
@@ -132,6 +146,57 @@ def test_mean_matching_accuracy_of_a_pair():
     np.testing.assert_array_equal(mean_matching_accuracy(empty, [1, 2]), [0, 0])
 
 
+def _pair(keypoints_a, keypoints_b, homography=np.eye(3), size=(100, 80)) -> PairData:
+    """Matches (i, i) for the first min(Na, Nb) keypoints: unique descriptors."""
+    count = min(len(keypoints_a), len(keypoints_b))
+    return PairData(np.asarray(keypoints_a, float), np.asarray(keypoints_b, float),
+                    np.stack([np.arange(count)] * 2, axis=1), np.asarray(homography, float),
+                    size, size)
+
+
+GRID = np.stack(np.meshgrid(np.arange(10.0, 91, 10), np.arange(10.0, 71, 10)), -1).reshape(-1, 2)
+
+
+def test_repeatability_and_matching_score_of_identical_and_shifted_keypoints():
+    same = _pair(GRID, GRID)
+    for metric in (repeatability, matching_score):
+        np.testing.assert_array_equal(metric(same, [0.5, 1, 3]), [1, 1, 1])
+    # Every keypoint 5 px off (3, 4): found again within 5 px, not within 3 px.
+    shifted = _pair(GRID, GRID + [3, 4])
+    for metric in (repeatability, matching_score):
+        np.testing.assert_array_equal(metric(shifted, [3, 4.9, 5, 6]), [0, 0, 1, 1])
+    # Mutual nearest neighbours in position, whatever the matches: descriptors that
+    # pair every keypoint with the wrong one lower the matching score only.
+    wrong = PairData(GRID, GRID, np.stack([np.arange(len(GRID)), np.roll(np.arange(len(GRID)), 1)],
+                                          axis=1), np.eye(3), (100, 80), (100, 80))
+    assert repeatability(wrong, [3]) == [1] and matching_score(wrong, [3]) == [0]
+
+
+def test_only_keypoints_of_the_common_region_count():
+    # Image b sees image a moved 40 px to the left: a's x >= 40 (a keypoint at x = 39.6
+    # lies in pixel 40 of a, which b does not see).
+    H = np.array([[1.0, 0, -40], [0, 1, 0], [0, 0, 1]])
+    inside = GRID[GRID[:, 0] >= 40]
+    outside_a = np.array([[20.0, 30], [39.4, 50]])  # mapped to x < -0.5 in b
+    outside_b = np.array([[70.0, 30], [80, 40], [90.0, 20]])  # mapped to x > 99.5 in a
+    keypoints_a = np.concatenate([inside, outside_a])
+    keypoints_b = np.concatenate([inside - [40, 0], outside_b])
+    pair = _pair(keypoints_a, keypoints_b, H)
+    np.testing.assert_array_equal(repeatability(pair, [1, 3]), [1, 1])
+    np.testing.assert_array_equal(matching_score(pair, [1, 3]), [1, 1])
+    # Half of b's visible keypoints gone: the smaller visible count is the denominator.
+    half = _pair(keypoints_a, np.concatenate([inside[::2] - [40, 0], outside_b]), H)
+    assert repeatability(half, [3]) == [1]
+    # Half of a's visible keypoints 5 px off: half found again.
+    moved = inside + np.where(np.arange(len(inside)) % 2, 1, 0)[:, None] * [3, 4]
+    pair = _pair(np.concatenate([moved, outside_a]), keypoints_b, H)
+    np.testing.assert_allclose(repeatability(pair, [3]), [np.ceil(len(inside) / 2) / len(inside)])
+    # Nothing in the common region: zeros, not a division by zero.
+    apart = _pair(outside_a, outside_b, H)
+    for metric in (repeatability, matching_score):
+        np.testing.assert_array_equal(metric(apart, [1, 3]), [0, 0])
+
+
 def test_bad_folders(tmp_path):
     with pytest.raises(NotADirectoryError):
         list_sequences(tmp_path / "nowhere")
@@ -142,4 +207,4 @@ def test_bad_folders(tmp_path):
     with pytest.raises(ValueError, match="missing 2.ppm"):
         list_sequences(tmp_path)
     with pytest.raises(ValueError, match="unknown metrics"):
-        evaluate_hpatches(tmp_path, {"sift": cv2.SIFT_create()}, metrics=("repeatability",))
+        evaluate_hpatches(tmp_path, {"sift": cv2.SIFT_create()}, metrics=("peakiness",))
