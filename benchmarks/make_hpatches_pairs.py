@@ -1,8 +1,9 @@
-"""HPatches-format sequences made from the sample images, for ``cv2r2d2 eval-hpatches``.
+"""The accuracy benchmarks' homography pairs (benchmarks/homography_pairs.py) written as
+HPatches sequences, for ``cv2r2d2 eval-hpatches``.
 
-Each image gives an illumination sequence ``i_<name>`` (gamma changes under the identity)
-and a viewpoint sequence ``v_<name>`` (perspective warps of growing strength), with
-noise, written by the test suite's ``write_sequence`` (tests/test_evaluation.py):
+Each sample image gives ``v_<name>`` (its 5 viewpoint pairs: 1.ppm the image, 2..6.ppm
+the warps, H_1_k the homographies) and ``i_<name>`` (its 5 illumination pairs, identity
+homographies):
 
     python benchmarks/make_hpatches_pairs.py /tmp/hpatches-samples
     CV2R2D2_WEIGHTS_DIR=../shared/weights cv2r2d2 eval-hpatches /tmp/hpatches-samples \\
@@ -11,30 +12,31 @@ noise, written by the test suite's ``write_sequence`` (tests/test_evaluation.py)
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from cv2r2d2.io import list_images, read_image
+import cv2
+import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-# The sequences are the test suite's; reuse its writer rather than restate it.
-sys.path.insert(0, str(ROOT / "tests"))
-from test_evaluation import write_sequence  # noqa: E402
+from homography_pairs import make_pairs
+
+PREFIXES = {"viewpoint": "v", "illumination": "i"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("output", help="the folder to write the sequences into (new)")
-    parser.add_argument("--images", default=str(ROOT.parent / "shared" / "images"),
-                        help="a folder of images (default: %(default)s)")
+    parser.add_argument("output", help="the folder to write the sequences into")
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     args = parser.parse_args()
-    output = Path(args.output)
-    for index, (name, path) in enumerate(list_images([args.images])):
-        image = read_image(path)
-        for seed, kind in enumerate(("i", "v"), start=2 * index):
-            write_sequence(output, f"{kind}_{path.stem}", image, seed)
-        print(f"{name}: {image.shape[1]}x{image.shape[0]}, i_{path.stem} and v_{path.stem}")
-    print(f"sequences in {output}")
+    last = {}  # folder -> the last image number written
+    for pair in make_pairs(per_image=5, seed=args.seed):
+        folder = Path(args.output) / f"{PREFIXES[pair.kind]}_{Path(pair.name).stem}"
+        if folder not in last:
+            folder.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(folder / "1.ppm"), pair.image_a)
+        k = last[folder] = last.get(folder, 1) + 1
+        cv2.imwrite(str(folder / f"{k}.ppm"), pair.image_b)
+        np.savetxt(folder / f"H_1_{k}", pair.homography)
+    print(f"{len(last)} sequences in {args.output}: {', '.join(f.name for f in last)}")
 
 
 if __name__ == "__main__":

@@ -110,12 +110,13 @@ def _inside(points: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     return (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
 
 
-def _visible(pair: PairData) -> Tuple[np.ndarray, np.ndarray]:
-    """(Na,), (Nb,) whether each keypoint lies in the region both images see."""
+def _visible(pair: PairData) -> Tuple[np.ndarray, np.ndarray, int]:
+    """(Na,), (Nb,) whether each keypoint lies in the region both images see, and the
+    smaller of the two counts."""
     in_b = _inside(_project(pair.keypoints_a.astype(np.float64), pair.homography), pair.size_b)
     in_a = _inside(_project(pair.keypoints_b.astype(np.float64), np.linalg.inv(pair.homography)),
                    pair.size_a)
-    return in_b, in_a
+    return in_b, in_a, int(min(in_b.sum(), in_a.sum()))
 
 
 def mean_matching_accuracy(pair: PairData, thresholds: Sequence[float]) -> np.ndarray:
@@ -136,8 +137,7 @@ def repeatability(pair: PairData, thresholds: Sequence[float]) -> np.ndarray:
     Returns:
         (T,) float64 in [0, 1], zeros for a pair without visible keypoints.
     """
-    visible_a, visible_b = _visible(pair)
-    count = min(visible_a.sum(), visible_b.sum())
+    visible_a, visible_b, count = _visible(pair)
     if not count:
         return np.zeros(len(thresholds))
     projected = _project(pair.keypoints_a[visible_a].astype(np.float64), pair.homography)
@@ -156,8 +156,7 @@ def matching_score(pair: PairData, thresholds: Sequence[float]) -> np.ndarray:
     Returns:
         (T,) float64 in [0, 1], zeros for a pair without visible keypoints.
     """
-    visible_a, visible_b = _visible(pair)
-    count = min(visible_a.sum(), visible_b.sum())
+    visible_a, visible_b, count = _visible(pair)
     if not count:
         return np.zeros(len(thresholds))
     matches = pair.matches[visible_a[pair.matches[:, 0]] & visible_b[pair.matches[:, 1]]]

@@ -26,7 +26,7 @@ def _photo(name: str) -> np.ndarray:
     return image[top:top + SIDE * 3 // 4]
 
 
-def write_sequence(root: Path, name: str, image: np.ndarray, seed: int) -> None:
+def _write_sequence(root: Path, name: str, image: np.ndarray, seed: int) -> None:
     """1.ppm and five transformed copies with H_1_k: viewpoint (v_) warps of growing
     strength, or illumination (i_) changes under the identity; noise on both."""
     rng = np.random.default_rng(seed)
@@ -51,8 +51,8 @@ def write_sequence(root: Path, name: str, image: np.ndarray, seed: int) -> None:
 @pytest.fixture(scope="module")
 def hpatches(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hpatches")
-    write_sequence(root, "i_peppers", _photo("peppers.png"), seed=1)
-    write_sequence(root, "v_boat", _photo("boat.png"), seed=2)
+    _write_sequence(root, "i_peppers", _photo("peppers.png"), seed=1)
+    _write_sequence(root, "v_boat", _photo("boat.png"), seed=2)
     # A high-resolution sequence the protocol leaves out (its files are not even read).
     (root / "v_talent").mkdir()
     return root
