@@ -2,8 +2,9 @@
 
 Subcommands: ``extract`` (features of a photo collection), ``match`` (mutual nearest
 neighbours), ``sfm`` (COLMAP reconstruction), ``eval-hpatches`` (the HPatches
-benchmark), ``heatmap`` (a dense map drawn over an image), ``export-onnx``. Each is a pair of functions, ``_add_<name>(subparsers)``
-and ``_run_<name>(args) -> int``, listed in ``COMMANDS``.
+benchmark), ``heatmap`` (a dense map drawn over an image), ``export-onnx``. Each is a
+pair of functions, ``_add_<name>(subparsers)`` and ``_run_<name>(args) -> int``, listed
+in ``COMMANDS``.
 
 Heavy modules (torch, pycolmap, h5py) are imported by the subcommand that needs them,
 so that ``cv2r2d2 --help`` answers at once.

@@ -14,9 +14,12 @@ b (an image covers -0.5 .. W - 0.5 by OpenCV's pixel centres), and one of b when
 inverse maps it into a. Of the visible keypoints, with n = min(visible in a, visible
 in b), as in the usual (Mikolajczyk et al., SuperPoint) definition:
 
-- repeatability at t: the number of mutual nearest neighbours *in position* (a's
-  keypoints mapped into b, against b's) within t pixels, over n. A one-to-one count,
-  so at most 1;
+- repeatability at t: the largest number of one-to-one pairs of a's keypoints mapped
+  into b and b's keypoints that lie within t pixels (a maximum bipartite matching),
+  over n, so at most 1. Where keypoints lie more than 2 t apart this is the count of
+  mutual nearest neighbours in position; unlike that count it does not penalise a
+  keypoint found at one place at several scales (R2D2: half of its keypoints have
+  another within 1 px), which pairs with its twin in the other image;
 - matching score at t: the number of correct descriptor matches (as for the MMA)
   between visible keypoints, over the same n.
 
@@ -130,9 +133,28 @@ def mean_matching_accuracy(pair: PairData, thresholds: Sequence[float]) -> np.nd
     return _within(_errors(pair, pair.matches), thresholds).mean(axis=1)
 
 
+def _one_to_one(points_a: np.ndarray, points_b: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """(T,) the largest number of one-to-one pairs of (Na, 2) and (Nb, 2) points lying
+    within each threshold of each other (a maximum bipartite matching, Hopcroft-Karp)."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import maximum_bipartite_matching
+    from scipy.spatial import cKDTree
+
+    near = cKDTree(points_a).sparse_distance_matrix(cKDTree(points_b), max(thresholds),
+                                                    output_type="ndarray")
+    counts = []
+    for threshold in thresholds:
+        edges = near[near["v"] <= threshold]
+        graph = csr_matrix((np.ones(len(edges)), (edges["i"], edges["j"])),
+                           shape=(len(points_a), len(points_b)))
+        counts.append(int((maximum_bipartite_matching(graph, perm_type="column") >= 0).sum()))
+    return np.asarray(counts, np.float64)
+
+
 def repeatability(pair: PairData, thresholds: Sequence[float]) -> np.ndarray:
-    """Keypoints found again: mutual nearest neighbours in position within each
-    threshold (pixels), over the smaller count of visible keypoints (module docstring).
+    """Keypoints found again: one-to-one pairs of a's keypoints mapped into b and b's
+    keypoints within each threshold (pixels), over the smaller count of visible
+    keypoints (module docstring).
 
     Returns:
         (T,) float64 in [0, 1], zeros for a pair without visible keypoints.
@@ -141,12 +163,7 @@ def repeatability(pair: PairData, thresholds: Sequence[float]) -> np.ndarray:
     if not count:
         return np.zeros(len(thresholds))
     projected = _project(pair.keypoints_a[visible_a].astype(np.float64), pair.homography)
-    # 2-D positions as "descriptors": exactly the pairs BFMatcher(crossCheck=True) gives.
-    # The CPU is fast enough for so short vectors.
-    _, distances = mutual_nearest_neighbours(projected.astype(np.float32),
-                                             pair.keypoints_b[visible_b].astype(np.float32),
-                                             cv2.NORM_L2, device="cpu")
-    return _within(distances.astype(np.float64), thresholds).sum(axis=1) / count
+    return _one_to_one(projected, pair.keypoints_b[visible_b].astype(np.float64), thresholds) / count
 
 
 def matching_score(pair: PairData, thresholds: Sequence[float]) -> np.ndarray:

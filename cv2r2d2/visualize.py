@@ -2,7 +2,8 @@
 
 :func:`draw_heatmap` colours one map of :meth:`R2D2Feature.computeDenseMaps` (values in
 [0, 1], mapped as they are, so that heatmaps of different images and models compare),
-resizes it to the image and blends it over the photo; keypoints may be drawn on top.
+resizes it to the image and blends it over a grey copy of the photo; keypoints may be
+drawn on top.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ SHIFT = 4  # cv2.circle's fractional bits: keypoints drawn to 1/16 px
 
 def _check_map(dense_maps: Mapping[str, Any], name: str, image_shape: Sequence[int]) -> np.ndarray:
     if name not in dense_maps:
-        raise ValueError(f"dense_maps has no {name!r} map (keys: {', '.join(map(str, dense_maps))})")
+        keys = ", ".join(map(str, dense_maps))
+        raise ValueError(f"dense_maps has no {name!r} map (keys: {keys})")
     values = dense_maps[name]
     if not isinstance(values, np.ndarray):
         raise TypeError(f"dense_maps[{name!r}] must be a numpy array, got {type(values).__name__}")
@@ -74,7 +76,8 @@ def draw_heatmap(
     if which not in HEATMAPS:
         raise ValueError(f"which must be one of {', '.join(HEATMAPS)}, got {which!r}")
     if not isinstance(dense_maps, Mapping):
-        raise TypeError(f"dense_maps must be computeDenseMaps' dict, got {type(dense_maps).__name__}")
+        raise TypeError(
+            f"dense_maps must be computeDenseMaps' dict, got {type(dense_maps).__name__}")
     if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
         raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
     # A grey photo, so that its own colours are not read as heat.
@@ -90,7 +93,7 @@ def draw_heatmap(
     # cv2.resize keeps the pixel centres consistent, (x + 0.5) W / w - 0.5, as the
     # keypoint coordinates of the pyramid levels do.
     values = cv2.resize(values, (width, height), interpolation=cv2.INTER_LINEAR)
-    heat = cv2.applyColorMap(np.round(np.clip(values, 0, 1) * 255).astype(np.uint8), colormap)
+    heat = cv2.applyColorMap(np.round(values * 255).astype(np.uint8), colormap)
     out = cv2.addWeighted(heat, alpha, photo, 1 - alpha, 0)
     if keypoints is not None:
         for kp in _check_keypoints(keypoints):

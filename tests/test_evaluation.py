@@ -170,6 +170,10 @@ def test_repeatability_and_matching_score_of_identical_and_shifted_keypoints():
     wrong = PairData(GRID, GRID, np.stack([np.arange(len(GRID)), np.roll(np.arange(len(GRID)), 1)],
                                           axis=1), np.eye(3), (100, 80), (100, 80))
     assert repeatability(wrong, [3]) == [1] and matching_score(wrong, [3]) == [0]
+    # Keypoints found at one place at two scales pair with their twins one-to-one
+    # (mutual nearest neighbours would pair one of each two: 0.5).
+    twins = np.concatenate([GRID, GRID + 0.2])
+    np.testing.assert_array_equal(repeatability(_pair(twins, twins + [0.5, 0]), [1, 3]), [1, 1])
 
 
 def test_only_keypoints_of_the_common_region_count():
