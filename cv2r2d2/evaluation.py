@@ -311,14 +311,26 @@ def _label(metric: str) -> str:
     return metric.replace("_", " ").upper()
 
 
-def format_table(results: Mapping[str, Any], metrics: Optional[Sequence[str]] = None) -> str:
+def _chosen(results: Mapping[str, Any], metrics: Union[None, str, Sequence[str]]) -> List[str]:
+    """The metrics to show: all evaluated (None), one name, or names."""
+    chosen = list(results["metrics"] if metrics is None else
+                  [metrics] if isinstance(metrics, str) else metrics)
+    missing = [m for m in chosen if m not in results["metrics"]]
+    if missing:
+        raise ValueError(f"metrics {missing} were not evaluated; the results hold "
+                         f"{', '.join(results['metrics'])}")
+    return chosen
+
+
+def format_table(results: Mapping[str, Any],
+                 metrics: Union[None, str, Sequence[str]] = None) -> str:
     """The results as text: per metric (default: all evaluated), a table with one row
     per method and kind."""
     thresholds = results["thresholds"]
     header = f"{'method':<10} {'sequences':<13} {'kpts':>7} {'matches':>8}  " + \
         " ".join(f"@{t:<5g}" for t in thresholds)
     lines: List[str] = []
-    for metric in results["metrics"] if metrics is None else metrics:
+    for metric in _chosen(results, metrics):
         if lines:
             lines.append("")
         lines += [f"{_label(metric)} on HPatches ({results['sequences']['i']} i_, "
@@ -342,7 +354,7 @@ def write_json(results: Mapping[str, Any], path: PathLike) -> None:
 
 
 def plot_metrics(results: Mapping[str, Any], path: PathLike,
-                 metrics: Optional[Sequence[str]] = None) -> None:
+                 metrics: Union[None, str, Sequence[str]] = None) -> None:
     """Plot each metric (default: all evaluated, a row each) against the threshold,
     overall, for illumination and for viewpoint, as the paper's MMA figure does, into a
     PNG file of 1200 x 400 pixels per row, atomically. Needs matplotlib."""
@@ -350,7 +362,7 @@ def plot_metrics(results: Mapping[str, Any], path: PathLike,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    metrics = results["metrics"] if metrics is None else metrics
+    metrics = _chosen(results, metrics)
     # A Figure without pyplot keeps matplotlib's global state untouched.
     figure = Figure(figsize=(12, 4 * len(metrics)), dpi=100)
     FigureCanvasAgg(figure)

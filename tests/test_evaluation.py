@@ -130,8 +130,11 @@ def test_r2d2_is_at_least_as_accurate_as_sift_at_3px(hpatches, r2d2, tmp_path):
     pytest.importorskip("matplotlib")
     plot_metrics(results, tmp_path / "metrics.png")
     assert cv2.imread(str(tmp_path / "metrics.png")).shape[:2] == (1200, 1200)
-    plot_metrics(results, tmp_path / "mma.png", ["mma"])
+    plot_metrics(results, tmp_path / "mma.png", "mma")
     assert cv2.imread(str(tmp_path / "mma.png")).shape[:2] == (400, 1200)
+    assert format_table(results, "mma") == table.split("\n\n")[0]
+    with pytest.raises(ValueError, match="not evaluated"):
+        format_table({**results, "metrics": ["mma"]}, ["repeatability"])
 
 
 def test_mean_matching_accuracy_of_a_pair():
