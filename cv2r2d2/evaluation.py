@@ -133,7 +133,8 @@ def mean_matching_accuracy(pair: PairData, thresholds: Sequence[float]) -> np.nd
     return _within(_errors(pair, pair.matches), thresholds).mean(axis=1)
 
 
-def _one_to_one(points_a: np.ndarray, points_b: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+def _one_to_one(points_a: np.ndarray, points_b: np.ndarray,
+                thresholds: Sequence[float]) -> np.ndarray:
     """(T,) the largest number of one-to-one pairs of (Na, 2) and (Nb, 2) points lying
     within each threshold of each other (a maximum bipartite matching, Hopcroft-Karp)."""
     from scipy.sparse import csr_matrix
@@ -163,7 +164,8 @@ def repeatability(pair: PairData, thresholds: Sequence[float]) -> np.ndarray:
     if not count:
         return np.zeros(len(thresholds))
     projected = _project(pair.keypoints_a[visible_a].astype(np.float64), pair.homography)
-    return _one_to_one(projected, pair.keypoints_b[visible_b].astype(np.float64), thresholds) / count
+    found = _one_to_one(projected, pair.keypoints_b[visible_b].astype(np.float64), thresholds)
+    return found / count
 
 
 def matching_score(pair: PairData, thresholds: Sequence[float]) -> np.ndarray:
