@@ -365,7 +365,7 @@ def _add_heatmap(subparsers: Any) -> None:
         description="Run the network on IMAGE resized by --scale and draw one of its dense "
                     "maps (values 0 to 1 span the colour map) blended over the photo, at the "
                     "photo's size. The score is repeatability x reliability: keypoints are its "
-                    "local maxima that pass both thresholds. --keypoints adds the keypoints "
+                    "local maxima that pass both thresholds. --keypoints adds the best keypoints "
                     "that the R2D2 options give, as circles of their size.",
     )
     parser.add_argument("image", metavar="IMAGE", help="the image")
@@ -375,8 +375,9 @@ def _add_heatmap(subparsers: Any) -> None:
                         help="the map to draw (default: %(default)s)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="the image's scale for the network, in (0, 1] (default: %(default)s)")
-    parser.add_argument("--keypoints", action="store_true",
-                        help="draw the detected keypoints (all pyramid levels) too")
+    parser.add_argument("--keypoints", type=int, nargs="?", const=200, default=0, metavar="N",
+                        help="draw the N best detected keypoints (all pyramid levels) too; "
+                             "N defaults to 200, more hide the map")
     _add_feature_options(parser)
     _add_output_options(parser)
     parser.set_defaults(run=_run_heatmap)
@@ -386,11 +387,14 @@ def _run_heatmap(args: argparse.Namespace) -> int:
     from .io import check_image_suffix, read_image, write_image
     from .visualize import draw_heatmap
 
+    if args.keypoints < 0:
+        raise ValueError(f"--keypoints must be a positive number, got {args.keypoints}")
     check_image_suffix(args.output)
     image = read_image(args.image)
     feature = _create_feature(args)
     maps = feature.computeDenseMaps(image, args.scale)
-    keypoints = feature.detect(image) if args.keypoints else None
+    # detect() returns keypoints best first.
+    keypoints = feature.detect(image)[:args.keypoints] if args.keypoints else None
     write_image(args.output, draw_heatmap(image, maps, args.which, keypoints))
     height, width = maps["repeatability"].shape
     drawn = f", {len(keypoints)} keypoints" if keypoints is not None else ""

@@ -170,6 +170,11 @@ def test_heatmap(photos, tmp_path, capsys):
     assert heatmap.shape == (192, 256, 3)
     # White keypoint circles: no heat colour blended with the photo is that light.
     assert (heatmap.min(axis=2) > 200).sum() > 100
+    assert main(["heatmap", str(photos / "crop0.png"), "-o", str(output), "--keypoints", "3",
+                 "--scale", "0.5", *FAST]) == 0
+    assert ", 3 keypoints:" in capsys.readouterr().out
+    assert main(["heatmap", str(photos / "crop0.png"), "-o", str(output), "--keypoints", "-1"]) == 1
+    assert "--keypoints" in capsys.readouterr().err
     assert main(["heatmap", str(photos / "crop0.png"), "-o", str(tmp_path / "heat.xyz")]) == 1
     assert "no encoder for '.xyz'" in capsys.readouterr().err
     assert main(["heatmap", str(photos / "crop0.png"), "-o", str(output), "--which", "x"]) == 2
