@@ -187,7 +187,7 @@ def test_a_killed_actor_costs_only_its_block(cluster, photos, reference, tmp_pat
     killed = []
 
     def kill_an_actor_mid_run():
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not list(shards.glob("*.h5")):
             time.sleep(0.01)
         for pid in _actor_processes():
@@ -220,11 +220,13 @@ def test_an_interrupted_driver_resumes_with_the_missing_images(
     env = dict(os.environ, CV2R2D2_WEIGHTS_DIR=str(weights_dir()))
     driver = subprocess.Popen(
         [sys.executable, "-m", "cv2r2d2", "extract", str(photos), "-o", str(output), "-q",
-         "--ray", cluster.address, "--block-size", "1", *FAST],
+         "--ray", cluster.address, "--block-size", "1", "--actors", "1", *FAST],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(list(shards.glob("*.h5"))) < 3 \
+        deadline = time.monotonic() + 300
+        # One actor, one image per block: the interrupt lands while blocks remain (two
+        # actors finished the 13 tiny blocks within a second of the third shard).
+        while time.monotonic() < deadline and len(list(shards.glob("*.h5"))) < 2 \
                 and driver.poll() is None:
             time.sleep(0.01)
         driver.send_signal(signal.SIGINT)
@@ -233,7 +235,7 @@ def test_an_interrupted_driver_resumes_with_the_missing_images(
         driver.kill()
     assert driver.returncode == 130, out
     done = _names(output)  # the interrupted run's master file lists what it finished
-    assert 3 <= len(done) < READABLE
+    assert 2 <= len(done) < READABLE
     report = extract_collection_ray(list_images([photos]), output, OPTIONS)
     assert set(done) <= set(report.skipped)
     assert sorted(report.skipped + report.extracted) == _names(reference)
