@@ -48,6 +48,7 @@ __all__ = [
     "THRESHOLDS",
     "PairData",
     "mean_matching_accuracy",
+    "visible_keypoints",
     "repeatability",
     "matching_score",
     "METRICS",
@@ -113,7 +114,7 @@ def _inside(points: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     return (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
 
 
-def _visible(pair: PairData) -> Tuple[np.ndarray, np.ndarray, int]:
+def visible_keypoints(pair: PairData) -> Tuple[np.ndarray, np.ndarray, int]:
     """(Na,), (Nb,) whether each keypoint lies in the region both images see, and the
     smaller of the two counts."""
     in_b = _inside(_project(pair.keypoints_a.astype(np.float64), pair.homography), pair.size_b)
@@ -160,7 +161,7 @@ def repeatability(pair: PairData, thresholds: Sequence[float]) -> np.ndarray:
     Returns:
         (T,) float64 in [0, 1], zeros for a pair without visible keypoints.
     """
-    visible_a, visible_b, count = _visible(pair)
+    visible_a, visible_b, count = visible_keypoints(pair)
     if not count:
         return np.zeros(len(thresholds))
     projected = _project(pair.keypoints_a[visible_a].astype(np.float64), pair.homography)
@@ -175,7 +176,7 @@ def matching_score(pair: PairData, thresholds: Sequence[float]) -> np.ndarray:
     Returns:
         (T,) float64 in [0, 1], zeros for a pair without visible keypoints.
     """
-    visible_a, visible_b, count = _visible(pair)
+    visible_a, visible_b, count = visible_keypoints(pair)
     if not count:
         return np.zeros(len(thresholds))
     matches = pair.matches[visible_a[pair.matches[:, 0]] & visible_b[pair.matches[:, 1]]]

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import torch
 
-from .evaluation import PairData, mean_matching_accuracy
+from .evaluation import PairData, mean_matching_accuracy, visible_keypoints
 from .extractor import ExtractionParams, Features, NetworkRunner, describe, extract
 from .image import normalize_image
 from .matching import mutual_nearest_neighbours
@@ -292,16 +292,6 @@ def keypoint_agreement(
     }
 
 
-def _project(homography: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    # numpy rather than cv2.perspectiveTransform, which returns None for no points.
-    mapped = np.concatenate([xy.reshape(-1, 2), np.ones((len(xy), 1))], axis=1) @ homography.T
-    return mapped[:, :2] / mapped[:, 2:]
-
-
-def _inside(xy: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
-    return (xy[:, 0] >= 0) & (xy[:, 0] <= shape[1] - 1) & (xy[:, 1] >= 0) & (xy[:, 1] <= shape[0] - 1)
-
-
 def homography_mma(
     runner: NetworkRunner, images: Sequence[np.ndarray], params: ExtractionParams,
     threshold: float = 3.0,
@@ -323,10 +313,10 @@ def homography_mma(
             homography = cv2.getPerspectiveTransform(corners, moved)
             warped = cv2.warpPerspective(image, homography, (width, height), flags=cv2.INTER_LINEAR)
             second = _extract(runner, warped, params)
-            a = _inside(_project(homography, first.xy), warped.shape)
-            b = _inside(_project(np.linalg.inv(homography), second.xy), image.shape)
+            size = (width, height)
+            a, b, _ = visible_keypoints(
+                PairData(first.xy, second.xy, np.zeros((0, 2), np.int64), homography, size, size))
             matches, _ = mutual_nearest_neighbours(first.descriptors[a], second.descriptors[b])
-            pair = PairData(first.xy[a], second.xy[b], matches, homography,
-                            (width, height), (width, height))
+            pair = PairData(first.xy[a], second.xy[b], matches, homography, size, size)
             accuracies.append(float(mean_matching_accuracy(pair, [threshold])[0]))
     return float(np.mean(accuracies)) if accuracies else float("nan")
