@@ -5,7 +5,9 @@ height and width: input ``image`` (B, 3, H, W), outputs ``descriptors_raw``
 (B, dim, H', W'), ``reliability_logits`` (B, 2, H', W') and ``repeatability_logit``
 (B, 1, H', W'). The heads' softmax, softplus and normalisation stay outside the graph
 (``cv2.dnn`` returns NaN for softplus/(1+softplus) inside it); :mod:`cv2r2d2.onnx_runner`
-applies them in numpy. Exporting needs torch and onnx (and onnxruntime for int8).
+applies them in numpy. The file's metadata names the model, its licence and the
+paper's settings, and gives the receptive-field halo and alignment with which the
+runners crop tiles. Exporting needs torch and onnx (and onnxruntime for int8).
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from .extractor import ExtractionParams, Features, NetworkRunner, describe, extr
 from .image import normalize_image
 from .matching import mutual_nearest_neighbours
 from .nets import FoldedNet, fold_batchnorm
-from .onnx_runner import INPUT_NAME, OUTPUT_NAMES, OnnxRuntimeRunner
+from .onnx_runner import ALIGNMENT_KEY, HALO_KEY, INPUT_NAME, OUTPUT_NAMES, OnnxRuntimeRunner
+from .torch_runner import receptive_halo
 from .weights import MODELS, load_model
 
 __all__ = ["export_onnx", "read_images", "keypoint_agreement", "homography_mma", "HOMOGRAPHIES"]
@@ -88,6 +91,7 @@ def export_onnx(
     text = os.fspath(model)
     net = load_model(text, device="cpu")
     info = MODELS.get(text)
+    halo, alignment = receptive_halo(net)
     metadata = {
         "cv2r2d2.model": text if info else Path(text).stem,
         "cv2r2d2.licence": info.licence if info else "unknown: user checkpoint, see its source",
@@ -100,6 +104,10 @@ def export_onnx(
                            "softmax over the 2 channels, keep channel 1; repeatability_logit u: "
                            "softplus(u) / (1 + softplus(u))",
         "cv2r2d2.precision": "int8" if int8 else "fp32",
+        # What the runners need to run a tile on a crop with the same output as the
+        # whole image: the receptive-field halo and the pooling alignment, input pixels.
+        HALO_KEY: str(halo),
+        ALIGNMENT_KEY: str(alignment),
     }
     folded = fold_batchnorm(net)
     # Written beside the output and renamed at the end: never half a file at `output`.

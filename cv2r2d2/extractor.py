@@ -23,6 +23,8 @@ __all__ = [
     "extract",
     "describe",
     "dense_maps",
+    "tiles",
+    "halo_crop",
 ]
 
 # Keypoint size (patch diameter, pixels) at pyramid scale 1, as in the reference.
@@ -122,6 +124,10 @@ class NetworkRunner(Protocol):
     """What the extractor needs from a backend."""
 
     descriptor_size: int
+    # Input pixels of context run() adds around a box (tiles are sized with it); None:
+    # the runner only runs whole images, so levels are not tiled. An absent attribute
+    # counts as 0.
+    halo: Optional[int]
 
     def prepare(self, image: np.ndarray) -> Any:
         """(3, H, W) normalised float32 image -> the backend's image handle."""
@@ -255,6 +261,26 @@ def tiles(height: int, width: int, tile_size: int, halo: int) -> List[Box]:
             for i in range(rows) for j in range(cols)]
 
 
+def _level_tiles(runner: NetworkRunner, height: int, width: int, tile_size: int) -> List[Box]:
+    """:func:`tiles` of a height x width map for ``runner``: one box if it cannot crop."""
+    halo = getattr(runner, "halo", 0)
+    if halo is None:
+        return [(0, height, 0, width)]
+    return tiles(height, width, tile_size, halo)
+
+
+def halo_crop(start: int, stop: int, length: int, halo: int, alignment: int) -> Tuple[int, int]:
+    """Input range [begin, end) whose maps cover map range [start, stop) exactly.
+
+    The range grows by ``halo`` pixels on each side, clipped to [0, length), and begins
+    at a multiple of ``alignment`` (the network's pooling factor), so that the pooling
+    grid of the crop is that of the whole image.
+    """
+    begin = max(0, start - halo)
+    begin -= begin % alignment
+    return begin, min(length, stop + halo)
+
+
 def _grow(box: Box, height: int, width: int, margin: int = 1) -> Box:
     y0, y1, x0, x1 = box
     return max(0, y0 - margin), min(height, y1 + margin), max(0, x0 - margin), min(width, x1 + margin)
@@ -337,7 +363,7 @@ def extract(
     best = _TopK(params.nfeatures)
     for level, handle in _walk(runner, image, pyramid(height, width, params)):
         map_h, map_w = runner.output_size(level.height, level.width)
-        for core in tiles(map_h, map_w, tile_size, getattr(runner, "halo", 0)):
+        for core in _level_tiles(runner, map_h, map_w, tile_size):
             # One pixel more than the core: the 3x3 NMS of a core pixel sees true neighbours.
             window = _grow(core, map_h, map_w)
             output = runner.run(handle, window)
@@ -432,7 +458,7 @@ def _at_levels(
         map_h, map_w = runner.output_size(level.height, level.width)
         mx = np.clip((xy[rows, 0] + shift) * np.float32(level.width / width) - shift, 0, map_w - 1)
         my = np.clip((xy[rows, 1] + shift) * np.float32(level.height / height) - shift, 0, map_h - 1)
-        for core in tiles(map_h, map_w, tile_size, getattr(runner, "halo", 0)):
+        for core in _level_tiles(runner, map_h, map_w, tile_size):
             inside = (my >= core[0]) & (my < core[1]) & (mx >= core[2]) & (mx < core[3])
             if not inside.any():
                 continue

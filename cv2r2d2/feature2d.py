@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import fields, replace
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -24,6 +25,7 @@ from .extractor import (
     refine_matches,
 )
 from .image import check_mask, normalize_image
+from .onnx_runner import check_num_threads
 from .weights import DEFAULT_MODEL
 
 __all__ = ["R2D2Feature", "R2D2_create"]
@@ -36,14 +38,16 @@ KeyPoints = Tuple[cv2.KeyPoint, ...]
 
 # "reference" runs the network as the original implementation does (a speed baseline).
 BACKENDS = ("torch", "reference", "onnxruntime", "opencv")
+TORCH_BACKENDS = ("torch", "reference")
 
 
-def _make_runner(model: str, device: Optional[str], backend: str, half: bool = False) -> NetworkRunner:
+def _make_runner(model: str, device: Optional[str], backend: str, half: bool = False,
+                 num_threads: Optional[int] = None) -> NetworkRunner:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if half and backend != "torch":
         raise ValueError(f"half=True needs the torch backend on CUDA, got backend={backend!r}")
-    if backend in ("torch", "reference"):
+    if backend in TORCH_BACKENDS:
         # Imported here so that importing cv2r2d2 (or using ONNX) does not import torch.
         from .torch_runner import TorchRunner
         from .weights import load_model
@@ -51,7 +55,7 @@ def _make_runner(model: str, device: Optional[str], backend: str, half: bool = F
         return TorchRunner(load_model(model, device=device), optimize=backend == "torch", half=half)
     from .onnx_runner import make_onnx_runner
 
-    return make_onnx_runner(model, device=device, backend=backend)
+    return make_onnx_runner(model, device=device, backend=backend, num_threads=num_threads)
 
 
 def _to_keypoints(features: Features) -> KeyPoints:
@@ -113,6 +117,7 @@ class R2D2Feature:
         tile_size: int = DEFAULT_TILE_SIZE,
         half: bool = False,
         subpixel: bool = False,
+        num_threads: Optional[int] = None,
     ) -> None:
         if not isinstance(model, (str, os.PathLike)):
             raise TypeError(
@@ -123,10 +128,11 @@ class R2D2Feature:
         self._device = device
         self._backend = backend
         self._half = half
+        self._num_threads = None if num_threads is None else check_num_threads(num_threads)
         self.setSubpixel(subpixel)
         self._params = params if params is not None else ExtractionParams()
         self.setTileSize(tile_size)
-        self._runner = _make_runner(self._model, device, backend, half)
+        self._runner = _make_runner(self._model, device, backend, half, self._num_threads)
 
     @classmethod
     def create(
@@ -145,6 +151,7 @@ class R2D2Feature:
         tile_size: int = DEFAULT_TILE_SIZE,
         half: bool = False,
         subpixel: bool = False,
+        num_threads: Optional[int] = None,
     ) -> "R2D2Feature":
         """Create an R2D2 feature extractor (defaults: the paper's settings).
 
@@ -165,6 +172,14 @@ class R2D2Feature:
             half: float16 network on CUDA (faster, not bit-exact).
             subpixel: refine keypoint positions to sub-pixel accuracy (not the
                 original's output; see the README).
+            num_threads: CPU threads of the network, an integer >= 0. ONNX backends:
+                the session's intra-op threads (``cv2.dnn``: set around each forward
+                pass); None reads ``$CV2R2D2_NUM_THREADS``, 0 keeps the runtime's
+                default. Torch backends: torch's thread count is process-wide, so it
+                is set for the duration of each call (``detect``, ``compute``...) and
+                restored after it (the switch costs microseconds); None or 0 leave it
+                as it is. Calls from several Python threads with different counts
+                then race for that one setting.
         """
         params = ExtractionParams(
             scale_f=scale_f, min_size=min_size, max_size=max_size, min_scale=min_scale,
@@ -172,18 +187,34 @@ class R2D2Feature:
             repeatability_thr=repeatability_thr, nfeatures=nfeatures,
         )
         return cls(model=model, params=params, device=device, backend=backend,
-                   tile_size=tile_size, half=half, subpixel=subpixel)
+                   tile_size=tile_size, half=half, subpixel=subpixel, num_threads=num_threads)
 
     # --- detection and description -------------------------------------------------
 
     def _prepare(self, image: Any, name: str = "image") -> np.ndarray:
         return normalize_image(image, name)
 
+    @contextmanager
+    def _threads(self) -> Iterator[None]:
+        """torch's process-wide thread count set to ``num_threads`` while the runner works."""
+        if not self._num_threads or self._backend not in TORCH_BACKENDS:
+            yield
+            return
+        import torch  # already imported by the torch runner
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self._num_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
     def _detect_one(self, image: Any, mask: Any, name: str = "image") -> Features:
         normalised = self._prepare(image, name)
         mask = check_mask(mask, normalised.shape[1:], "mask")
-        return extract(self._runner, normalised, self._params, mask=mask,
-                       tile_size=self._tile_size, subpixel=self._subpixel)
+        with self._threads():
+            return extract(self._runner, normalised, self._params, mask=mask,
+                           tile_size=self._tile_size, subpixel=self._subpixel)
 
     def detect(self, image: Any, mask: Any = None) -> Union[KeyPoints, Tuple[KeyPoints, ...]]:
         """Detect keypoints.
@@ -222,8 +253,9 @@ class R2D2Feature:
             return (), None
         xy = np.array([kp.pt for kp in keypoints], np.float32).reshape(-1, 2)
         sizes = np.array([kp.size for kp in keypoints], np.float32)
-        descriptors, kept = describe(self._runner, normalised, xy, sizes, self._params,
-                                     tile_size=self._tile_size)
+        with self._threads():
+            descriptors, kept = describe(self._runner, normalised, xy, sizes, self._params,
+                                         tile_size=self._tile_size)
         if not len(kept):
             return (), None
         return tuple(keypoints[i] for i in kept.tolist()), descriptors
@@ -332,9 +364,10 @@ class R2D2Feature:
         chosen = [keypoints2[i] for i in pairs[:, 1].tolist()]
         xy = np.array([kp.pt for kp in chosen], np.float32)
         sizes = np.array([kp.size for kp in chosen], np.float32)
-        return refine_matches(self._runner, normalised, xy, sizes, descriptors1[pairs[:, 0]],
-                              self._params, radius=float(radius),
-                              temperature=float(temperature), tile_size=self._tile_size)
+        with self._threads():
+            return refine_matches(self._runner, normalised, xy, sizes, descriptors1[pairs[:, 0]],
+                                  self._params, radius=float(radius),
+                                  temperature=float(temperature), tile_size=self._tile_size)
 
     def computeDenseMaps(self, image: Any, scale: float = 1.0) -> dict:
         """Dense network outputs on the image resized by ``scale`` (0 < scale <= 1).
@@ -343,7 +376,9 @@ class R2D2Feature:
             dict of float32 arrays: ``descriptors`` (128, h, w) L2-normalised,
             ``reliability`` and ``repeatability`` (h, w) in [0, 1].
         """
-        return dense_maps(self._runner, self._prepare(image), scale)
+        normalised = self._prepare(image)
+        with self._threads():
+            return dense_maps(self._runner, normalised, scale)
 
     # --- cv2.Feature2D / cv2.Algorithm information ---------------------------------
 
@@ -365,7 +400,7 @@ class R2D2Feature:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self._params.as_dict().items())
         return (f"R2D2Feature(model={self._model!r}, {params}, device={self._device!r}, "
-                f"backend={self._backend!r})")
+                f"backend={self._backend!r}, num_threads={self._num_threads!r})")
 
     # --- parameters ----------------------------------------------------------------
 
@@ -382,7 +417,7 @@ class R2D2Feature:
     def setModel(self, model: Union[str, os.PathLike]) -> None:
         """Load another model (name or checkpoint path)."""
         model = os.fspath(model) if isinstance(model, os.PathLike) else model
-        self._runner = _make_runner(model, self._device, self._backend, self._half)
+        self._runner = _make_runner(model, self._device, self._backend, self._half, self._num_threads)
         self._model = model
 
     def getDevice(self) -> Optional[str]:
@@ -390,6 +425,10 @@ class R2D2Feature:
 
     def getBackend(self) -> str:
         return self._backend
+
+    def getNumThreads(self) -> Optional[int]:
+        """The ``num_threads`` given at creation (None: not set)."""
+        return self._num_threads
 
     def getSubpixel(self) -> bool:
         return self._subpixel

@@ -5,30 +5,41 @@ An exported R2D2 graph (see :mod:`cv2r2d2.export`) runs in ONNX Runtime or in Op
 descriptor sampling and normalisation) is numpy and mirrors the torch backend
 operation for operation, so that the whole extraction runs without PyTorch.
 Neither this module nor anything it imports at module level imports torch.
+
+Like the torch backend, a runner asked for a box of a level's map runs the graph on
+the box grown by the network's receptive-field halo only, so memory is bounded by the
+tile size. The halo and the crop alignment are written into the file's metadata at
+export (:data:`HALO_KEY`, :data:`ALIGNMENT_KEY`); a file without them (an older
+export) runs every level whole, with a warning.
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
+import mmap
 import os
-import weakref
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import cv2
 import numpy as np
 
+from .extractor import halo_crop
 from .weights import MODELS, WEIGHTS_DIR_ENV, WeightsError, _cache_dir
 
 __all__ = [
+    "ALIGNMENT_KEY",
+    "HALO_KEY",
     "INPUT_NAME",
     "OUTPUT_NAMES",
     "NUM_THREADS_ENV",
     "OnnxLevelOutput",
     "OnnxRuntimeRunner",
     "OpenCVRunner",
+    "check_num_threads",
     "find_onnx_model",
     "make_onnx_runner",
+    "read_metadata",
     "resize_bilinear",
 ]
 
@@ -37,6 +48,10 @@ logger = logging.getLogger(__name__)
 # The exported graph's interface (written by cv2r2d2.export).
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("descriptors_raw", "reliability_logits", "repeatability_logit")
+# Metadata keys of the receptive-field halo and the crop alignment, in input pixels
+# (see torch_runner.receptive_halo), as decimal strings.
+HALO_KEY = "cv2r2d2.receptive_halo"
+ALIGNMENT_KEY = "cv2r2d2.alignment"
 # Thread count of the ONNX backends when the caller gives none (0: the runtime's default).
 NUM_THREADS_ENV = "CV2R2D2_NUM_THREADS"
 
@@ -126,13 +141,15 @@ class OnnxLevelOutput:
 
 
 class _OnnxRunner:
-    """What both ONNX backends share: numpy image handles, the heads outside the graph."""
+    """What both ONNX backends share: numpy image handles, cropping, the heads outside the graph."""
 
     def __init__(self, path: Union[str, os.PathLike], num_threads: Optional[int]) -> None:
         self.path = Path(path)
         self.num_threads = _thread_count(num_threads)
-        # Graph outputs per live image handle (see run).
-        self._outputs: Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # Input pixels of context a box needs, or None: the file does not say, so every
+        # run covers the whole image (and the extractor does not tile).
+        self.halo: Optional[int] = None
+        self._alignment = 1
 
     def _probe(self) -> None:
         """Learn the descriptor size and the map size rule from one tiny forward pass.
@@ -146,43 +163,79 @@ class _OnnxRunner:
         if raw.shape[3] != 64 or self._stride < 1 or self._stride & (self._stride - 1):
             raise WeightsError(f"{self.path}: unexpected map size {raw.shape[2:]} for a 63 x 64 input")
 
+    def _set_halo(self, metadata: Mapping[str, str]) -> None:
+        """Read the halo and alignment from the file's metadata (after :meth:`_probe`)."""
+        if HALO_KEY not in metadata or ALIGNMENT_KEY not in metadata:
+            logger.warning(
+                "%s has no %s / %s metadata (an export by an older cv2r2d2): every pyramid "
+                "level runs whole, so tile_size does not bound memory; export it again to "
+                "run tiles", self.path, HALO_KEY, ALIGNMENT_KEY)
+            return
+        values = {}
+        for key in (HALO_KEY, ALIGNMENT_KEY):
+            text = metadata[key]
+            if not text.isdigit():
+                raise WeightsError(f"{self.path}: metadata {key} must be an integer >= 0, got {text!r}")
+            values[key] = int(text)
+        halo, alignment = values[HALO_KEY], values[ALIGNMENT_KEY]
+        # The pooling factor sets both the crop alignment and the map size rule.
+        if alignment != self._stride:
+            raise WeightsError(
+                f"{self.path}: metadata {HALO_KEY}={halo}, {ALIGNMENT_KEY}={alignment} do not fit "
+                f"the graph, whose maps are pooled by {self._stride}"
+            )
+        self.halo, self._alignment = halo, alignment
+
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
         """Map size (h', w') for a height x width input."""
         return height // self._stride * self._stride, width // self._stride * self._stride
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        """(3, H, W) normalised float32 image -> a C-contiguous copy.
-
-        A copy, so that the outputs kept for this handle go with the extractor's
-        handle, not with the caller's image.
-        """
-        return np.array(image, np.float32, order="C", copy=True)
+        """(3, H, W) normalised float32 image -> a C-contiguous float32 handle (no copy if it is one)."""
+        return np.ascontiguousarray(image, np.float32)
 
     def resize(self, image: np.ndarray, height: int, width: int) -> np.ndarray:
         return resize_bilinear(image, height, width)
 
-    def run(self, image: np.ndarray, box: Optional[Box] = None) -> OnnxLevelOutput:
-        """Network outputs on the whole image, or on ``box`` = (y0, y1, x0, x1) of its map.
+    def _crop(self, start: int, stop: int, length: int) -> Tuple[int, int]:
+        if self.halo is None:
+            return 0, length
+        return halo_crop(start, stop, length, self.halo, self._alignment)
 
-        The graph runs on the whole image, once per image handle: its outputs are kept
-        for the next boxes of the same handle and dropped with the handle. Boxes thus
-        equal the whole-image maps, without a halo, but memory is not bounded by them.
+    def run(self, image: np.ndarray, box: Optional[Box] = None) -> OnnxLevelOutput:
+        """Network outputs on the whole (3, H, W) image, or on ``box`` = (y0, y1, x0, x1) of its map.
+
+        The graph runs on the box grown by the halo (the whole image when the file
+        gives none); the maps inside the box equal those of a whole-image run.
         """
-        key = id(image)
-        outputs = self._outputs.get(key)
-        if outputs is None:
-            outputs = self._outputs[key] = self._forward(image[None])
-            weakref.finalize(image, self._outputs.pop, key, None)
-        raw, reliability_logits, repeatability_logit = outputs
-        y0, y1, x0, x1 = box if box is not None else (0, raw.shape[2], 0, raw.shape[3])
+        height, width = image.shape[1:]
+        if box is None:
+            map_h, map_w = self.output_size(height, width)
+            box = (0, map_h, 0, map_w)
+        y0, y1, x0, x1 = box
+        top, bottom = self._crop(y0, y1, height)
+        left, right = self._crop(x0, x1, width)
+        crop = np.ascontiguousarray(image[None, :, top:bottom, left:right])
+        raw, reliability_logits, repeatability_logit = self._forward(crop)
+        rows = slice(y0 - top, y1 - top)
+        cols = slice(x0 - left, x1 - left)
         return OnnxLevelOutput(
-            raw[0, :, y0:y1, x0:x1],
-            reliability_logits[0, :, y0:y1, x0:x1],
-            repeatability_logit[0, 0, y0:y1, x0:x1],
+            raw[0, :, rows, cols],
+            reliability_logits[0, :, rows, cols],
+            repeatability_logit[0, 0, rows, cols],
         )
 
     def _forward(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
+
+
+def check_num_threads(num_threads: int, name: str = "num_threads") -> int:
+    """Validate a thread count: an integer >= 0 (0: the runtime's default)."""
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer >= 0 (0: the runtime's default), got {num_threads!r}")
+    if num_threads < 0:
+        raise ValueError(f"{name} must be an integer >= 0 (0: the runtime's default), got {num_threads!r}")
+    return int(num_threads)
 
 
 def _thread_count(num_threads: Optional[int]) -> int:
@@ -197,9 +250,7 @@ def _thread_count(num_threads: Optional[int]) -> int:
             num_threads = int(text)
         except ValueError:
             raise ValueError(f"{NUM_THREADS_ENV} must be an integer >= 0, got {text!r}") from None
-    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 0:
-        raise ValueError(f"{source} must be an integer >= 0 (0: the runtime's default), got {num_threads!r}")
-    return int(num_threads)
+    return check_num_threads(num_threads, source)
 
 
 class OnnxRuntimeRunner(_OnnxRunner):
@@ -229,6 +280,7 @@ class OnnxRuntimeRunner(_OnnxRunner):
         _check_interface([i.name for i in self.session.get_inputs()],
                          [o.name for o in self.session.get_outputs()], self.path)
         self._probe()
+        self._set_halo(self.session.get_modelmeta().custom_metadata_map)
 
     def _forward(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         return tuple(self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch}))
@@ -268,6 +320,7 @@ class OpenCVRunner(_OnnxRunner):
         except cv2.error as exc:
             raise WeightsError(f"OpenCV cannot read {self.path} as an ONNX R2D2 model: {exc}") from exc
         self._probe()
+        self._set_halo(read_metadata(self.path))
 
     def _forward(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         previous = cv2.getNumThreads()
@@ -280,6 +333,60 @@ class OpenCVRunner(_OnnxRunner):
             if self.num_threads:
                 cv2.setNumThreads(previous)
         return tuple(np.asarray(o, np.float32) for o in outputs)
+
+
+# ModelProto.metadata_props and StringStringEntryProto's key and value (onnx.proto).
+_METADATA_FIELD, _KEY_FIELD, _VALUE_FIELD = 14, 1, 2
+
+
+def _varint(data: Union[bytes, mmap.mmap], position: int) -> Tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, position
+
+
+def _fields(data: Union[bytes, mmap.mmap], start: int, end: int) -> Iterator[Tuple[int, int, int]]:
+    """(field number, start, end) of the length-delimited fields of one protobuf message."""
+    position = start
+    while position < end:
+        tag, position = _varint(data, position)
+        number, wire_type = tag >> 3, tag & 7
+        if wire_type == 0:
+            _, position = _varint(data, position)
+            continue
+        if wire_type == 2:
+            length, position = _varint(data, position)
+            if position + length > end:
+                raise ValueError("a field runs past the end of its message")
+            yield number, position, position + length
+            position += length
+            continue
+        if wire_type not in (1, 5):
+            raise ValueError(f"unexpected protobuf wire type {wire_type}")
+        position += 8 if wire_type == 1 else 4
+
+
+def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
+    """The metadata (``metadata_props``) of an ``.onnx`` file, without the onnx package.
+
+    Only the model's top-level protobuf fields are walked: the graph is skipped, not
+    read, so this costs about nothing whatever the file's size.
+    """
+    metadata = {}
+    try:
+        with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            for number, start, end in _fields(data, 0, len(data)):
+                if number == _METADATA_FIELD:
+                    entry = {n: data[a:b].decode("utf-8") for n, a, b in _fields(data, start, end)}
+                    metadata[entry.get(_KEY_FIELD, "")] = entry.get(_VALUE_FIELD, "")
+    except (ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"{path} is not a readable ONNX file: {exc}") from exc
+    return metadata
 
 
 def _check_interface(inputs: list, outputs: list, path: Path) -> None:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .extractor import halo_crop
 from .nets import FoldedNet, R2D2Net, fold_batchnorm, reliability_map, repeatability_map
 
 __all__ = ["TorchRunner", "TorchLevelOutput", "receptive_halo"]
@@ -144,10 +145,7 @@ class TorchRunner:
             return F.interpolate(image, (height, width), mode="bilinear", align_corners=False)
 
     def _crop(self, start: int, stop: int, length: int) -> Tuple[int, int]:
-        """Input range whose output covers [start, stop) exactly."""
-        begin = max(0, start - self.halo)
-        begin -= begin % self._alignment
-        return begin, min(length, stop + self.halo)
+        return halo_crop(start, stop, length, self.halo, self._alignment)
 
     def run(self, image: torch.Tensor, box: Optional[Box] = None) -> TorchLevelOutput:
         """Network outputs on the whole image, or on ``box`` = (y0, y1, x0, x1) of its map."""

@@ -192,6 +192,43 @@ def test_setters_validate_and_apply(boat):
         cv2r2d2.R2D2_create(model="no_such_model")
 
 
+@pytest.mark.parametrize("value, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError),
+                                          ("2", TypeError)])
+def test_num_threads_is_validated(value, error):
+    with pytest.raises(error, match="num_threads"):
+        cv2r2d2.R2D2_create(num_threads=value)
+
+
+def test_num_threads_applies_to_torch_only_during_a_call(boat, monkeypatch):
+    import torch
+
+    weights_file("r2d2_WASF_N16")
+    previous = torch.get_num_threads()
+    wanted = 1 if previous != 1 else 2
+    r2d2 = cv2r2d2.R2D2_create(nfeatures=50, min_size=0, device="cpu", num_threads=wanted)
+    assert r2d2.getNumThreads() == wanted and torch.get_num_threads() == previous
+    seen = []
+    run = r2d2._runner.run
+
+    def recorded(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(r2d2._runner, "run", recorded)
+    crop = boat[:160, :192]
+    keypoints, _ = r2d2.detectAndCompute(crop, None)
+    assert len(keypoints) == 50 and torch.get_num_threads() == previous
+    r2d2.compute(crop, keypoints)
+    r2d2.computeDenseMaps(crop, 0.5)
+    assert torch.get_num_threads() == previous
+    assert seen and set(seen) == {wanted}
+    # Restored when the call fails, too.
+    monkeypatch.setattr(r2d2._runner, "run", lambda *args, **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        r2d2.computeDenseMaps(crop)
+    assert torch.get_num_threads() == previous
+
+
 @pytest.mark.parametrize("suffix", [".yml", ".xml", ".json"])
 def test_write_read_round_trip(r2d2, tmp_path, suffix):
     path = tmp_path / f"r2d2{suffix}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -14,15 +15,20 @@ import pytest
 
 import cv2r2d2
 from conftest import image_path, missing, read_image, reference_file, weights_file
-from cv2r2d2.extractor import ExtractionParams
+from cv2r2d2.extractor import ExtractionParams, extract
+from cv2r2d2.image import normalize_image
 from cv2r2d2.onnx_runner import (
-    NUM_THREADS_ENV, OUTPUT_NAMES, OnnxRuntimeRunner, find_onnx_model, make_onnx_runner,
+    ALIGNMENT_KEY, HALO_KEY, NUM_THREADS_ENV, OUTPUT_NAMES, OnnxRuntimeRunner, find_onnx_model,
+    make_onnx_runner, read_metadata,
 )
 from cv2r2d2.weights import MODELS, WEIGHTS_DIR_ENV, WeightsError
 from test_parity import parity_figures
 
 MODEL = "r2d2_WASF_N16"
 BACKENDS = ["onnxruntime", "opencv"]
+# Three pyramid levels of a 301 x 257 crop, run on tiles of 96 x 96 map pixels or whole.
+TILE_PARAMS = ExtractionParams(min_size=0, max_size=9999, min_scale=0.6, nfeatures=1000)
+TILE_SIZE = 96
 
 
 def _need(*modules: str) -> None:
@@ -34,6 +40,12 @@ def _need(*modules: str) -> None:
 @pytest.fixture(scope="session")
 def onnx_folder(tmp_path_factory):
     return tmp_path_factory.mktemp("onnx")
+
+
+@pytest.fixture(scope="session")
+def crop(peppers):
+    # Odd sizes on purpose: the Fast network's map is one pixel smaller there.
+    return normalize_image(peppers[100:401, 50:307])
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +73,42 @@ def _reference(name: str):
     return reference, params
 
 
+def _record_inputs(runner, monkeypatch) -> list:
+    """The (H, W) of each input the runner's graph will run on, filled in as it runs."""
+    sizes = []
+    forward = runner._forward
+
+    def recorded(batch):
+        sizes.append(batch.shape[2:])
+        return forward(batch)
+
+    monkeypatch.setattr(runner, "_forward", recorded)
+    return sizes
+
+
+def _assert_tiles_equal_whole(runner, crop, monkeypatch) -> None:
+    """Tiled extraction runs on small crops and gives the untiled keypoints and maps."""
+    whole = extract(runner, crop, TILE_PARAMS, tile_size=0)
+    sizes = _record_inputs(runner, monkeypatch)
+    tiled = extract(runner, crop, TILE_PARAMS, tile_size=TILE_SIZE)
+    assert len(sizes) > 3 and max(h * w for h, w in sizes) <= 2 * TILE_SIZE**2, sizes
+    assert len(tiled) == len(whole) > 100
+    np.testing.assert_array_equal(tiled.xy, whole.xy)
+    np.testing.assert_array_equal(tiled.sizes, whole.sizes)
+    np.testing.assert_allclose(tiled.scores, whole.scores, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(tiled.descriptors, whole.descriptors, atol=1e-5, rtol=0)
+    handle = runner.prepare(crop)
+    maps = runner.run(handle)
+    map_h, map_w = runner.output_size(*crop.shape[1:])
+    for y0, y1, x0, x1 in [(0, 90, 0, 80), (100, 200, 50, 150), (200, map_h, 150, map_w)]:
+        part = runner.run(handle, (y0, y1, x0, x1))
+        for key in ("reliability", "repeatability"):
+            np.testing.assert_allclose(getattr(part, key), getattr(maps, key)[y0:y1, x0:x1],
+                                       atol=1e-5, rtol=0, err_msg=key)
+        np.testing.assert_allclose(part.dense_descriptors(),
+                                   maps.dense_descriptors()[:, y0:y1, x0:x1], atol=1e-5, rtol=0)
+
+
 def _assert_parity(figures: dict, count: int) -> None:
     assert figures["count"] == (count, count)
     assert figures["overlap"] >= 0.995
@@ -79,6 +127,10 @@ def test_export_passes_checker_with_metadata_and_dynamic_size(exported):
     assert metadata["cv2r2d2.licence"] == MODELS[MODEL].licence
     assert metadata["cv2r2d2.precision"] == "fp32"
     assert json.loads(metadata["cv2r2d2.extraction_defaults"]) == ExtractionParams().as_dict()
+    assert (metadata[HALO_KEY], metadata[ALIGNMENT_KEY]) == ("27", "1")  # torch_runner's halo
+    # The torch-free reader (used by cv2.dnn) and ONNX Runtime's see the same metadata.
+    assert read_metadata(report["output"]) == metadata
+    assert OnnxRuntimeRunner(report["output"]).session.get_modelmeta().custom_metadata_map == metadata
     assert [o.name for o in model.graph.output] == list(OUTPUT_NAMES)
     shape = model.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param for d in shape[2:]] == ["height", "width"]
@@ -131,6 +183,51 @@ def test_dense_maps_match_reference(exported, backend, model):
         np.testing.assert_allclose(maps[key], reference[key], atol=1e-4, rtol=0, err_msg=key)
 
 
+@pytest.mark.parametrize("backend, model", [("onnxruntime", MODEL), ("opencv", MODEL),
+                                            ("onnxruntime", "faster2d2_WASF_N16")])
+def test_tiles_run_on_crops_and_give_the_untiled_keypoints(exported, crop, backend, model,
+                                                          monkeypatch):
+    runner = make_onnx_runner(exported(model)["output"], backend=backend)
+    assert runner.halo == (27 if model == MODEL else 30)
+    _assert_tiles_equal_whole(runner, crop, monkeypatch)
+
+
+def test_export_without_halo_metadata_runs_levels_whole(exported, crop, tmp_path, caplog,
+                                                        monkeypatch):
+    import onnx
+
+    expected = extract(make_onnx_runner(exported()["output"]), crop, TILE_PARAMS, tile_size=0)
+    model = onnx.load(exported()["output"])
+    older = [(p.key, p.value) for p in model.metadata_props if p.key not in (HALO_KEY, ALIGNMENT_KEY)]
+    del model.metadata_props[:]
+    for key, value in older:
+        model.metadata_props.add(key=key, value=value)
+    old_path = tmp_path / "older.onnx"
+    onnx.save(model, str(old_path))
+    for backend in BACKENDS:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cv2r2d2.onnx_runner"):
+            runner = make_onnx_runner(old_path, backend=backend)
+            sizes = _record_inputs(runner, monkeypatch)
+            features = extract(runner, crop, TILE_PARAMS, tile_size=TILE_SIZE)
+        warnings = [r.getMessage() for r in caplog.records if r.name == "cv2r2d2.onnx_runner"]
+        assert runner.halo is None and len(warnings) == 1 and "export it again" in warnings[0]
+        # One whole-level run per level (three), not tiles of it; the same keypoints.
+        assert len(sizes) == 3 and sizes[0] == crop.shape[1:], sizes
+        np.testing.assert_array_equal(features.xy, expected.xy)
+        np.testing.assert_allclose(features.descriptors, expected.descriptors, atol=1e-5, rtol=0)
+    # Metadata that contradicts the graph (not pooled) is refused, not trusted.
+    model.metadata_props.add(key=HALO_KEY, value="28")
+    model.metadata_props.add(key=ALIGNMENT_KEY, value="2")
+    onnx.save(model, str(old_path))
+    for backend in BACKENDS:
+        with pytest.raises(WeightsError, match=ALIGNMENT_KEY):
+            make_onnx_runner(old_path, backend=backend)
+    (tmp_path / "broken.onnx").write_bytes(b"\xff" * 16)
+    with pytest.raises(WeightsError, match="not a readable ONNX file"):
+        read_metadata(tmp_path / "broken.onnx")
+
+
 def test_compute_at_given_keypoints_matches_torch_backend(exported, boat):
     # Off-grid positions and several sizes: bilinear sampling on both pyramid levels.
     crop = boat[96:416, 96:416]
@@ -156,8 +253,14 @@ def test_session_has_arena_off_and_requested_threads(exported, monkeypatch):
     assert options.intra_op_num_threads == 1
     monkeypatch.setenv(NUM_THREADS_ENV, "2")
     assert make_onnx_runner(path).session.get_session_options().intra_op_num_threads == 2
+    r2d2 = cv2r2d2.R2D2Feature.create(model=path, backend="onnxruntime", num_threads=1)
+    assert r2d2.getNumThreads() == 1
+    assert r2d2._runner.session.get_session_options().intra_op_num_threads == 1
+    assert cv2r2d2.R2D2_create(model=path, backend="opencv", num_threads=1)._runner.num_threads == 1
     with pytest.raises(ValueError, match="num_threads"):
         make_onnx_runner(path, num_threads=-1)
+    with pytest.raises(TypeError, match="num_threads"):
+        cv2r2d2.R2D2Feature.create(model=path, backend="onnxruntime", num_threads=1.5)
     monkeypatch.setenv(NUM_THREADS_ENV, "many")
     with pytest.raises(ValueError, match=NUM_THREADS_ENV):
         make_onnx_runner(path)
@@ -204,7 +307,8 @@ def test_bad_arguments_are_refused(exported, tmp_path):
         export_onnx(MODEL, tmp_path / "a.onnx", opset=7)
 
 
-def test_int8_export_keeps_heads_fp32_and_reports_its_accuracy(exported, onnx_folder, tmp_path):
+def test_int8_export_keeps_heads_fp32_and_reports_its_accuracy(exported, onnx_folder, tmp_path, crop,
+                                                               monkeypatch):
     import onnx
 
     from cv2r2d2.export import export_onnx
@@ -224,7 +328,10 @@ def test_int8_export_keeps_heads_fp32_and_reports_its_accuracy(exported, onnx_fo
     assert report["bytes"] < 0.5 * exported()["bytes"]
     model = onnx.load(report["output"])
     onnx.checker.check_model(model, full_check=True)
-    assert {p.key: p.value for p in model.metadata_props}["cv2r2d2.precision"] == "int8"
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert metadata["cv2r2d2.precision"] == "int8"
+    assert (metadata[HALO_KEY], metadata[ALIGNMENT_KEY]) == ("27", "1")
+    assert read_metadata(report["output"]) == metadata
     heads = [n for n in model.graph.node if n.name in ("/clf/Conv", "/sal/Conv")]
     float_weights = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
     assert len(heads) == 2 and all(n.input[1] in float_weights for n in heads)
@@ -234,3 +341,5 @@ def test_int8_export_keeps_heads_fp32_and_reports_its_accuracy(exported, onnx_fo
     keypoints, descriptors = r2d2.detectAndCompute(read_image("test.png")[:256, :320], None)
     assert len(keypoints) > 100
     np.testing.assert_allclose(np.linalg.norm(descriptors, axis=1), 1.0, atol=1e-5)
+    # The quantised graph crops as exactly: its quantisation steps are per-pixel.
+    _assert_tiles_equal_whole(r2d2._runner, crop, monkeypatch)
