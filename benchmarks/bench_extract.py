@@ -38,22 +38,23 @@ from homography_pairs import IMAGES, by_image, make_pairs
 HUGE = dict(max_size=9999, min_size=0, min_scale=0.3)
 
 # name -> R2D2Feature.create keyword arguments; "reference" is the baseline. An
-# "onnx_int8" entry names the model exported to int8 (calibrated on the sample images
-# other than brooklyn) and run by onnxruntime.
+# "onnx" entry names the model exported to ONNX (fp32, or int8 calibrated on the sample
+# images other than brooklyn) and run by onnxruntime.
 MODES: Dict[str, dict] = {
     "reference": dict(backend="reference", tile_size=0),
     "exact": dict(),
     "exact, untiled": dict(tile_size=0),
+    "exact, onnxruntime fp32": dict(onnx=("r2d2_WASF_N16", "fp32")),
     "faster2d2": dict(model="faster2d2_WASF_N16"),
-    "int8 onnxruntime": dict(onnx_int8="r2d2_WASF_N16"),
-    "faster2d2, int8 onnxruntime": dict(onnx_int8="faster2d2_WASF_N16"),
+    "int8 onnxruntime": dict(onnx=("r2d2_WASF_N16", "int8")),
+    "faster2d2, int8 onnxruntime": dict(onnx=("faster2d2_WASF_N16", "int8")),
 }
 FAST_MODES = ("faster2d2", "int8 onnxruntime", "faster2d2, int8 onnxruntime")
 ONNX_DIR_ENV = "BENCH_ONNX_DIR"
 
 
-def export_int8(folder: Path) -> None:
-    """Export the int8 models the modes name into ``folder`` (skipped when present)."""
+def export_models(folder: Path) -> None:
+    """Export the ONNX models the modes name into ``folder`` (skipped when present)."""
     from cv2r2d2.export import export_onnx
 
     calibration = folder / "calibration"
@@ -61,16 +62,18 @@ def export_int8(folder: Path) -> None:
     for other in sorted(IMAGES.glob("*.png")):
         if other.name != "brooklyn.png" and not (calibration / other.name).exists():
             (calibration / other.name).symlink_to(other.resolve())
-    for model in {kw["onnx_int8"] for kw in MODES.values() if "onnx_int8" in kw}:
-        if not (folder / f"{model}-int8.onnx").is_file():
-            export_onnx(model, folder / f"{model}-int8.onnx", int8=True, calibration=calibration)
+    for model, precision in {kw["onnx"] for kw in MODES.values() if "onnx" in kw}:
+        path = folder / f"{model}-{precision}.onnx"
+        if not path.is_file():
+            int8 = precision == "int8"
+            export_onnx(model, path, int8=int8, calibration=calibration if int8 else None)
 
 
 def create(mode: str, **params) -> cv2r2d2.R2D2Feature:
     kwargs = dict(MODES[mode], **params)
-    model = kwargs.pop("onnx_int8", None)
-    if model is not None:
-        onnx_path = Path(os.environ[ONNX_DIR_ENV]) / f"{model}-int8.onnx"
+    exported = kwargs.pop("onnx", None)
+    if exported is not None:
+        onnx_path = Path(os.environ[ONNX_DIR_ENV]) / "{}-{}.onnx".format(*exported)
         return cv2r2d2.R2D2Feature.create(str(onnx_path), backend="onnxruntime", **kwargs)
     return cv2r2d2.R2D2Feature.create(device="cpu", **kwargs)
 
@@ -202,7 +205,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--huge", action="store_true", help="add the 8000 x 6000 image")
-    parser.add_argument("--pairs", type=int, default=2,
+    parser.add_argument("--pairs", type=int, default=5,
                         help="homography pairs per sample image and kind for MMA@3")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "IMAGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -210,6 +213,7 @@ def main() -> None:
         child(*args.child)
         return
     torch.set_num_threads(args.threads)
+    os.environ["CV2R2D2_NUM_THREADS"] = str(args.threads)  # onnxruntime modes, children too
     image = cv2.imread(str(IMAGES / "brooklyn.png"))
     gflops = matmul_gflops()
     print(f"torch {torch.__version__}, opencv {cv2.__version__}, {args.threads} threads; "
@@ -217,7 +221,7 @@ def main() -> None:
 
     onnx_dir = tempfile.TemporaryDirectory(prefix="bench-extract-")
     os.environ[ONNX_DIR_ENV] = onnx_dir.name
-    export_int8(Path(onnx_dir.name))
+    export_models(Path(onnx_dir.name))
     extractors = {name: create(name) for name in MODES}
     sift = cv2.SIFT_create(5000)
     times: Dict[str, List[float]] = {name: [] for name in [*extractors, "cv2.SIFT(5000)"]}
