@@ -24,7 +24,7 @@ __all__ = [
     "describe",
     "dense_maps",
     "tiles",
-    "halo_crop",
+    "halo_window",
 ]
 
 # Keypoint size (patch diameter, pixels) at pyramid scale 1, as in the reference.
@@ -269,16 +269,35 @@ def _level_tiles(runner: NetworkRunner, height: int, width: int, tile_size: int)
     return tiles(height, width, tile_size, halo)
 
 
-def halo_crop(start: int, stop: int, length: int, halo: int, alignment: int) -> Tuple[int, int]:
-    """Input range [begin, end) whose maps cover map range [start, stop) exactly.
+def halo_window(
+    box: Optional[Box], map_size: Tuple[int, int], image_size: Tuple[int, int],
+    halo: Optional[int], alignment: int,
+) -> Tuple[slice, slice, slice, slice]:
+    """Where a runner crops its input for the maps in ``box``, and where the box lies in the crop's maps.
 
-    The range grows by ``halo`` pixels on each side, clipped to [0, length), and begins
-    at a multiple of ``alignment`` (the network's pooling factor), so that the pooling
-    grid of the crop is that of the whole image.
+    Args:
+        box: (y0, y1, x0, x1) in map pixels, end excluded; None: the whole map.
+        map_size: (h', w') of the whole image's maps; image_size: (H, W) of its input.
+        halo: input pixels of context each side (None: crop nothing, run the whole image).
+        alignment: the crop begins at a multiple of it (the network's pooling factor), so
+            the crop's pooling grid is the whole image's.
+
+    Returns:
+        (input rows, input columns, box rows, box columns) as slices; the crop's maps
+        inside the box slices equal the whole image's maps inside ``box``.
     """
-    begin = max(0, start - halo)
-    begin -= begin % alignment
-    return begin, min(length, stop + halo)
+    y0, y1, x0, x1 = box if box is not None else (0, map_size[0], 0, map_size[1])
+
+    def along(start: int, stop: int, length: int) -> Tuple[int, int]:
+        if halo is None:
+            return 0, length
+        begin = max(0, start - halo)
+        begin -= begin % alignment
+        return begin, min(length, stop + halo)
+
+    top, bottom = along(y0, y1, image_size[0])
+    left, right = along(x0, x1, image_size[1])
+    return slice(top, bottom), slice(left, right), slice(y0 - top, y1 - top), slice(x0 - left, x1 - left)
 
 
 def _grow(box: Box, height: int, width: int, margin: int = 1) -> Box:

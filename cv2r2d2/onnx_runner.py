@@ -24,7 +24,7 @@ from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
 import cv2
 import numpy as np
 
-from .extractor import halo_crop
+from .extractor import halo_window
 from .weights import MODELS, WEIGHTS_DIR_ENV, WeightsError, _cache_dir
 
 __all__ = [
@@ -197,28 +197,17 @@ class _OnnxRunner:
     def resize(self, image: np.ndarray, height: int, width: int) -> np.ndarray:
         return resize_bilinear(image, height, width)
 
-    def _crop(self, start: int, stop: int, length: int) -> Tuple[int, int]:
-        if self.halo is None:
-            return 0, length
-        return halo_crop(start, stop, length, self.halo, self._alignment)
-
     def run(self, image: np.ndarray, box: Optional[Box] = None) -> OnnxLevelOutput:
         """Network outputs on the whole (3, H, W) image, or on ``box`` = (y0, y1, x0, x1) of its map.
 
         The graph runs on the box grown by the halo (the whole image when the file
         gives none); the maps inside the box equal those of a whole-image run.
         """
-        height, width = image.shape[1:]
-        if box is None:
-            map_h, map_w = self.output_size(height, width)
-            box = (0, map_h, 0, map_w)
-        y0, y1, x0, x1 = box
-        top, bottom = self._crop(y0, y1, height)
-        left, right = self._crop(x0, x1, width)
-        crop = np.ascontiguousarray(image[None, :, top:bottom, left:right])
+        in_rows, in_cols, rows, cols = halo_window(
+            box, self.output_size(*image.shape[1:]), image.shape[1:], self.halo, self._alignment
+        )
+        crop = np.ascontiguousarray(image[None, :, in_rows, in_cols])
         raw, reliability_logits, repeatability_logit = self._forward(crop)
-        rows = slice(y0 - top, y1 - top)
-        cols = slice(x0 - left, x1 - left)
         return OnnxLevelOutput(
             raw[0, :, rows, cols],
             reliability_logits[0, :, rows, cols],

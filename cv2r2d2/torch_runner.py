@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .extractor import halo_crop
+from .extractor import halo_window
 from .nets import FoldedNet, R2D2Net, fold_batchnorm, reliability_map, repeatability_map
 
 __all__ = ["TorchRunner", "TorchLevelOutput", "receptive_halo"]
@@ -144,23 +144,14 @@ class TorchRunner:
         with torch.inference_mode():
             return F.interpolate(image, (height, width), mode="bilinear", align_corners=False)
 
-    def _crop(self, start: int, stop: int, length: int) -> Tuple[int, int]:
-        return halo_crop(start, stop, length, self.halo, self._alignment)
-
     def run(self, image: torch.Tensor, box: Optional[Box] = None) -> TorchLevelOutput:
         """Network outputs on the whole image, or on ``box`` = (y0, y1, x0, x1) of its map."""
-        height, width = image.shape[2:]
-        if box is None:
-            map_h, map_w = self.output_size(height, width)
-            box = (0, map_h, 0, map_w)
-        y0, y1, x0, x1 = box
-        top, bottom = self._crop(y0, y1, height)
-        left, right = self._crop(x0, x1, width)
+        in_rows, in_cols, rows, cols = halo_window(
+            box, self.output_size(*image.shape[2:]), image.shape[2:], self.halo, self._alignment
+        )
         with torch.inference_mode():
-            crop = image[:, :, top:bottom, left:right].to(self._dtype)
+            crop = image[:, :, in_rows, in_cols].to(self._dtype)
             raw, reliability_logits, repeatability_logit = self.net.forward_raw(crop)
-            rows = slice(y0 - top, y1 - top)
-            cols = slice(x0 - left, x1 - left)
             return TorchLevelOutput(
                 raw[0, :, rows, cols],
                 reliability_map(reliability_logits[:, :, rows, cols].float())[0, 0],
