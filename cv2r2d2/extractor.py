@@ -30,7 +30,9 @@ __all__ = [
 # Keypoint size (patch diameter, pixels) at pyramid scale 1, as in the reference.
 PATCH_SIZE = 32.0
 # Default cap on the pixels of one network run (tile_size ** 2); larger levels are tiled.
-DEFAULT_TILE_SIZE = 512
+# A run peaks at two 128-channel float32 maps of its tile (1 KB per pixel, <= 170 MB at 416):
+# brooklyn's default extraction stays under 500 MB for ~4% more halo recomputation than 512.
+DEFAULT_TILE_SIZE = 416
 
 Box = Tuple[int, int, int, int]
 
@@ -233,21 +235,48 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
     return order[:k] if k else order
 
 
+def _edge_margin(length: int, parts: int, halo: int) -> int:
+    """How much longer the end boxes of ``parts`` along ``length`` are than inner ones.
+
+    Inner boxes carry a halo on both sides, end boxes on one: making the end boxes
+    ``halo`` longer gives all grown boxes about the same size (less than ``halo`` where
+    the inner boxes would otherwise drop under 1 pixel).
+    """
+    return max(0, min(halo, (length - parts) // 2))
+
+
+def _grown_length(length: int, parts: int, halo: int) -> int:
+    """An upper bound on the longest box of :func:`_cuts` grown by its inner halos."""
+    if parts == 1:
+        return length
+    return -(-(length - 2 * _edge_margin(length, parts, halo)) // parts) + 2 * halo
+
+
+def _cuts(length: int, parts: int, halo: int) -> np.ndarray:
+    """(parts + 1,) box edges along one side, from 0 to ``length``."""
+    margin = _edge_margin(length, parts, halo)
+    edges = np.linspace(margin, length - margin, parts + 1).round().astype(int)
+    edges[0], edges[-1] = 0, length
+    return edges
+
+
 def tiles(height: int, width: int, tile_size: int, halo: int) -> List[Box]:
     """Split a height x width map into a grid of boxes (y0, y1, x0, x1).
 
     Each box grown by ``halo`` on its inner sides holds at most ``tile_size ** 2``
-    pixels (unless a single row or column of that size is needed), and the grid is
-    the one with the least total area including halos, i.e. the least recomputation.
-    ``tile_size=0`` never tiles.
+    pixels (unless a single row or column of that size is needed), inner boxes are
+    narrower than the end ones so that the grown boxes are about equal (the peak
+    memory of a level is its largest grown box's), and the grid is the one with the
+    least total area including halos, i.e. the least recomputation. ``tile_size=0``
+    never tiles.
     """
     if tile_size <= 0 or height * width <= tile_size * tile_size:
         return [(0, height, 0, width)]
     best = None
     for rows in range(1, height + 1):
-        tile_h = -(-height // rows) + (2 * halo if rows > 1 else 0)
+        tile_h = _grown_length(height, rows, halo)
         cols = 1
-        while cols < width and tile_h * (-(-width // cols) + (2 * halo if cols > 1 else 0)) > tile_size**2:
+        while cols < width and tile_h * _grown_length(width, cols, halo) > tile_size**2:
             cols += 1
         area = (height + 2 * halo * (rows - 1)) * (width + 2 * halo * (cols - 1))
         if best is None or area < best[0]:
@@ -255,8 +284,7 @@ def tiles(height: int, width: int, tile_size: int, halo: int) -> List[Box]:
         if tile_h <= 2 * halo + 1:
             break
     _, rows, cols = best
-    ys = np.linspace(0, height, rows + 1).round().astype(int)
-    xs = np.linspace(0, width, cols + 1).round().astype(int)
+    ys, xs = _cuts(height, rows, halo), _cuts(width, cols, halo)
     return [(int(ys[i]), int(ys[i + 1]), int(xs[j]), int(xs[j + 1]))
             for i in range(rows) for j in range(cols)]
 
@@ -333,7 +361,12 @@ def peak_offsets(values: np.ndarray, y: np.ndarray, x: np.ndarray) -> Tuple[np.n
 
 
 class _TopK:
-    """Running best-``k`` keypoints (k = 0: all), so memory stays bounded."""
+    """Running best-``k`` keypoints (k = 0: all), so memory stays bounded.
+
+    Columns are (scores, octaves, positions, ...), positions row-major indices in the
+    level's map: equal scores rank by level, then row-major position, however the
+    levels were tiled.
+    """
 
     def __init__(self, k: int) -> None:
         self.k = k
@@ -349,7 +382,10 @@ class _TopK:
 
     def result(self) -> Tuple[np.ndarray, ...]:
         columns = [np.concatenate(c) for c in zip(*self.parts)]
-        order = _top(columns[2], self.k)
+        scores, octaves, positions = columns[:3]
+        order = np.lexsort((positions, octaves, -scores))
+        if self.k:
+            order = order[:self.k]
         return tuple(c[order] for c in columns)
 
 
@@ -412,15 +448,15 @@ def extract(
                 sample_x += dx
                 sample_y += dy
             best.add(
-                px[chosen], py[chosen], scores[chosen],
-                np.full(len(chosen), level.octave, np.int32),
-                np.full(len(chosen), np.float32(level.size), np.float32),
+                scores[chosen], np.full(len(chosen), level.octave, np.int32),
+                y[chosen].astype(np.int64) * map_w + x[chosen],
+                px[chosen], py[chosen], np.full(len(chosen), np.float32(level.size), np.float32),
                 output.descriptors_at(sample_x, sample_y),
             )
             del output  # free this tile's maps before the next tile runs
     if not best.parts:
         return _empty_features(runner.descriptor_size)
-    px, py, scores, octaves, sizes, descriptors = best.result()
+    scores, octaves, _, px, py, sizes, descriptors = best.result()
     return Features(
         xy=np.stack([px, py], axis=1), sizes=sizes, scores=scores, octaves=octaves,
         descriptors=descriptors,

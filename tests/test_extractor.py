@@ -126,24 +126,31 @@ def test_top_k_and_mask():
 def test_tiles_cover_the_map_with_least_overlap():
     assert tiles(100, 200, 0, 27) == [(0, 100, 0, 200)]
     assert tiles(100, 200, 512, 27) == [(0, 100, 0, 200)]
+    # The inner box carries a halo on both sides, the end ones on one: it is 2 x 27 px
+    # narrower, so that the three grown boxes are equal (338, 337, 338 px wide).
     boxes = tiles(580, 905, 512, 27)
-    assert boxes == [(0, 580, 0, 302), (0, 580, 302, 603), (0, 580, 603, 905)]
-    for tile_size in (64, 200, 333):
-        boxes = tiles(300, 410, tile_size, 10)
-        covered = np.zeros((300, 410), int)
-        for y0, y1, x0, x1 in boxes:
-            covered[y0:y1, x0:x1] += 1
-            assert (y1 - y0 + 20) * (x1 - x0 + 20) <= tile_size**2 or len(boxes) == 1
-        assert np.all(covered == 1)
+    assert boxes == [(0, 580, 0, 311), (0, 580, 311, 594), (0, 580, 594, 905)]
+    for height, width, halo in [(300, 410, 10), (97, 1000, 27)]:
+        for tile_size in (64, 200, 333):
+            boxes = tiles(height, width, tile_size, halo)
+            covered = np.zeros((height, width), int)
+            for y0, y1, x0, x1 in boxes:
+                covered[y0:y1, x0:x1] += 1
+                grown_h = y1 - y0 + halo * ((y0 > 0) + (y1 < height))
+                grown_w = x1 - x0 + halo * ((x0 > 0) + (x1 < width))
+                assert grown_h * grown_w <= tile_size**2
+            assert np.all(covered == 1)
 
 
 def test_tiled_detection_equals_untiled():
     rng = np.random.default_rng(1)
-    rep = rng.uniform(0, 1, (90, 130)).astype(np.float32)
+    # Few distinct values: many equal scores, which rank in row-major order, tiled or not.
+    rep = rng.uniform(0, 1, (90, 130)).round(1).astype(np.float32)
     runner = MapRunner(rep, np.ones_like(rep))
     image = np.zeros((3, 90, 130), np.float32)
     whole = extract(runner, image, _single_level(nfeatures=200), tile_size=0)
     tiled = extract(runner, image, _single_level(nfeatures=200), tile_size=64)
+    assert len(np.unique(whole.scores)) < len(whole) // 10
     np.testing.assert_array_equal(whole.xy, tiled.xy)
     np.testing.assert_array_equal(whole.descriptors, tiled.descriptors)
     xy = rng.uniform(0, 89, (50, 2)).astype(np.float32)
