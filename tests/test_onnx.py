@@ -307,7 +307,7 @@ def test_bad_arguments_are_refused(exported, tmp_path):
         export_onnx(MODEL, tmp_path / "a.onnx", opset=7)
 
 
-def test_int8_export_keeps_heads_fp32_and_reports_its_accuracy(exported, onnx_folder, tmp_path, crop,
+def test_int8_export_keeps_first_conv_and_heads_fp32_and_reports_its_accuracy(exported, onnx_folder, tmp_path, crop,
                                                                monkeypatch):
     import onnx
 
@@ -335,6 +335,12 @@ def test_int8_export_keeps_heads_fp32_and_reports_its_accuracy(exported, onnx_fo
     heads = [n for n in model.graph.node if n.name in ("/clf/Conv", "/sal/Conv")]
     float_weights = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
     assert len(heads) == 2 and all(n.input[1] in float_weights for n in heads)
+    # The first convolution reads the fp32 image with fp32 weights; the others are quantised.
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    first = [n for n in convs if n.input[0] == "image"]
+    assert len(first) == 1 and first[0].input[1] in float_weights
+    quantised = [n for n in convs if n.input[1] not in float_weights]
+    assert len(quantised) == len(convs) - 3
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
 
     r2d2 = cv2r2d2.R2D2Feature.create(model=report["output"], backend="onnxruntime", nfeatures=500)
