@@ -32,9 +32,10 @@ from typing import (
     Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union,
 )
 
+from ._files import atomic_path
 from .io import (
-    ExtractionReport, H5Features, H5Matches, R2D2Folder, atomic_path, extract_collection,
-    feature_format, import_optional, open_features, pair_key, progress,
+    ExtractionReport, H5Features, H5Matches, R2D2Folder, extract_collection, feature_format,
+    import_optional, open_features, pair_key, progress,
 )
 from .matching import MatchingReport, match_collection
 from .shards import ShardedH5, new_run_id

@@ -40,7 +40,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from .io import atomic_path, import_optional, progress, read_image
+from ._files import atomic_path
+from .io import import_optional, progress, read_image
 from .matching import mutual_nearest_neighbours
 
 __all__ = [

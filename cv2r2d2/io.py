@@ -23,12 +23,10 @@ Positions are in pixels, OpenCV's convention (the centre of the top-left pixel i
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -39,6 +37,7 @@ from typing import (
 import cv2
 import numpy as np
 
+from ._files import atomic_path
 from .extractor import Features
 
 if TYPE_CHECKING:
@@ -124,28 +123,6 @@ def progress(iterable: Iterable, total: Optional[int] = None, enabled: bool = Tr
 
 def _stderr_is_terminal() -> bool:
     return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-
-
-# --- atomic files ------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it onto ``path`` on success.
-
-    On an exception the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 # --- images ------------------------------------------------------------------------

@@ -13,16 +13,15 @@ import collections
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ._files import atomic_dir, atomic_path
 from .io import (
-    FeatureStore, H5Features, H5Matches, MissingDependencyError, atomic_path,
+    FeatureStore, H5Features, H5Matches, MissingDependencyError,
     extract_collection, import_optional, list_images,
 )
 from .matching import match_collection, parse_pairs
@@ -90,7 +89,7 @@ def write_database(
     come from ``matches``.
 
     Args:
-        database_path: the database file to create (it must not exist).
+        database_path: the database file to create (it must not exist, or be empty).
         image_dir: the folder the image names are relative to.
         features: the images' features; every name in it is imported.
         matches: the match file holding every pair of ``pairs``.
@@ -106,7 +105,8 @@ def write_database(
     if camera_mode not in CAMERA_MODES:
         raise ValueError(f"camera_mode must be one of {', '.join(CAMERA_MODES)}, got {camera_mode!r}")
     database_path = Path(database_path)
-    if database_path.exists():
+    # An empty file (atomic_path's placeholder) is an empty SQLite database.
+    if database_path.exists() and database_path.stat().st_size:
         raise FileExistsError(f"{database_path} exists; write the database to a new file")
     pycolmap.Database.open(str(database_path)).close()
     names = features.names()
@@ -187,19 +187,10 @@ def incremental_mapping(
     """
     pycolmap = import_pycolmap()
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
-        with _colmap_log_level(pycolmap, verbose):
-            models = pycolmap.incremental_mapping(
-                os.fspath(database_path), os.fspath(image_dir), os.fspath(work),
-            )
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(work, output_dir)
-    finally:
-        if work.exists():
-            shutil.rmtree(work)
+    with atomic_dir(output_dir) as work, _colmap_log_level(pycolmap, verbose):
+        models = pycolmap.incremental_mapping(
+            os.fspath(database_path), os.fspath(image_dir), os.fspath(work),
+        )
     found = [(output_dir / str(index), model) for index, model in models.items()]
     return sorted(found, key=lambda item: -item[1].num_reg_images())
 
@@ -297,7 +288,6 @@ def reconstruct(
                              overwrite, show_progress)
             database = output_dir / "database.db"
             with atomic_path(database) as tmp:
-                os.remove(tmp)  # write_database wants a new file
                 write_database(tmp, image_dir, features, matches, pair_list, camera_model,
                                camera_mode)
                 verified = verify_matches(tmp, verbose=verbose)

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple, Union
 
-from .io import H5Features, H5Matches, atomic_path, import_optional
+from ._files import TEMPORARY_GLOB, atomic_path
+from .io import H5Features, H5Matches, import_optional
 
 __all__ = ["SHARDS_SUFFIX", "ShardedH5", "new_run_id"]
 
@@ -128,7 +129,7 @@ class ShardedH5:
     def remove_temporary_files(self) -> None:
         """Delete shards left half-written by killed processes (run when none writes)."""
         if self.shards_dir.is_dir():
-            for tmp in self.shards_dir.glob(".*.tmp"):
+            for tmp in self.shards_dir.glob(TEMPORARY_GLOB):
                 tmp.unlink(missing_ok=True)
 
     def write_master(self, entries: Dict[str, Tuple[Path, str]]) -> None:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
+from ._files import atomic_path
+
 if TYPE_CHECKING:  # torch is imported only where a network is built
     import torch
 
@@ -168,12 +170,11 @@ def download_weights(info: ModelInfo, dest: Path, progress: bool = True, timeout
     Raises:
         WeightsError: when the download fails or the checksum does not match.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
     logger.info("downloading %s weights from %s to %s", info.name, info.url, dest)
     digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(info.url, timeout=timeout) as response, open(partial, "wb") as out:
+        with atomic_path(dest) as partial, urllib.request.urlopen(info.url, timeout=timeout) \
+                as response, open(partial, "wb") as out:
             length = response.headers.get("Content-Length")
             bar = _Progress(int(length) if length else None, progress, info.name)
             try:
@@ -183,20 +184,16 @@ def download_weights(info: ModelInfo, dest: Path, progress: bool = True, timeout
                     bar.update(len(block))
             finally:
                 bar.close()
-        if digest.hexdigest() != info.sha256:
-            raise WeightsError(
-                f"the file downloaded from {info.url} failed its sha256 check (got "
-                f"{digest.hexdigest()}, expected {info.sha256}); nothing was written to {dest}."
-            )
-        os.replace(partial, dest)
+            if digest.hexdigest() != info.sha256:
+                raise WeightsError(
+                    f"the file downloaded from {info.url} failed its sha256 check (got "
+                    f"{digest.hexdigest()}, expected {info.sha256}); nothing was written to {dest}."
+                )
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         raise WeightsError(
             f"could not download the {info.name} weights from {info.url} ({exc}). "
             f"To work offline, {_where_to_put(info)}."
         ) from exc
-    finally:
-        if partial.exists():
-            partial.unlink()
     return dest
 
 

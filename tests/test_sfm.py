@@ -1,6 +1,8 @@
 """COLMAP reconstruction of a synthetic scene rendered from known camera poses."""
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import cv2
@@ -105,7 +107,11 @@ def reconstruction(scene, feature, tmp_path_factory):
     from cv2r2d2.sfm import reconstruct
 
     output = tmp_path_factory.mktemp("sfm")
-    return reconstruct(scene[0], output, feature=feature, camera_mode="single"), output
+    previous = os.umask(0o027)  # a real umask: the outputs must follow it
+    try:
+        return reconstruct(scene[0], output, feature=feature, camera_mode="single"), output
+    finally:
+        os.umask(previous)
 
 
 def test_all_views_register_at_their_true_centres(scene, reconstruction):
@@ -125,6 +131,10 @@ def test_all_views_register_at_their_true_centres(scene, reconstruction):
     errors = np.linalg.norm(aligned - true, axis=1)
     assert errors.max() < 0.01 * GROUND, errors
     assert "registered images:     8 / 8" in result.summary()
+    # Written under umask 0o027: the modes open() and os.mkdir give, sparse/ included.
+    for path in [output / "sparse", output / "database.db", *output.rglob("*")]:
+        expected = 0o750 if path.is_dir() else 0o640
+        assert stat.S_IMODE(path.stat().st_mode) == expected, (path, oct(path.stat().st_mode))
 
 
 def test_database_only_reuses_features_and_matches(scene, reconstruction):
@@ -160,6 +170,6 @@ def test_database_only_reuses_features_and_matches(scene, reconstruction):
 def test_write_database_refuses_an_existing_file(tmp_path):
     from cv2r2d2.sfm import write_database
 
-    (tmp_path / "database.db").write_bytes(b"")
+    (tmp_path / "database.db").write_bytes(b"SQLite format 3")
     with pytest.raises(FileExistsError):
         write_database(tmp_path / "database.db", tmp_path, None, None, [])

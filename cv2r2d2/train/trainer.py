@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .._files import atomic_path
 from ..nets import R2D2Net, build_net
 from ..weights import load_checkpoint, resolve_weights
 from .data import (
@@ -129,17 +130,11 @@ def resume_path(output: str) -> Path:
     return path.with_name(path.stem + ".resume" + (path.suffix or ".pt"))
 
 
-def _atomic_save(obj: Dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    torch.save(obj, partial)
-    os.replace(partial, path)
-
-
 def save_model(net: nn.Module, net_string: str, path: Path, **extra: Any) -> None:
     """Write ``{"net": net_string, "state_dict": ..., **extra}`` (CPU tensors) atomically."""
     state_dict = {key: value.detach().cpu() for key, value in net.state_dict().items()}
-    _atomic_save({"net": net_string, "state_dict": state_dict, **extra}, path)
+    with atomic_path(path) as tmp:
+        torch.save({"net": net_string, "state_dict": state_dict, **extra}, tmp)
 
 
 class Trainer:
