@@ -418,7 +418,9 @@ def _add_export_onnx(subparsers: Any) -> None:
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     parser.add_argument("--int8", action="store_true", help="quantise to int8")
     parser.add_argument("--calibration", default=None,
-                        help="images (folder) to calibrate the int8 quantisation on")
+                        help="a folder of at least 2 images for --int8: most calibrate the "
+                             "quantisation, a few (1 in 5, at most 4) are held out to report "
+                             "int8's accuracy against fp32")
     _add_output_options(parser)
     parser.set_defaults(run=_run_export_onnx)
 
@@ -429,7 +431,7 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ImportError(f"ONNX export is not available: {exc}") from exc
     info = export_onnx(args.model, args.output, opset=args.opset, int8=args.int8,
-                       calibration=args.calibration)
+                       calibration=args.calibration, show_progress=not args.quiet)
     for key, value in info.items():
         print(f"{key}: {value}")
     return 0

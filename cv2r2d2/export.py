@@ -24,26 +24,28 @@ import numpy as np
 import onnx
 import torch
 
+from ._files import atomic_path
 from .evaluation import PairData, mean_matching_accuracy, visible_keypoints
 from .extractor import ExtractionParams, Features, NetworkRunner, describe, extract
 from .image import normalize_image
+from .io import IMAGE_SUFFIXES, progress, read_image
 from .matching import mutual_nearest_neighbours
 from .nets import FoldedNet, fold_batchnorm
 from .onnx_runner import ALIGNMENT_KEY, HALO_KEY, INPUT_NAME, OUTPUT_NAMES, OnnxRuntimeRunner
 from .torch_runner import receptive_halo
 from .weights import MODELS, load_model
 
-__all__ = ["export_onnx", "read_images", "keypoint_agreement", "homography_mma", "HOMOGRAPHIES"]
+__all__ = ["export_onnx", "read_images", "held_out", "keypoint_agreement", "homography_mma",
+           "HOMOGRAPHIES"]
 
 logger = logging.getLogger(__name__)
 
 # Calibration and evaluation images are downscaled to this longer side (pixels): the
 # activation ranges hardly depend on scale, and the export stays quick.
 CALIBRATION_SIDE = 512
-# The first calibration images (at most this many) also serve for the accuracy report;
+# Calibration images held out for the accuracy report (at most this many, see held_out);
 # each costs about 11 extractions (fp32 and int8, with 3 warps).
 EVALUATION_IMAGES = 4
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".webp")
 # Synthetic homography pairs for MMA: each image's corners (TL, TR, BR, BL) move by
 # these fractions of its width and height.
 HOMOGRAPHIES = (
@@ -59,6 +61,7 @@ def export_onnx(
     opset: int = 17,
     int8: bool = False,
     calibration: Optional[Union[str, os.PathLike]] = None,
+    show_progress: bool = False,
 ) -> dict:
     """Export a model to an ONNX file that passes ``onnx.checker``.
 
@@ -68,15 +71,22 @@ def export_onnx(
         opset: ONNX opset version (13 to 20).
         int8: quantise statically, per channel (QDQ, uint8 activations, 7-bit int8
             weights), the first convolution (RGB input) and the 1x1 heads kept in fp32.
-        calibration: with ``int8``, a folder of images (any size; downscaled to
-            ``CALIBRATION_SIDE``) to calibrate the activation ranges on.
+        calibration: with ``int8``, a folder of at least 2 images (any size; downscaled
+            to ``CALIBRATION_SIDE``). Some are held out (see :func:`held_out`) to
+            measure the accuracy; the others calibrate the activation ranges.
+        show_progress: progress bars for the calibration and the accuracy check (on a
+            terminal).
 
     Returns:
-        A report: ``output``, ``model``, ``precision``, ``opset``, ``bytes``,
-        ``max_abs_error`` (fp32 graph vs torch on a test input); for int8 also
-        ``keypoints_within_2px`` and ``descriptor_cosine_median`` / ``_p01`` (int8
-        vs fp32 on the calibration images, paper settings), ``mma3_fp32`` and
-        ``mma3_int8`` (mean matching accuracy at 3 px on synthetic homography pairs).
+        A report: ``output``, ``model``, ``precision``, ``opset``, ``bytes`` and, for
+        fp32, ``max_abs_error`` (the graph's outputs vs torch's on a test input). For
+        int8, the quantised model against the fp32 one on the held-out images, paper
+        settings: ``keypoints_within_2px`` (fraction of fp32 keypoints with an int8
+        keypoint within 2 px), ``descriptor_cosine_median`` / ``_p01`` (int8 vs fp32
+        descriptors at the fp32 keypoints), ``mma3_fp32`` and ``mma3_int8`` (mean
+        matching accuracy at 3 px on synthetic homography pairs of those images),
+        ``calibration_images`` and ``evaluation_images`` (counts), and
+        ``fp32_max_abs_error`` (the fp32 graph that was quantised, vs torch).
     """
     if isinstance(opset, bool) or not isinstance(opset, int) or not 13 <= opset <= 20:
         raise ValueError(f"opset must be an integer from 13 to 20, got {opset!r}")
@@ -84,9 +94,8 @@ def export_onnx(
         raise ValueError("int8=True needs calibration=<folder of images> to calibrate on")
     if not int8 and calibration is not None:
         raise ValueError("calibration is only used with int8=True")
-    images = read_images(calibration) if int8 else []
+    calibrate, evaluate = held_out(read_images(calibration)) if int8 else ([], [])
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
 
     text = os.fspath(model)
     net = load_model(text, device="cpu")
@@ -110,28 +119,32 @@ def export_onnx(
         ALIGNMENT_KEY: str(alignment),
     }
     folded = fold_batchnorm(net)
-    # Written beside the output and renamed at the end: never half a file at `output`.
-    with tempfile.TemporaryDirectory(prefix=".cv2r2d2-export-", dir=output.parent) as folder:
+    report = {
+        "output": str(output),
+        "model": metadata["cv2r2d2.model"],
+        "precision": metadata["cv2r2d2.precision"],
+        "opset": opset,
+    }
+    with tempfile.TemporaryDirectory(prefix="cv2r2d2-export-") as folder, \
+            atomic_path(output) as final:
         fp32_path = Path(folder) / "fp32.onnx"
         _torch_export(folded, fp32_path, opset)
-        _write_metadata(fp32_path, dict(metadata, **{"cv2r2d2.precision": "fp32"}))
-        report = {
-            "output": str(output),
-            "model": metadata["cv2r2d2.model"],
-            "precision": metadata["cv2r2d2.precision"],
-            "opset": opset,
-            "max_abs_error": _max_abs_error(folded, fp32_path),
-        }
-        final = fp32_path
+        fp32_metadata = dict(metadata, **{"cv2r2d2.precision": "fp32"})
         if int8:
-            final = Path(folder) / "int8.onnx"
-            logger.info("calibrating int8 ranges on %d images", len(images))
-            _quantize(fp32_path, final, images)
-            _write_metadata(final, metadata)
-            report.update(_int8_report(OnnxRuntimeRunner(fp32_path), OnnxRuntimeRunner(final), images))
+            _write_metadata(fp32_path, fp32_path, fp32_metadata)
+            quantised = Path(folder) / "int8.onnx"
+            logger.info("calibrating the int8 ranges on %d image(s)", len(calibrate))
+            _quantize(fp32_path, quantised, calibrate, show_progress)
+            _write_metadata(quantised, final, metadata)
+            report["fp32_max_abs_error"] = _max_abs_error(folded, fp32_path)
+            report.update(_int8_report(OnnxRuntimeRunner(fp32_path), OnnxRuntimeRunner(final),
+                                       evaluate, show_progress))
+            report["calibration_images"] = len(calibrate)
+        else:
+            _write_metadata(fp32_path, final, fp32_metadata)
+            report["max_abs_error"] = _max_abs_error(folded, final)
         report["bytes"] = final.stat().st_size
-        os.replace(final, output)
-    logger.info("exported %s to %s: %s", text, output, report)
+    logger.debug("exported %s to %s: %s", text, output, report)
     return report
 
 
@@ -163,8 +176,9 @@ def _torch_export(folded: FoldedNet, path: Path, opset: int) -> None:
             )
 
 
-def _write_metadata(path: Path, metadata: Dict[str, str]) -> None:
-    proto = onnx.load(str(path))
+def _write_metadata(source: Path, path: Path, metadata: Dict[str, str]) -> None:
+    """Write the graph of ``source`` with ``metadata`` to ``path`` (may be ``source``)."""
+    proto = onnx.load(str(source))
     del proto.metadata_props[:]
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)
@@ -190,8 +204,9 @@ def read_images(folder: Union[str, os.PathLike], max_side: int = CALIBRATION_SID
         raise ValueError(f"calibration must be a folder of images, got {os.fspath(folder)!r}")
     images = []
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
+        try:
+            image = read_image(path)
+        except OSError:
             logger.warning("skipping %s: not readable as an image", path)
             continue
         factor = max_side / max(image.shape[:2])
@@ -203,6 +218,27 @@ def read_images(folder: Union[str, os.PathLike], max_side: int = CALIBRATION_SID
         raise ValueError(f"calibration folder {os.fspath(folder)!r} holds no readable image "
                          f"({', '.join(IMAGE_SUFFIXES)})")
     return images
+
+
+def held_out(images: Sequence[np.ndarray]) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    """Split calibration images into (calibrate, evaluate), so that the int8 accuracy is
+    measured on images the calibration has not seen.
+
+    Every k-th image is held out, k = len // n, for n = len // 5 held-out images (at
+    least 1, at most ``EVALUATION_IMAGES``).
+
+    Raises:
+        ValueError: fewer than 2 images.
+    """
+    if len(images) < 2:
+        raise ValueError(
+            f"int8 calibration needs at least 2 images, got {len(images)}: some are held out "
+            "to measure the accuracy on images the calibration has not seen")
+    count = min(EVALUATION_IMAGES, max(1, len(images) // 5))
+    step = len(images) // count
+    chosen = set(range(step - 1, len(images), step)[:count])
+    return ([image for i, image in enumerate(images) if i not in chosen],
+            [image for i, image in enumerate(images) if i in chosen])
 
 
 def _fp32_nodes(graph) -> List[str]:
@@ -224,7 +260,8 @@ def _fp32_nodes(graph) -> List[str]:
     return [n.name for n in first + squares + heads]
 
 
-def _quantize(fp32_path: Path, output: Path, images: Sequence[np.ndarray]) -> None:
+def _quantize(fp32_path: Path, output: Path, images: Sequence[np.ndarray],
+              show_progress: bool = False) -> None:
     from onnxruntime.quantization import (
         CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
         quantize_static,
@@ -232,11 +269,12 @@ def _quantize(fp32_path: Path, output: Path, images: Sequence[np.ndarray]) -> No
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._batches = iter([normalize_image(image)[None] for image in images])
+            self._images = iter(progress(images, len(images), show_progress, "calibrate",
+                                         unit="image"))
 
         def get_next(self) -> Optional[dict]:
-            batch = next(self._batches, None)
-            return None if batch is None else {INPUT_NAME: batch}
+            image = next(self._images, None)
+            return None if image is None else {INPUT_NAME: normalize_image(image)[None]}
 
     # Shape inference and graph clean-up, as the quantiser expects.
     prepared = fp32_path.with_name("prepared.onnx")
@@ -251,19 +289,32 @@ def _quantize(fp32_path: Path, output: Path, images: Sequence[np.ndarray]) -> No
     )
 
 
-def _int8_report(fp32: NetworkRunner, int8: NetworkRunner, images: Sequence[np.ndarray]) -> dict:
-    images = list(images[:EVALUATION_IMAGES])
-    logger.info("measuring the int8 model's accuracy against fp32 on %d images", len(images))
+def _int8_report(fp32: NetworkRunner, int8: NetworkRunner, images: Sequence[np.ndarray],
+                 show_progress: bool = False) -> dict:
+    """The int8 model against the fp32 one on ``images`` (see :func:`export_onnx`)."""
+    logger.info("measuring the int8 model against fp32 on %d held-out image(s)", len(images))
     params = ExtractionParams()
-    report = keypoint_agreement(fp32, int8, images, params)
-    report["mma3_fp32"] = homography_mma(fp32, images, params)
-    report["mma3_int8"] = homography_mma(int8, images, params)
+    within, cosines, accuracy_fp32, accuracy_int8 = [], [], [], []
+    for image in progress(images, len(images), show_progress, "int8 vs fp32", unit="image"):
+        ours, theirs = _extract(fp32, image, params), _extract(int8, image, params)
+        close, cosine = _agreement(ours, theirs, int8, image, params, radius=2.0)
+        within.append(close)
+        cosines.append(cosine)
+        accuracy_fp32 += _warp_accuracies(fp32, image, ours, params, threshold=3.0)
+        accuracy_int8 += _warp_accuracies(int8, image, theirs, params, threshold=3.0)
+    report = _agreement_figures(within, cosines)
+    report["mma3_fp32"] = _mean(accuracy_fp32)
+    report["mma3_int8"] = _mean(accuracy_int8)
     report["evaluation_images"] = len(images)
     return report
 
 
 def _extract(runner: NetworkRunner, image: np.ndarray, params: ExtractionParams) -> Features:
     return extract(runner, normalize_image(image), params)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
 
 
 def _nearest(query: np.ndarray, train: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -276,6 +327,24 @@ def _nearest(query: np.ndarray, train: np.ndarray) -> Tuple[np.ndarray, np.ndarr
     distance = np.array([m.distance for m in matches], np.float32)
     index = np.array([m.trainIdx for m in matches], np.int64)
     return distance, index
+
+
+def _agreement(ours: Features, theirs: Features, runner: NetworkRunner, image: np.ndarray,
+               params: ExtractionParams, radius: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Per reference keypoint (``ours``): whether ``theirs`` has one within ``radius``
+    px, and the cosine of ``runner``'s descriptor there with the reference's."""
+    distance, _ = _nearest(ours.xy, theirs.xy)
+    descriptors, kept = describe(runner, normalize_image(image), ours.xy, ours.sizes, params)
+    return distance <= radius, np.einsum("ij,ij->i", descriptors, ours.descriptors[kept])
+
+
+def _agreement_figures(within: List[np.ndarray], cosines: List[np.ndarray]) -> dict:
+    within, cosines = np.concatenate(within), np.concatenate(cosines)
+    return {
+        "keypoints_within_2px": _mean(within),
+        "descriptor_cosine_median": float(np.median(cosines)) if len(cosines) else float("nan"),
+        "descriptor_cosine_p01": float(np.percentile(cosines, 1)) if len(cosines) else float("nan"),
+    }
 
 
 def keypoint_agreement(
@@ -295,18 +364,32 @@ def keypoint_agreement(
     """
     within, cosines = [], []
     for image in images:
-        ours = _extract(reference, image, params)
-        theirs = _extract(runner, image, params)
-        distance, _ = _nearest(ours.xy, theirs.xy)
-        within.append(distance <= radius)
-        descriptors, kept = describe(runner, normalize_image(image), ours.xy, ours.sizes, params)
-        cosines.append(np.einsum("ij,ij->i", descriptors, ours.descriptors[kept]))
-    within, cosines = np.concatenate(within), np.concatenate(cosines)
-    return {
-        "keypoints_within_2px": float(within.mean()) if len(within) else float("nan"),
-        "descriptor_cosine_median": float(np.median(cosines)) if len(cosines) else float("nan"),
-        "descriptor_cosine_p01": float(np.percentile(cosines, 1)) if len(cosines) else float("nan"),
-    }
+        close, cosine = _agreement(_extract(reference, image, params),
+                                   _extract(runner, image, params), runner, image, params, radius)
+        within.append(close)
+        cosines.append(cosine)
+    return _agreement_figures(within, cosines)
+
+
+def _warp_accuracies(runner: NetworkRunner, image: np.ndarray, first: Features,
+                     params: ExtractionParams, threshold: float) -> List[float]:
+    """Matching accuracy at ``threshold`` px of ``image`` (features ``first``) with each of
+    its :data:`HOMOGRAPHIES` warps."""
+    height, width = image.shape[:2]
+    size = (width, height)
+    corners = np.float32([[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]])
+    accuracies = []
+    for offsets in HOMOGRAPHIES:
+        moved = corners + np.float32(offsets) * np.float32([width, height])
+        homography = cv2.getPerspectiveTransform(corners, moved)
+        warped = cv2.warpPerspective(image, homography, size, flags=cv2.INTER_LINEAR)
+        second = _extract(runner, warped, params)
+        a, b, _ = visible_keypoints(
+            PairData(first.xy, second.xy, np.zeros((0, 2), np.int64), homography, size, size))
+        matches, _ = mutual_nearest_neighbours(first.descriptors[a], second.descriptors[b])
+        pair = PairData(first.xy[a], second.xy[b], matches, homography, size, size)
+        accuracies.append(float(mean_matching_accuracy(pair, [threshold])[0]))
+    return accuracies
 
 
 def homography_mma(
@@ -320,20 +403,8 @@ def homography_mma(
     fraction of matches within ``threshold`` px of the true position, and the MMA is
     the mean over pairs (HPatches-style).
     """
-    accuracies = []
+    accuracies: List[float] = []
     for image in images:
-        height, width = image.shape[:2]
-        corners = np.float32([[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]])
-        first = _extract(runner, image, params)
-        for offsets in HOMOGRAPHIES:
-            moved = corners + np.float32(offsets) * np.float32([width, height])
-            homography = cv2.getPerspectiveTransform(corners, moved)
-            warped = cv2.warpPerspective(image, homography, (width, height), flags=cv2.INTER_LINEAR)
-            second = _extract(runner, warped, params)
-            size = (width, height)
-            a, b, _ = visible_keypoints(
-                PairData(first.xy, second.xy, np.zeros((0, 2), np.int64), homography, size, size))
-            matches, _ = mutual_nearest_neighbours(first.descriptors[a], second.descriptors[b])
-            pair = PairData(first.xy[a], second.xy[b], matches, homography, size, size)
-            accuracies.append(float(mean_matching_accuracy(pair, [threshold])[0]))
-    return float(np.mean(accuracies)) if accuracies else float("nan")
+        accuracies += _warp_accuracies(runner, image, _extract(runner, image, params), params,
+                                       threshold)
+    return _mean(accuracies)

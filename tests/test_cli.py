@@ -190,3 +190,5 @@ def test_export_onnx(tmp_path, capsys):
     output = tmp_path / "r2d2.onnx"
     assert main(["export-onnx", "--model", "r2d2_WASF_N16", "--output", str(output)]) == 0
     assert output.is_file() and output.stat().st_size > 100_000
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("max_abs_error") == 1  # the report, once

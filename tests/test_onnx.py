@@ -305,6 +305,20 @@ def test_bad_arguments_are_refused(exported, tmp_path):
         export_onnx(MODEL, tmp_path / "a.onnx", int8=True, calibration=tmp_path)
     with pytest.raises(ValueError, match="opset"):
         export_onnx(MODEL, tmp_path / "a.onnx", opset=7)
+    cv2.imwrite(str(tmp_path / "one.png"), np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="at least 2 images, got 1"):
+        export_onnx(MODEL, tmp_path / "a.onnx", int8=True, calibration=tmp_path)
+    assert not (tmp_path / "a.onnx").exists()
+
+
+def test_int8_accuracy_is_measured_on_held_out_images():
+    from cv2r2d2.export import EVALUATION_IMAGES, held_out
+
+    for count, expected in ((2, 1), (9, 1), (10, 2), (19, 3), (40, EVALUATION_IMAGES)):
+        images = [np.full((4, 4), i, np.uint8) for i in range(count)]
+        calibrate, evaluate = held_out(images)
+        assert len(evaluate) == expected and len(calibrate) == count - expected
+        assert sorted(int(i[0, 0]) for i in calibrate + evaluate) == list(range(count))
 
 
 def test_int8_export_keeps_first_conv_and_heads_fp32_and_reports_its_accuracy(exported, onnx_folder, tmp_path, crop,
@@ -313,15 +327,34 @@ def test_int8_export_keeps_first_conv_and_heads_fp32_and_reports_its_accuracy(ex
 
     from cv2r2d2.export import export_onnx
 
+    import cv2r2d2.export as export
+
     exported()
     calibration = tmp_path / "calibration"
     calibration.mkdir()
-    cv2.imwrite(str(calibration / "boat.png"), read_image("boat.png")[128:384, 128:384])
-    cv2.imwrite(str(calibration / "peppers.png"), cv2.resize(read_image("peppers.png"), (256, 256)))
-    report = export_onnx(MODEL, onnx_folder / "int8.onnx", int8=True, calibration=calibration)
+    boat = read_image("boat.png")[128:384, 128:384]
+    peppers = cv2.resize(read_image("peppers.png"), (256, 256))
+    cv2.imwrite(str(calibration / "boat.png"), boat)
+    cv2.imwrite(str(calibration / "peppers.png"), peppers)
+    seen, bars = {}, []
+    for name in ("_quantize", "_int8_report"):
+        def spy(*args, _name=name, _function=getattr(export, name)):
+            seen[_name] = args[2]
+            return _function(*args)
+        monkeypatch.setattr(export, name, spy)
+    monkeypatch.setattr(export, "progress", lambda items, total, enabled, desc, unit:
+                        bars.append((total, enabled, desc, unit)) or items)
+    report = export_onnx(MODEL, onnx_folder / "int8.onnx", int8=True, calibration=calibration,
+                         show_progress=True)
     print(report)
 
-    assert report["precision"] == "int8" and report["evaluation_images"] == 2
+    # Calibrated on boat, measured on the held-out peppers: int8 against fp32.
+    assert [image.shape for image in seen["_quantize"]] == [boat.shape]
+    assert len(seen["_int8_report"]) == 1 and np.array_equal(seen["_int8_report"][0], peppers)
+    assert bars == [(1, True, "calibrate", "image"), (1, True, "int8 vs fp32", "image")]
+    assert report["precision"] == "int8" and "max_abs_error" not in report
+    assert report["calibration_images"] == 1 and report["evaluation_images"] == 1
+    assert report["fp32_max_abs_error"] < 1e-3
     assert report["keypoints_within_2px"] >= 0.9
     assert report["descriptor_cosine_median"] >= 0.98
     assert report["mma3_int8"] >= report["mma3_fp32"] - 0.05
