@@ -25,7 +25,9 @@ import cv2
 import numpy as np
 
 from .extractor import halo_window
-from .weights import MODELS, WEIGHTS_DIR_ENV, WeightsError, _cache_dir
+from .weights import (
+    MODELS, WEIGHTS_DIR_ENV, CheckpointError, UnknownModelError, WeightsNotFoundError, _cache_dir,
+)
 
 __all__ = [
     "ALIGNMENT_KEY",
@@ -161,7 +163,7 @@ class _OnnxRunner:
         self.descriptor_size = int(raw.shape[1])
         self._stride = 64 - int(raw.shape[2])
         if raw.shape[3] != 64 or self._stride < 1 or self._stride & (self._stride - 1):
-            raise WeightsError(f"{self.path}: unexpected map size {raw.shape[2:]} for a 63 x 64 input")
+            raise CheckpointError(f"{self.path}: unexpected map size {raw.shape[2:]} for a 63 x 64 input")
 
     def _set_halo(self, metadata: Mapping[str, str]) -> None:
         """Read the halo and alignment from the file's metadata (after :meth:`_probe`)."""
@@ -175,12 +177,12 @@ class _OnnxRunner:
         for key in (HALO_KEY, ALIGNMENT_KEY):
             text = metadata[key]
             if not text.isdigit():
-                raise WeightsError(f"{self.path}: metadata {key} must be an integer >= 0, got {text!r}")
+                raise CheckpointError(f"{self.path}: metadata {key} must be an integer >= 0, got {text!r}")
             values[key] = int(text)
         halo, alignment = values[HALO_KEY], values[ALIGNMENT_KEY]
         # The pooling factor sets both the crop alignment and the map size rule.
         if alignment != self._stride:
-            raise WeightsError(
+            raise CheckpointError(
                 f"{self.path}: metadata {HALO_KEY}={halo}, {ALIGNMENT_KEY}={alignment} do not fit "
                 f"the graph, whose maps are pooled by {self._stride}"
             )
@@ -307,7 +309,7 @@ class OpenCVRunner(_OnnxRunner):
         try:
             self._net = cv2.dnn.readNetFromONNX(str(self.path))
         except cv2.error as exc:
-            raise WeightsError(f"OpenCV cannot read {self.path} as an ONNX R2D2 model: {exc}") from exc
+            raise CheckpointError(f"OpenCV cannot read {self.path} as an ONNX R2D2 model: {exc}") from exc
         self._probe()
         self._set_halo(read_metadata(self.path))
 
@@ -374,13 +376,13 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
                     entry = {n: data[a:b].decode("utf-8") for n, a, b in _fields(data, start, end)}
                     metadata[entry.get(_KEY_FIELD, "")] = entry.get(_VALUE_FIELD, "")
     except (ValueError, IndexError, UnicodeDecodeError) as exc:
-        raise WeightsError(f"{path} is not a readable ONNX file: {exc}") from exc
+        raise CheckpointError(f"{path} is not a readable ONNX file: {exc}") from exc
     return metadata
 
 
 def _check_interface(inputs: list, outputs: list, path: Path) -> None:
     if inputs != [INPUT_NAME] or list(outputs) != list(OUTPUT_NAMES):
-        raise WeightsError(
+        raise CheckpointError(
             f"{path} is not a cv2r2d2 ONNX export: expected input {INPUT_NAME!r} and outputs "
             f"{', '.join(OUTPUT_NAMES)}, got {inputs} -> {outputs}"
         )
@@ -400,7 +402,7 @@ def find_onnx_model(model: Union[str, os.PathLike]) -> Path:
     if info is None:
         path = Path(text).expanduser()
         if not path.is_file():
-            raise WeightsError(
+            raise UnknownModelError(
                 f"{text!r} is neither an existing .onnx file nor a known model name "
                 f"(known: {', '.join(MODELS)})"
             )
@@ -419,7 +421,7 @@ def find_onnx_model(model: Union[str, os.PathLike]) -> Path:
     target = _cache_dir() / f"{info.name}.onnx"
     searched = " and ".join(str(f) for f in folders)
     if importlib.util.find_spec("torch") is None:
-        raise WeightsError(
+        raise WeightsNotFoundError(
             f"no {info.name}.onnx in {searched}, and exporting it needs PyTorch. On a machine "
             f"with torch, run `cv2r2d2 export-onnx --model {info.name} --output {info.name}.onnx` "
             f"and put the file in {WEIGHTS_DIR_ENV} or at {target}, or pass its path as model."

@@ -34,6 +34,9 @@ __all__ = [
     "DEFAULT_MODEL",
     "WEIGHTS_DIR_ENV",
     "WeightsError",
+    "UnknownModelError",
+    "CheckpointError",
+    "WeightsNotFoundError",
     "resolve_weights",
     "download_weights",
     "load_checkpoint",
@@ -93,7 +96,26 @@ DEFAULT_MODEL = "r2d2_WASF_N16"
 
 
 class WeightsError(RuntimeError):
-    """A weight file is missing, cannot be downloaded, or fails its checks."""
+    """A weight file is missing, cannot be downloaded, or fails its checks.
+
+    The common base of :class:`UnknownModelError`, :class:`CheckpointError` (both also
+    ``ValueError``) and :class:`WeightsNotFoundError` (also ``FileNotFoundError``); a
+    failed download is a plain ``WeightsError``.
+    """
+
+
+class UnknownModelError(WeightsError, ValueError):
+    """A model argument that is neither a known model name nor an existing file."""
+
+
+class CheckpointError(WeightsError, ValueError):
+    """A weight file that is malformed, refused (an unknown architecture, unsafe
+    content), or not the official file its name promises (sha256)."""
+
+
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
+    """An official model whose weight file is not available locally, and may not be
+    downloaded or exported here."""
 
 
 def sha256sum(path: Union[str, Path]) -> str:
@@ -125,7 +147,7 @@ def _where_to_put(info: ModelInfo) -> str:
 def _verified(path: Path, info: ModelInfo) -> Path:
     actual = sha256sum(path)
     if actual != info.sha256:
-        raise WeightsError(
+        raise CheckpointError(
             f"{path} does not hold the official {info.name} weights (sha256 {actual}, "
             f"expected {info.sha256}): the file is corrupted, truncated or another model. "
             f"Delete it, then {_where_to_put(info)}."
@@ -220,7 +242,7 @@ def resolve_weights(
         path = Path(text).expanduser()
         if path.is_file():
             return path
-        raise WeightsError(
+        raise UnknownModelError(
             f"{text!r} is neither an existing file nor a known model name "
             f"(known: {', '.join(MODELS)})"
         )
@@ -234,7 +256,7 @@ def resolve_weights(
     if cached.is_file():
         return _verified(cached, info)
     if not download:
-        raise WeightsError(f"the {info.name} weights are not available locally; "
+        raise WeightsNotFoundError(f"the {info.name} weights are not available locally; "
                            f"{_where_to_put(info)}.")
     return download_weights(info, cached, progress=progress)
 
@@ -264,12 +286,12 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     try:
         checkpoint = _torch_load(path)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as exc:
-        raise WeightsError(
+        raise CheckpointError(
             f"{path} is not a loadable R2D2 checkpoint ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'truncated or corrupted'})"
         ) from exc
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "net" not in checkpoint:
-        raise WeightsError(
+        raise CheckpointError(
             f"{path} is not an R2D2 checkpoint: expected a dict with 'net' and 'state_dict'"
         )
     state_dict = collections.OrderedDict(
@@ -309,11 +331,11 @@ def load_model(
     try:
         net = build_net(checkpoint["net"])
     except (ValueError, TypeError) as exc:
-        raise WeightsError(f"{path}: {exc}") from exc
+        raise CheckpointError(f"{path}: {exc}") from exc
     try:
         net.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:
-        raise WeightsError(
+        raise CheckpointError(
             f"{path}: the weights do not fit the architecture {checkpoint['net']!r}: "
             f"{str(exc).splitlines()[0]}"
         ) from exc

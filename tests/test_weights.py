@@ -167,3 +167,27 @@ def test_own_checkpoints_load_the_same_way(tmp_path):
     torch.save([1, 2], path)
     with pytest.raises(weights.WeightsError, match="expected a dict"):
         weights.load_model(path)
+
+
+def test_errors_are_value_and_file_not_found_errors(tmp_path, cache):
+    """OpenCV/NumPy-style callers catch ValueError for a bad argument or file content and
+    FileNotFoundError for a missing file; all stay WeightsError."""
+    refused = tmp_path / "refused.pt"
+    torch.save({"net": "os.system('true')", "state_dict": {}}, refused)
+    cache.mkdir(parents=True)
+    (cache / "r2d2_WAF_N16.pt").write_bytes(b"not the official file")
+    cases = [
+        (lambda: weights.resolve_weights("no_such_model"), weights.UnknownModelError,
+         ValueError, "neither an existing file nor a known model name"),
+        (lambda: weights.load_model(refused), weights.CheckpointError, ValueError,
+         "must be a call"),
+        (lambda: weights.resolve_weights("r2d2_WAF_N16"), weights.CheckpointError, ValueError,
+         "does not hold the official r2d2_WAF_N16 weights"),
+        (lambda: weights.resolve_weights("r2d2_WASF_N16", download=False),
+         weights.WeightsNotFoundError, FileNotFoundError, "not available locally"),
+    ]
+    for call, specific, builtin, message in cases:
+        with pytest.raises(specific, match=message) as caught:
+            call()
+        assert isinstance(caught.value, builtin) and isinstance(caught.value, weights.WeightsError)
+        assert isinstance(caught.value, RuntimeError)  # as before: WeightsError's base
