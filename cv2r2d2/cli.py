@@ -215,6 +215,10 @@ def _run_match(args: argparse.Namespace) -> int:
     from .matching import match_collection, parse_pairs
 
     _check_merge(args)
+    if args.ray is None:
+        from ._devices import torch_device
+
+        torch_device(args.device)  # before the output is opened: no file on failure
     with open_features(args.features) as features:
         pairs = parse_pairs(args.pairs, features.names())
         if args.ray is None:

@@ -126,10 +126,18 @@ def _stream(ray: ModuleType, slots: Sequence[Callable[[Any], Any]],
 
 
 def _cluster_gpus(ray: ModuleType, device: Optional[str]) -> int:
-    """GPUs to use: the cluster's, unless the device asked for is the CPU."""
+    """GPUs to use: the cluster's, unless the device asked for is the CPU.
+
+    Raises:
+        ValueError: a CUDA device asked for on a cluster without GPUs.
+    """
     if device is not None and not str(device).startswith("cuda"):
         return 0
-    return int(ray.cluster_resources().get("GPU", 0))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if device is not None and not gpus:
+        raise ValueError(f"device {device!r} asks for GPUs, but the Ray cluster has none "
+                         "(use --device cpu, or leave --device out)")
+    return gpus
 
 
 def _largest_node_cpus(ray: ModuleType) -> int:

@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from ._devices import torch_device
 from ._files import atomic_path
 from .io import import_optional, progress, read_image
 from .matching import mutual_nearest_neighbours
@@ -281,6 +282,7 @@ def evaluate_hpatches(
         raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
     if not methods:
         raise ValueError("no methods to evaluate")
+    torch_device(device)  # before the first method's extractions
     sequences = list_sequences(root)
     results: Dict[str, Any] = {
         "protocol": "HPatches sequences, D2-Net protocol (mutual nearest neighbours, "

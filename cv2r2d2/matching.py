@@ -19,6 +19,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from ._devices import torch_device
 from .io import FeatureStore, H5Matches, progress, read_pairs
 
 __all__ = [
@@ -183,7 +184,8 @@ def match_batch(
         max_distance: keep matches at distance <= this (None: all).
         ratio: keep matches whose distance is <= ratio x the second nearest's, in both
             directions (Lowe's test; None: no test).
-        device: torch device; None: CUDA when available, else the CPU.
+        device: torch device; None: CUDA when available, else the CPU (a device this
+            machine lacks is a ValueError, raised before any work).
         max_elements: distance-matrix elements computed at once (memory: 4 bytes each);
             a pair larger than this is computed alone.
 
@@ -199,8 +201,7 @@ def match_batch(
         raise ValueError(f"max_distance must be >= 0 or None, got {max_distance!r}")
     if ratio is not None and not 0 < ratio <= 1:
         raise ValueError(f"ratio must lie in (0, 1] or be None, got {ratio!r}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch_device(device)
     checked = []
     for i, (a, b) in enumerate(pairs):
         a = _check_descriptors(a, norm, f"pairs[{i}][0]")
@@ -374,6 +375,7 @@ def match_collection(
         matches: the writable match file.
         max_distance, ratio, device, max_elements: as :func:`match_batch`.
     """
+    torch_device(device)  # before anything is written
     report = MatchingReport()
     todo = []
     for pair in pairs:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
+from ._devices import torch_device
 from ._files import atomic_dir, atomic_path
 from .io import (
     FeatureStore, H5Features, H5Matches, MissingDependencyError,
@@ -273,6 +274,7 @@ def reconstruct(
     image_dir, output_dir = Path(image_dir), Path(output_dir)
     if not image_dir.is_dir():
         raise NotADirectoryError(f"no such image folder: {image_dir}")
+    torch_device(device)  # the matcher's: checked before the extraction
     if feature is None:
         from .feature2d import R2D2Feature
 

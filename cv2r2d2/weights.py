@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
+from ._devices import torch_device
 from ._files import atomic_path
 
 if TYPE_CHECKING:  # torch is imported only where a network is built
@@ -321,11 +322,13 @@ def load_model(
 
     Returns:
         The network in eval mode with gradients disabled.
-    """
-    import torch
 
+    Raises:
+        ValueError: a device this machine does not have (the message lists those it has).
+    """
     from .nets import build_net
 
+    device = torch_device(device)  # before any work: a one-line error if it is absent
     path = resolve_weights(name_or_path)
     checkpoint = load_checkpoint(path)
     try:
@@ -343,6 +346,4 @@ def load_model(
         _tell_licence(os.fspath(name_or_path))
     net.name = os.fspath(name_or_path)
     net.requires_grad_(False)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     return net.eval().to(device)

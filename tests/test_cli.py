@@ -103,6 +103,22 @@ def test_errors_are_messages_not_tracebacks(features, tmp_path, capsys, monkeypa
     assert "pip install h5py" in capsys.readouterr().err
 
 
+def test_a_missing_device_is_one_line_and_writes_nothing(features, photos, tmp_path, capsys,
+                                                        monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    for command in (["match", str(features), "--pairs", "exhaustive", "-o", str(tmp_path / "m.h5")],
+                    ["extract", str(photos), "-o", str(tmp_path / "f.h5")]):
+        assert main([*command, "--device", "cuda"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"cv2r2d2 {command[0]}: error: device 'cuda' is not available: ")
+        assert err.endswith("; available: cpu\n") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sfm_database_only(photos, features, tmp_path, capsys):
     pycolmap = pytest.importorskip("pycolmap")
     output = tmp_path / "sfm"

@@ -321,3 +321,19 @@ def test_dense_maps_shapes_and_bad_scales(r2d2, boat):
     for scale in (0, 1.5, "1", 0.001):
         with pytest.raises(ValueError, match="scale"):
             r2d2.computeDenseMaps(boat, scale=scale)
+
+
+def test_a_device_this_machine_lacks_is_refused_at_creation(monkeypatch):
+    import torch
+
+    from cv2r2d2.matching import match_batch, match_collection
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    for call in (lambda: cv2r2d2.R2D2Feature.create(device="cuda"),
+                 lambda: cv2r2d2.load_model(device="cuda:0"),
+                 lambda: match_batch([(np.ones((2, 4), np.float32),) * 2], device="cuda"),
+                 lambda: match_collection(None, [], None, device="cuda")):
+        with pytest.raises(ValueError, match=r"device 'cuda(:0)?' is not available: .*; available: cpu$"):
+            call()

@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .._devices import torch_device
 from .._files import atomic_path
 from ..nets import R2D2Net, build_net
 from ..weights import load_checkpoint, resolve_weights
@@ -278,15 +279,9 @@ def _steps(dataset: PairDataset, config: TrainConfig, start: Tuple[int, int]
         )
         first = start[1] if epoch == start[0] else 0
         loader = make_loader(dataset, batches[first:], config.workers,
-                             pin_memory=torch.device(_device(config)).type == "cuda")
+                             pin_memory=torch_device(config.device).type == "cuda")
         for step, batch in enumerate(loader, start=first + 1):
             yield epoch, step, len(batches), batch
-
-
-def _device(config: TrainConfig) -> str:
-    if config.device is not None:
-        return config.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def train(config: TrainConfig) -> Path:
@@ -295,7 +290,7 @@ def train(config: TrainConfig) -> Path:
     The global torch random state is used under a fork, so it is the same after the
     call as before.
     """
-    device = torch.device(_device(config))
+    device = torch_device(config.device)
     dataset = _datasets(config)
     output, resume_file = Path(config.output), resume_path(config.output)
     steps_per_epoch = len(
