@@ -20,6 +20,7 @@ __all__ = [
     "NetworkRunner",
     "Features",
     "pyramid",
+    "reference_pyramid",
     "extract",
     "describe",
     "dense_maps",
@@ -29,6 +30,8 @@ __all__ = [
 
 # Keypoint size (patch diameter, pixels) at pyramid scale 1, as in the reference.
 PATCH_SIZE = 32.0
+# The smallest image side, pixels, the networks run on (the faster one pools by 2).
+MIN_SIDE = 2
 # Default cap on the pixels of one network run (tile_size ** 2); larger levels are tiled.
 # A run peaks at two 128-channel float32 maps of its tile (1 KB per pixel, <= 170 MB at 416):
 # brooklyn's default extraction stays under 500 MB for ~4% more halo recomputation than 512.
@@ -171,13 +174,13 @@ class Features:
         return len(self.scores)
 
 
-def pyramid(height: int, width: int, params: ExtractionParams) -> List[Level]:
+def reference_pyramid(height: int, width: int, params: ExtractionParams) -> List[Level]:
     """The pyramid steps the reference walks for an image of ``height`` x ``width``.
 
     Step k has scale ``scale_f ** -k`` and is processed when that scale lies within
     [max(min_scale, min_size / L), min(max_scale, max_size / L)] (L the longer side,
     with the reference's 0.001 tolerance). Steps after the last processed one are
-    dropped; a step too small to run (a side < 2 px) ends the pyramid.
+    dropped; a step too small to run (a side < ``MIN_SIDE`` px) ends the pyramid.
 
     Returns:
         Every step from scale 1 to the last processed one (empty if none is).
@@ -187,13 +190,27 @@ def pyramid(height: int, width: int, params: ExtractionParams) -> List[Level]:
     highest = min(params.max_scale, params.max_size / longest)
     steps: List[Level] = []
     s, octave, h, w = 1.0, 0, height, width
-    while s + 0.001 >= lowest and min(h, w) >= 2:
+    while s + 0.001 >= lowest and min(h, w) >= MIN_SIDE:
         steps.append(Level(octave, s, h, w, processed=s - 0.001 <= highest))
         s /= params.scale_f
         octave += 1
         h, w = round(height * s), round(width * s)
     while steps and not steps[-1].processed:
         steps.pop()
+    return steps
+
+
+def pyramid(height: int, width: int, params: ExtractionParams) -> List[Level]:
+    """The pyramid steps the extraction walks for an image of ``height`` x ``width``.
+
+    Those of :func:`reference_pyramid`; but where the reference processes no step at
+    all (an image whose longer side is under ``min_size``, say, where it finds
+    nothing), one step at scale 1: the image is processed at its own size. An image
+    with a side under ``MIN_SIDE`` px gets no step.
+    """
+    steps = reference_pyramid(height, width, params)
+    if not steps and min(height, width) >= MIN_SIDE:
+        return [Level(0, 1.0, height, width)]
     return steps
 
 
@@ -557,11 +574,13 @@ def describe(
     Returns:
         descriptors (M, dim) float32 and the (M,) indices of the keypoints kept: those
         inside the image (0 <= x < W, 0 <= y < H); the others are dropped as
-        OpenCV's ``compute`` drops them.
+        OpenCV's ``compute`` drops them (all are, on an image with no pyramid step).
     """
     xy = np.asarray(xy, np.float32).reshape(-1, 2)
     sizes = np.asarray(sizes, np.float32).reshape(-1)
     kept = np.flatnonzero(_inside_image(xy, *image.shape[1:]))
+    if not pyramid(*image.shape[1:], params):  # too thin for the network: nothing to sample
+        kept = kept[:0]
     descriptors = np.zeros((len(kept), runner.descriptor_size), np.float32)
     # One pixel more than the tile: bilinear sampling reads the next pixel too.
     for rows, _, output, x, y, _ in _at_levels(runner, image, xy[kept], sizes[kept], params,

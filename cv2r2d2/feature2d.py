@@ -22,6 +22,8 @@ from .extractor import (
     describe,
     dense_maps,
     extract,
+    pyramid,
+    reference_pyramid,
     refine_matches,
 )
 from .image import check_mask, normalize_image
@@ -129,6 +131,7 @@ class R2D2Feature:
         self._backend = backend
         self._half = half
         self._num_threads = None if num_threads is None else check_num_threads(num_threads)
+        self._told_own_size = False
         self.setSubpixel(subpixel)
         self._params = params if params is not None else ExtractionParams()
         self.setTileSize(tile_size)
@@ -191,8 +194,21 @@ class R2D2Feature:
 
     # --- detection and description -------------------------------------------------
 
-    def _prepare(self, image: Any, name: str = "image") -> np.ndarray:
-        return normalize_image(image, name)
+    def _prepare(self, image: Any, name: str = "image", pyramid_input: bool = True) -> np.ndarray:
+        normalised = normalize_image(image, name)
+        if pyramid_input and not self._told_own_size:
+            height, width = normalised.shape[1:]
+            if not reference_pyramid(height, width, self._params) and \
+                    pyramid(height, width, self._params):
+                # Once per extractor: a collection of small images would repeat it per image.
+                self._told_own_size = True
+                logger.info(
+                    "a %dx%d image is too small for the pyramid (no level has a longer side "
+                    "of %d to %d px), where the original R2D2 finds nothing: it is processed "
+                    "at its own size, scale 1, as such images will be from now on (lower "
+                    "min_size to choose the levels yourself)", width, height,
+                    self._params.min_size, self._params.max_size)
+        return normalised
 
     @contextmanager
     def _threads(self) -> Iterator[None]:
@@ -376,7 +392,7 @@ class R2D2Feature:
             dict of float32 arrays: ``descriptors`` (128, h, w) L2-normalised,
             ``reliability`` and ``repeatability`` (h, w) in [0, 1].
         """
-        normalised = self._prepare(image)
+        normalised = self._prepare(image, pyramid_input=False)
         with self._threads():
             return dense_maps(self._runner, normalised, scale)
 

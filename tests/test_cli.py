@@ -75,6 +75,19 @@ def test_extract_r2d2_format(photos, tmp_path):
         assert data["keypoints"].shape[1] == 3 and list(data["imsize"]) == [256, 192]
 
 
+def test_extract_small_images_at_their_own_size(photos, tmp_path, capsys):
+    """Images under min_size (no pyramid level) are extracted at scale 1, said once."""
+    small = tmp_path / "small"
+    small.mkdir()
+    for name in ("crop0.png", "crop1.png"):
+        cv2.imwrite(str(small / name), cv2.resize(cv2.imread(str(photos / name)), (200, 150)))
+    output = tmp_path / "small.h5"
+    assert main(["extract", str(small), "-o", str(output), "--device", "cpu"]) == 0
+    with h5py.File(output, "r") as f:
+        assert all(f[f"{name}/keypoints"].shape[0] > 50 for name in ("crop0.png", "crop1.png"))
+    assert capsys.readouterr().err.count("too small for the pyramid") == 1
+
+
 def test_match(features, tmp_path, capsys):
     output = tmp_path / "matches.h5"
     assert main(["match", str(features), "--pairs", "sequential:1", "-o", str(output),

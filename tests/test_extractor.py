@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cv2r2d2.extractor import ExtractionParams, describe, extract, peak_offsets, pyramid, tiles
+from cv2r2d2.extractor import (
+    ExtractionParams, Level, describe, extract, peak_offsets, pyramid, reference_pyramid, tiles,
+)
 
 
 def test_paper_pyramid_of_brooklyn():
@@ -23,8 +25,17 @@ def test_fullres_pyramid_and_tiny_images():
     levels = pyramid(576, 768, params)
     assert levels[0].scale == 1.0 and levels[-1].scale >= 0.3 - 1e-3
     assert len(levels) == 7
-    assert pyramid(10, 10, ExtractionParams()) == []  # smaller than min_size: nothing to do
-    assert pyramid(1, 300, ExtractionParams(min_size=0)) == []
+    # Smaller than min_size: the reference has no level; the image runs at its own size.
+    assert reference_pyramid(10, 12, ExtractionParams()) == []
+    assert pyramid(10, 12, ExtractionParams()) == [Level(0, 1.0, 10, 12)]
+    assert pyramid(2, 2, ExtractionParams()) == [Level(0, 1.0, 2, 2)]
+    for height, width in ((1, 300), (300, 1), (1, 1)):  # too thin for the network
+        assert pyramid(height, width, ExtractionParams()) == []
+    assert reference_pyramid(1, 300, ExtractionParams(min_size=0)) == []
+    # An image with a level keeps the reference's pyramid (parity).
+    for height, width in ((820, 1280), (200, 256), (300, 40)):
+        assert pyramid(height, width, ExtractionParams()) == \
+            reference_pyramid(height, width, ExtractionParams()) != []
 
 
 @pytest.mark.parametrize(

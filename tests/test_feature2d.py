@@ -125,7 +125,7 @@ def test_mask_restricts_detection(r2d2, boat):
 
 def test_list_forms(r2d2, boat):
     small = cv2.resize(boat, (256, 256))
-    flat = np.zeros((40, 40, 3), np.uint8)  # below min_size: nothing detected
+    flat = np.zeros((12, 9, 3), np.uint8)  # nothing detected
     both = r2d2.detect([small, flat])
     assert len(both) == 2 and len(both[0]) > 100 and both[1] == ()
     keypoints, descriptors = r2d2.compute([small, flat], [both[0][:20], ()])
@@ -140,8 +140,35 @@ def test_nothing_to_detect_gives_empty_results(r2d2):
     flat = np.full((300, 400), 90, np.uint8)
     assert strict.detect(flat) == ()
     assert strict.detectAndCompute(flat, None) == ((), None)
-    tiny = np.zeros((12, 9, 3), np.uint8)  # smaller than min_size: no pyramid level
-    assert r2d2.detectAndCompute(tiny, None) == ((), None)
+    # An image too thin for the network, or one where it finds nothing.
+    for tiny in (np.zeros((1, 1, 3), np.uint8), np.zeros((1, 300), np.uint8),
+                 np.zeros((12, 9, 3), np.uint8)):
+        assert r2d2.detectAndCompute(tiny, None) == ((), None)
+    assert r2d2.compute(np.zeros((1, 300), np.uint8), [cv2.KeyPoint(0.2, 0.2, 32)]) == ((), None)
+
+
+def test_images_too_small_for_the_pyramid_run_at_their_own_size(boat, caplog):
+    """The reference finds nothing on an image whose longer side is under min_size;
+    such images are processed at scale 1 instead, with one log line per extractor."""
+    weights_file("r2d2_WASF_N16")
+    r2d2 = cv2r2d2.R2D2_create(device="cpu")
+    small = [cv2.resize(boat, (240, 180), interpolation=cv2.INTER_AREA),
+             cv2.resize(boat, (120, 90), interpolation=cv2.INTER_AREA)]
+    at_scale_1 = cv2r2d2.R2D2_create(device="cpu", min_size=0, max_scale=1, min_scale=1)
+    with caplog.at_level("INFO", logger="cv2r2d2.feature2d"):
+        for image in small:
+            keypoints, descriptors = r2d2.detectAndCompute(image, None)
+            expected, expected_descriptors = at_scale_1.detectAndCompute(image, None)
+            assert len(keypoints) == len(expected) > 50
+            assert [k.pt for k in keypoints] == [k.pt for k in expected]
+            assert {k.octave for k in keypoints} == {0} and {k.size for k in keypoints} == {32}
+            np.testing.assert_array_equal(descriptors, expected_descriptors)
+            kept, again = r2d2.compute(image, keypoints[:10])
+            np.testing.assert_allclose(again, descriptors[:10], atol=1e-5)
+        for side in (2, 3, 8):  # the network runs; nothing to find, no crash
+            r2d2.detectAndCompute(np.full((side, side, 3), 200, np.uint8), None)
+    told = [r for r in caplog.records if "too small for the pyramid" in r.getMessage()]
+    assert len(told) == 1 and "240x180" in told[0].getMessage()
 
 
 @pytest.mark.parametrize(
