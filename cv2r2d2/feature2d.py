@@ -60,6 +60,27 @@ def _make_runner(model: str, device: Optional[str], backend: str, half: bool = F
     return make_onnx_runner(model, device=device, backend=backend, num_threads=num_threads)
 
 
+def _check_flag(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_tile_size(tile_size: Any) -> int:
+    if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 0:
+        raise ValueError(f"tile_size must be an integer >= 0, got {tile_size!r}")
+    if 0 < tile_size < 64:
+        raise ValueError(f"tile_size must be 0 or >= 64 pixels, got {tile_size!r}")
+    return int(tile_size)
+
+
+# write() stores every create() argument (R2D2Feature._settings and the
+# ExtractionParams) but the device, which names this machine's hardware: a file written on
+# a GPU machine must load on a laptop (device=None picks CUDA wherever there is one).
+# num_threads=None is stored as -1.
+_NO_THREADS = -1
+
+
 def _to_keypoints(features: Features) -> KeyPoints:
     return tuple(
         cv2.KeyPoint(x, y, size, -1.0, score, octave, -1)
@@ -129,13 +150,13 @@ class R2D2Feature:
         self._model = os.fspath(model)
         self._device = device
         self._backend = backend
-        self._half = half
+        self._half = _check_flag(half, "half")
         self._num_threads = None if num_threads is None else check_num_threads(num_threads)
         self._told_own_size = False
-        self.setSubpixel(subpixel)
+        self._subpixel = _check_flag(subpixel, "subpixel")
         self._params = params if params is not None else ExtractionParams()
-        self.setTileSize(tile_size)
-        self._runner = _make_runner(self._model, device, backend, half, self._num_threads)
+        self._tile_size = _check_tile_size(tile_size)
+        self._runner = _make_runner(self._model, device, backend, self._half, self._num_threads)
 
     @classmethod
     def create(
@@ -416,7 +437,8 @@ class R2D2Feature:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self._params.as_dict().items())
         return (f"R2D2Feature(model={self._model!r}, {params}, device={self._device!r}, "
-                f"backend={self._backend!r}, num_threads={self._num_threads!r})")
+                f"backend={self._backend!r}, tile_size={self._tile_size!r}, half={self._half!r}, "
+                f"subpixel={self._subpixel!r}, num_threads={self._num_threads!r})")
 
     # --- parameters ----------------------------------------------------------------
 
@@ -446,25 +468,23 @@ class R2D2Feature:
         """The ``num_threads`` given at creation (None: not set)."""
         return self._num_threads
 
+    def getHalf(self) -> bool:
+        """Whether the network runs in float16 (``half=True``)."""
+        return self._half
+
     def getSubpixel(self) -> bool:
         return self._subpixel
 
     def setSubpixel(self, subpixel: bool) -> None:
         """Refine keypoint positions by a quadratic fit to the repeatability peak."""
-        if not isinstance(subpixel, (bool, np.bool_)):
-            raise TypeError(f"subpixel must be True or False, got {subpixel!r}")
-        self._subpixel = bool(subpixel)
+        self._subpixel = _check_flag(subpixel, "subpixel")
 
     def getTileSize(self) -> int:
         return self._tile_size
 
     def setTileSize(self, tile_size: int) -> None:
         """Tile side in pixels for large pyramid levels (0: never tile)."""
-        if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 0:
-            raise ValueError(f"tile_size must be an integer >= 0, got {tile_size!r}")
-        if 0 < tile_size < 64:
-            raise ValueError(f"tile_size must be 0 or >= 64 pixels, got {tile_size!r}")
-        self._tile_size = int(tile_size)
+        self._tile_size = _check_tile_size(tile_size)
 
     def getNFeatures(self) -> int:
         return int(self._params.nfeatures)
@@ -517,7 +537,12 @@ class R2D2Feature:
     # --- persistence (cv2.FileStorage) ---------------------------------------------
 
     def write(self, fs: Union[str, os.PathLike, cv2.FileStorage], name: Optional[str] = None) -> None:
-        """Store the parameters: ``write(filename)`` or ``write(fs[, name])``."""
+        """Store the settings: ``write(filename)`` or ``write(fs[, name])``.
+
+        Every argument of :meth:`create` is stored (``num_threads=None`` as -1) except
+        ``device``: it names this machine's hardware, and a file written on a GPU
+        machine must load on any other.
+        """
         if isinstance(fs, (str, os.PathLike)):
             storage = cv2.FileStorage(os.fspath(fs), cv2.FILE_STORAGE_WRITE)
             if not storage.isOpened():
@@ -542,15 +567,25 @@ class R2D2Feature:
 
     def _write_fields(self, fs: cv2.FileStorage) -> None:
         fs.write("name", self.getDefaultName())
-        fs.write("model", str(self._model))
         for f in fields(ExtractionParams):
             value = getattr(self._params, f.name)
             fs.write(f.name, int(value) if f.type in ("int", int) else float(value))
+        for key, value in self._settings().items():
+            fs.write(key, value if isinstance(value, str) else
+                     _NO_THREADS if value is None else int(value))
+
+    def _settings(self) -> dict:
+        """What write() stores besides the ExtractionParams: the other create() arguments
+        but the device."""
+        return dict(model=self._model, backend=self._backend, tile_size=self._tile_size,
+                    half=self._half, subpixel=self._subpixel, num_threads=self._num_threads)
 
     def read(self, fn: Union[str, os.PathLike, cv2.FileStorage, cv2.FileNode]) -> None:
-        """Load parameters stored by :meth:`write` (a file name, FileStorage or FileNode).
+        """Load settings stored by :meth:`write` (a file name, FileStorage or FileNode).
 
-        Keys that are absent keep their current value; a different ``model`` is loaded.
+        Keys that are absent keep their current value (the device always does); a
+        different ``model``, ``backend``, ``half`` or ``num_threads`` loads the network
+        again. Nothing changes when a stored value is refused.
         """
         if isinstance(fn, (str, os.PathLike)):
             path = os.fspath(fn)
@@ -583,12 +618,42 @@ class R2D2Feature:
             item = node.getNode(f.name)
             if not item.empty():
                 value = item.real()
-                changes[f.name] = int(value) if f.type in ("int", int) else value
+                if f.type in ("int", int):
+                    if value != int(value):
+                        raise ValueError(f"the stored {f.name} must be an integer, got {value!r}")
+                    value = int(value)
+                changes[f.name] = value
         params = replace(self._params, **changes)
-        model = node.getNode("model")
-        if not model.empty() and model.string() != self._model:
-            self.setModel(model.string())
+        current = self._settings()
+        stored = dict(current)
+        for key in current:
+            item = node.getNode(key)
+            if item.empty():
+                continue
+            if key in ("model", "backend"):
+                stored[key] = item.string()
+                continue
+            number = item.real()
+            if number != int(number) or (key in ("half", "subpixel") and number not in (0, 1)):
+                raise ValueError(f"the stored {key} must be "
+                                 f"{'0 or 1' if key in ('half', 'subpixel') else 'an integer'}, "
+                                 f"got {number!r}")
+            stored[key] = bool(number) if key in ("half", "subpixel") else int(number)
+        if stored["num_threads"] == _NO_THREADS:
+            stored["num_threads"] = None
+        elif stored["num_threads"] is not None:
+            stored["num_threads"] = check_num_threads(stored["num_threads"])
+        stored["tile_size"] = _check_tile_size(stored["tile_size"])
+        runner = self._runner
+        network = ("model", "backend", "half", "num_threads")
+        if any(stored[key] != current[key] for key in network):
+            runner = _make_runner(stored["model"], self._device, stored["backend"],
+                                  stored["half"], stored["num_threads"])
+        self._runner = runner
         self._params = params
+        self._model, self._backend = stored["model"], stored["backend"]
+        self._tile_size, self._half = stored["tile_size"], stored["half"]
+        self._subpixel, self._num_threads = stored["subpixel"], stored["num_threads"]
 
 
 def R2D2_create(nfeatures: int = _DEFAULTS.nfeatures, **kwargs: Any) -> R2D2Feature:

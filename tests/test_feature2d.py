@@ -1,6 +1,9 @@
 """R2D2Feature as a cv2.Feature2D drop-in, on real images and real weights."""
 from __future__ import annotations
 
+import inspect
+import types
+
 import cv2
 import numpy as np
 import pytest
@@ -259,11 +262,13 @@ def test_num_threads_applies_to_torch_only_during_a_call(boat, monkeypatch):
 @pytest.mark.parametrize("suffix", [".yml", ".xml", ".json"])
 def test_write_read_round_trip(r2d2, tmp_path, suffix):
     path = tmp_path / f"r2d2{suffix}"
-    other = cv2r2d2.R2D2_create(nfeatures=123, min_size=300, reliability_thr=0.6, device="cpu")
+    other = cv2r2d2.R2D2_create(nfeatures=123, min_size=300, reliability_thr=0.6, device="cpu",
+                                subpixel=True, tile_size=0)
     other.write(str(path))
     r2d2_copy = cv2r2d2.R2D2_create(device="cpu")
     r2d2_copy.read(str(path))
-    assert r2d2_copy.getParams() == other.getParams()
+    assert r2d2_copy.getParams() == other.getParams() and repr(r2d2_copy) == repr(other)
+    assert r2d2_copy.getSubpixel() and r2d2_copy.getTileSize() == 0
     # Inside a FileStorage, under a name, as OpenCV's write(fs, name) does.
     fs = cv2.FileStorage(str(tmp_path / f"many{suffix}"), cv2.FILE_STORAGE_WRITE)
     other.write(fs, "r2d2")
@@ -282,6 +287,63 @@ def test_write_read_round_trip(r2d2, tmp_path, suffix):
         third.read(str(tmp_path / "absent.yml"))
     with pytest.raises(TypeError):
         third.read(42)
+
+
+# A value other than the default for every argument of R2D2Feature.create.
+CHANGED = dict(model="r2d2_WAF_N16", nfeatures=123, scale_f=2**0.5, min_size=200, max_size=800,
+               min_scale=0.1, max_scale=0.9, reliability_thr=0.6, repeatability_thr=0.65,
+               device="cpu", backend="reference", tile_size=0, half=True, subpixel=True,
+               num_threads=1)
+
+
+@pytest.fixture
+def built_runners(monkeypatch):
+    """The runners' arguments, recorded instead of loading networks (half=True needs none)."""
+    from cv2r2d2 import feature2d
+
+    built = []
+
+    def make_runner(model, device, backend, half=False, num_threads=None):
+        built.append(dict(model=model, device=device, backend=backend, half=half,
+                          num_threads=num_threads))
+        return types.SimpleNamespace(descriptor_size=128)
+
+    monkeypatch.setattr(feature2d, "_make_runner", make_runner)
+    return built
+
+
+@pytest.mark.parametrize("name", list(inspect.signature(cv2r2d2.R2D2Feature.create).parameters))
+def test_every_create_argument_round_trips(name, tmp_path, built_runners):
+    value = CHANGED[name]  # a new argument needs a value here
+    written = cv2r2d2.R2D2Feature.create(**{name: value})
+    assert f"{name}={value!r}" in repr(written)
+    path = tmp_path / "r2d2.yml"
+    written.write(str(path))
+    reader = cv2r2d2.R2D2Feature.create()
+    reader.read(str(path))
+    if name == "device":  # this machine's hardware: not stored, the reader's is kept
+        assert "device" not in path.read_text() and reader.getDevice() is None
+        assert repr(reader) == repr(written).replace("device='cpu'", "device=None")
+        return
+    assert repr(reader) == repr(written)
+    if name in ("model", "backend", "half", "num_threads"):  # the network is built again
+        assert built_runners[-1] == dict(built_runners[0], **{name: value})
+    again = cv2r2d2.R2D2Feature.create(**{name: value})
+    count = len(built_runners)
+    again.read(str(path))  # the same settings: nothing to rebuild
+    assert repr(again) == repr(written) and len(built_runners) == count
+
+
+def test_read_refuses_bad_stored_settings_and_changes_nothing(tmp_path, built_runners):
+    reader = cv2r2d2.R2D2Feature.create()
+    before = repr(reader)
+    for text, message in (("tile_size: 10", "tile_size"), ("subpixel: 2", "subpixel"),
+                          ("num_threads: -3", "num_threads"), ("nfeatures: 2.5", "nfeatures")):
+        path = tmp_path / "bad.yml"
+        path.write_text(f"%YAML:1.0\n---\nname: Feature2D.R2D2\nmax_size: 900\n{text}\n")
+        with pytest.raises(ValueError, match=message):
+            reader.read(str(path))
+        assert repr(reader) == before
 
 
 def _reprojection_errors(kp1, d1, kp2, d2) -> np.ndarray:
