@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from .extractor import ExtractionParams
@@ -322,9 +323,10 @@ def _add_eval_hpatches(subparsers: Any) -> None:
     parser.add_argument("-o", "--output", default="hpatches-mma.json",
                         help="results JSON file (default: %(default)s)")
     plot = parser.add_mutually_exclusive_group()
-    plot.add_argument("--plot", default="hpatches-mma.png",
-                      help="plot of the metrics, PNG (default: %(default)s)")
-    plot.add_argument("--no-plot", dest="plot", action="store_const", const=None,
+    plot.add_argument("--plot", default=None,
+                      help="plot of the metrics, PNG (default: beside the results, the same "
+                           "name with .png)")
+    plot.add_argument("--no-plot", dest="plot", action="store_const", const="",
                       help="no plot (no matplotlib needed)")
     _add_feature_options(parser)
     _add_output_options(parser)
@@ -343,7 +345,11 @@ def _run_eval_hpatches(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_hpatches, format_table, plot_metrics, write_json
     from .io import import_optional
 
-    if args.plot is not None:
+    if args.plot is None:
+        output = Path(args.output)
+        plot = output.with_suffix(".png")
+        args.plot = str(plot if plot != output else output.with_name(output.name + ".png"))
+    if args.plot:
         import_optional("matplotlib", "the HPatches plot (or pass --no-plot)")
     methods = {m: _create_feature(args) if m == "r2d2" else _baseline(m, args.nfeatures)
                for m in args.methods}
@@ -352,7 +358,7 @@ def _run_eval_hpatches(args: argparse.Namespace) -> int:
     print(format_table(results))
     write_json(results, args.output)
     print(f"results: {args.output}")
-    if args.plot is not None:
+    if args.plot:
         plot_metrics(results, args.plot)
         print(f"plot: {args.plot}")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -168,16 +170,24 @@ def _hpatches(root: Path) -> Path:
     return root
 
 
-def test_eval_hpatches(tmp_path, capsys):
+def test_eval_hpatches(tmp_path, capsys, monkeypatch):
     root = _hpatches(tmp_path / "hpatches")
-    output = tmp_path / "results.json"
+    output = tmp_path / "out" / "results.json"
     args = ["eval-hpatches", str(root), "--methods", "sift,orb", "-o", str(output), "-q",
             "--device", "cpu"]
-    if importlib.util.find_spec("matplotlib"):
-        assert main([*args, "--plot", str(tmp_path / "mma.png")]) == 0
-        assert (tmp_path / "mma.png").is_file()
-    else:
-        assert main([*args, "--no-plot"]) == 0
+    monkeypatch.chdir(tmp_path / "hpatches")
+    previous = os.umask(0o027)  # a real umask: the outputs must follow it
+    try:
+        if importlib.util.find_spec("matplotlib"):
+            assert main(args) == 0  # the plot goes beside the results
+            assert sorted(p.name for p in output.parent.iterdir()) == ["results.json", "results.png"]
+        else:
+            assert main([*args, "--no-plot"]) == 0
+    finally:
+        os.umask(previous)
+    assert not list(Path.cwd().glob("*.png"))
+    for path in output.parent.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
     out = capsys.readouterr().out
     assert "sift" in out and "orb" in out and "illumination" in out
     assert "REPEATABILITY on HPatches" in out and "MATCHING SCORE on HPatches" in out
