@@ -1,28 +1,22 @@
-"""Export an R2D2 network to ONNX, in fp32 or statically quantised to int8.
+"""Export an R2D2 network to ONNX, in fp32 or statically quantised to int8, with an
+accuracy report of the int8 model against the fp32 one.
 
-The graph is :meth:`FoldedNet.forward_raw` (BatchNorm folded in) with dynamic batch,
-height and width: input ``image`` (B, 3, H, W), outputs ``descriptors_raw``
-(B, dim, H', W'), ``reliability_logits`` (B, 2, H', W') and ``repeatability_logit``
-(B, 1, H', W'). The heads' softmax, softplus and normalisation stay outside the graph
-(``cv2.dnn`` returns NaN for softplus/(1+softplus) inside it); :mod:`cv2r2d2.onnx_runner`
-applies them in numpy. The file's metadata names the model, its licence and the
-paper's settings, and gives the receptive-field halo and alignment with which the
-runners crop tiles. Exporting needs torch and onnx (and onnxruntime for int8).
+The fp32 graph and its metadata come from :mod:`cv2r2d2.onnx_export` (see there for
+the graph's interface); this module adds int8 quantisation (onnxruntime's static QDQ
+quantiser) and measures it on held-out images. Exporting needs torch and onnx (and
+onnxruntime for int8).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
-import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
 import onnx
-import torch
 
 from ._files import atomic_path
 from .evaluation import PairData, mean_matching_accuracy, visible_keypoints
@@ -30,10 +24,11 @@ from .extractor import ExtractionParams, Features, NetworkRunner, describe, extr
 from .image import normalize_image
 from .io import IMAGE_SUFFIXES, progress, read_image
 from .matching import mutual_nearest_neighbours
-from .nets import FoldedNet, fold_batchnorm
-from .onnx_runner import ALIGNMENT_KEY, HALO_KEY, INPUT_NAME, OUTPUT_NAMES, OnnxRuntimeRunner
-from .torch_runner import receptive_halo
-from .weights import MODELS, load_model
+from .nets import fold_batchnorm
+from .onnx_export import check_opset, export_fp32, graph_metadata, max_abs_error, write_graph, \
+    write_metadata
+from .onnx_runner import INPUT_NAME, OUTPUT_NAMES, OnnxRuntimeRunner
+from .weights import load_model
 
 __all__ = ["export_onnx", "read_images", "held_out", "keypoint_agreement", "homography_mma",
            "HOMOGRAPHIES"]
@@ -88,113 +83,36 @@ def export_onnx(
         ``calibration_images`` and ``evaluation_images`` (counts), and
         ``fp32_max_abs_error`` (the fp32 graph that was quantised, vs torch).
     """
-    if isinstance(opset, bool) or not isinstance(opset, int) or not 13 <= opset <= 20:
-        raise ValueError(f"opset must be an integer from 13 to 20, got {opset!r}")
+    check_opset(opset)
     if int8 and calibration is None:
         raise ValueError("int8=True needs calibration=<folder of images> to calibrate on")
     if not int8 and calibration is not None:
         raise ValueError("calibration is only used with int8=True")
-    calibrate, evaluate = held_out(read_images(calibration)) if int8 else ([], [])
-    output = Path(output)
-
+    if not int8:
+        return export_fp32(model, output, opset)
+    calibrate, evaluate = held_out(read_images(calibration))
     text = os.fspath(model)
     net = load_model(text, device="cpu")
-    info = MODELS.get(text)
-    halo, alignment = receptive_halo(net)
-    metadata = {
-        "cv2r2d2.model": text if info else Path(text).stem,
-        "cv2r2d2.licence": info.licence if info else "unknown: user checkpoint, see its source",
-        "cv2r2d2.architecture": type(net).__name__,
-        "cv2r2d2.descriptor_size": str(net.out_dim),
-        "cv2r2d2.extraction_defaults": json.dumps(ExtractionParams().as_dict()),
-        "cv2r2d2.input": f"{INPUT_NAME}: (B, 3, H, W) float32 RGB in [0, 1] normalised with "
-                         "ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225)",
-        "cv2r2d2.outputs": "descriptors_raw: L2-normalise over channels; reliability_logits: "
-                           "softmax over the 2 channels, keep channel 1; repeatability_logit u: "
-                           "softplus(u) / (1 + softplus(u))",
-        "cv2r2d2.precision": "int8" if int8 else "fp32",
-        # What the runners need to run a tile on a crop with the same output as the
-        # whole image: the receptive-field halo and the pooling alignment, input pixels.
-        HALO_KEY: str(halo),
-        ALIGNMENT_KEY: str(alignment),
-    }
+    metadata = graph_metadata(net, text, "int8")
     folded = fold_batchnorm(net)
-    report = {
-        "output": str(output),
-        "model": metadata["cv2r2d2.model"],
-        "precision": metadata["cv2r2d2.precision"],
-        "opset": opset,
-    }
+    report = {"output": str(output), "model": metadata["cv2r2d2.model"], "precision": "int8",
+              "opset": opset}
     with tempfile.TemporaryDirectory(prefix="cv2r2d2-export-") as folder, \
             atomic_path(output) as final:
         fp32_path = Path(folder) / "fp32.onnx"
-        _torch_export(folded, fp32_path, opset)
-        fp32_metadata = dict(metadata, **{"cv2r2d2.precision": "fp32"})
-        if int8:
-            _write_metadata(fp32_path, fp32_path, fp32_metadata)
-            quantised = Path(folder) / "int8.onnx"
-            logger.info("calibrating the int8 ranges on %d image(s)", len(calibrate))
-            _quantize(fp32_path, quantised, calibrate, show_progress)
-            _write_metadata(quantised, final, metadata)
-            report["fp32_max_abs_error"] = _max_abs_error(folded, fp32_path)
-            report.update(_int8_report(OnnxRuntimeRunner(fp32_path), OnnxRuntimeRunner(final),
-                                       evaluate, show_progress))
-            report["calibration_images"] = len(calibrate)
-        else:
-            _write_metadata(fp32_path, final, fp32_metadata)
-            report["max_abs_error"] = _max_abs_error(folded, final)
+        write_graph(folded, fp32_path, opset)
+        write_metadata(fp32_path, fp32_path, dict(metadata, **{"cv2r2d2.precision": "fp32"}))
+        quantised = Path(folder) / "int8.onnx"
+        logger.info("calibrating the int8 ranges on %d image(s)", len(calibrate))
+        _quantize(fp32_path, quantised, calibrate, show_progress)
+        write_metadata(quantised, final, metadata)
+        report["fp32_max_abs_error"] = max_abs_error(folded, fp32_path)
+        report.update(_int8_report(OnnxRuntimeRunner(fp32_path), OnnxRuntimeRunner(final),
+                                   evaluate, show_progress))
+        report["calibration_images"] = len(calibrate)
         report["bytes"] = final.stat().st_size
     logger.debug("exported %s to %s: %s", text, output, report)
     return report
-
-
-class _ForwardRaw(torch.nn.Module):
-    """:meth:`FoldedNet.forward_raw` as a module's forward, for the exporter."""
-
-    def __init__(self, folded: FoldedNet) -> None:
-        super().__init__()
-        self.net = folded
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.net.forward_raw(x)
-
-
-def _torch_export(folded: FoldedNet, path: Path, opset: int) -> None:
-    dynamic = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}}
-    dynamic.update({name: {0: "batch", 2: "out_height", 3: "out_width"} for name in OUTPUT_NAMES})
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of torch.export, which needs
-        # the onnxscript package; it handles these plain convolutions exactly.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-        with torch.no_grad():
-            torch.onnx.export(
-                _ForwardRaw(folded).eval(), (torch.zeros(1, 3, 64, 64),), str(path), dynamo=False,
-                opset_version=opset, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                dynamic_axes=dynamic,
-            )
-
-
-def _write_metadata(source: Path, path: Path, metadata: Dict[str, str]) -> None:
-    """Write the graph of ``source`` with ``metadata`` to ``path`` (may be ``source``)."""
-    proto = onnx.load(str(source))
-    del proto.metadata_props[:]
-    for key, value in metadata.items():
-        proto.metadata_props.add(key=key, value=value)
-    proto.doc_string = (f"R2D2 {metadata['cv2r2d2.model']} ({metadata['cv2r2d2.precision']}), "
-                        "exported by cv2r2d2")
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
-
-
-def _max_abs_error(folded: FoldedNet, path: Path) -> float:
-    """Largest output difference, ONNX Runtime vs torch, on an odd-sized random image."""
-    image = np.random.default_rng(0).standard_normal((1, 3, 61, 83)).astype(np.float32)
-    with torch.no_grad():
-        expected = [t.numpy() for t in folded.forward_raw(torch.from_numpy(image))]
-    actual = OnnxRuntimeRunner(path)._forward(image)
-    return float(max(np.abs(a - e).max() for a, e in zip(actual, expected)))
 
 
 def read_images(folder: Union[str, os.PathLike], max_side: int = CALIBRATION_SIDE) -> List[np.ndarray]:

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
 from dataclasses import fields, replace
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, ContextManager, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
 
+from .backends import make_runner as _make_runner  # a module name: tests replace it
+from .backends import torch_threads
+from .config import check_flag, check_num_threads, check_tile_size
 from .extractor import (
     DEFAULT_TILE_SIZE,
     ExtractionParams,
     Features,
-    NetworkRunner,
     describe,
     dense_maps,
     extract,
@@ -27,7 +28,6 @@ from .extractor import (
     refine_matches,
 )
 from .image import check_mask, normalize_image
-from .onnx_runner import check_num_threads
 from .weights import DEFAULT_MODEL
 
 __all__ = ["R2D2Feature", "R2D2_create"]
@@ -36,42 +36,6 @@ logger = logging.getLogger(__name__)
 
 _DEFAULTS = ExtractionParams()
 KeyPoints = Tuple[cv2.KeyPoint, ...]
-
-
-# "reference" runs the network as the original implementation does (a speed baseline).
-BACKENDS = ("torch", "reference", "onnxruntime", "opencv")
-TORCH_BACKENDS = ("torch", "reference")
-
-
-def _make_runner(model: str, device: Optional[str], backend: str, half: bool = False,
-                 num_threads: Optional[int] = None) -> NetworkRunner:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if half and backend != "torch":
-        raise ValueError(f"half=True needs the torch backend on CUDA, got backend={backend!r}")
-    if backend in TORCH_BACKENDS:
-        # Imported here so that importing cv2r2d2 (or using ONNX) does not import torch.
-        from .torch_runner import TorchRunner
-        from .weights import load_model
-
-        return TorchRunner(load_model(model, device=device), optimize=backend == "torch", half=half)
-    from .onnx_runner import make_onnx_runner
-
-    return make_onnx_runner(model, device=device, backend=backend, num_threads=num_threads)
-
-
-def _check_flag(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def _check_tile_size(tile_size: Any) -> int:
-    if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 0:
-        raise ValueError(f"tile_size must be an integer >= 0, got {tile_size!r}")
-    if 0 < tile_size < 64:
-        raise ValueError(f"tile_size must be 0 or >= 64 pixels, got {tile_size!r}")
-    return int(tile_size)
 
 
 # write() stores every create() argument (R2D2Feature._settings and the
@@ -150,12 +114,12 @@ class R2D2Feature:
         self._model = os.fspath(model)
         self._device = device
         self._backend = backend
-        self._half = _check_flag(half, "half")
+        self._half = check_flag(half, "half")
         self._num_threads = None if num_threads is None else check_num_threads(num_threads)
         self._told_own_size = False
-        self._subpixel = _check_flag(subpixel, "subpixel")
+        self._subpixel = check_flag(subpixel, "subpixel")
         self._params = params if params is not None else ExtractionParams()
-        self._tile_size = _check_tile_size(tile_size)
+        self._tile_size = check_tile_size(tile_size)
         self._runner = _make_runner(self._model, device, backend, self._half, self._num_threads)
 
     @classmethod
@@ -231,20 +195,9 @@ class R2D2Feature:
                     self._params.min_size, self._params.max_size)
         return normalised
 
-    @contextmanager
-    def _threads(self) -> Iterator[None]:
+    def _threads(self) -> ContextManager[None]:
         """torch's process-wide thread count set to ``num_threads`` while the runner works."""
-        if not self._num_threads or self._backend not in TORCH_BACKENDS:
-            yield
-            return
-        import torch  # already imported by the torch runner
-
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self._num_threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(previous)
+        return torch_threads(self._num_threads, self._backend)
 
     def _detect_one(self, image: Any, mask: Any, name: str = "image") -> Features:
         normalised = self._prepare(image, name)
@@ -477,14 +430,14 @@ class R2D2Feature:
 
     def setSubpixel(self, subpixel: bool) -> None:
         """Refine keypoint positions by a quadratic fit to the repeatability peak."""
-        self._subpixel = _check_flag(subpixel, "subpixel")
+        self._subpixel = check_flag(subpixel, "subpixel")
 
     def getTileSize(self) -> int:
         return self._tile_size
 
     def setTileSize(self, tile_size: int) -> None:
         """Tile side in pixels for large pyramid levels (0: never tile)."""
-        self._tile_size = _check_tile_size(tile_size)
+        self._tile_size = check_tile_size(tile_size)
 
     def getNFeatures(self) -> int:
         return int(self._params.nfeatures)
@@ -643,7 +596,7 @@ class R2D2Feature:
             stored["num_threads"] = None
         elif stored["num_threads"] is not None:
             stored["num_threads"] = check_num_threads(stored["num_threads"])
-        stored["tile_size"] = _check_tile_size(stored["tile_size"])
+        stored["tile_size"] = check_tile_size(stored["tile_size"])
         runner = self._runner
         network = ("model", "backend", "half", "num_threads")
         if any(stored[key] != current[key] for key in network):

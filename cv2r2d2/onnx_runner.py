@@ -14,7 +14,6 @@ export) runs every level whole, with a warning.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import mmap
 import os
@@ -24,10 +23,9 @@ from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
 import cv2
 import numpy as np
 
+from .config import NUM_THREADS_ENV, thread_count
 from .extractor import halo_window
-from .weights import (
-    MODELS, WEIGHTS_DIR_ENV, CheckpointError, UnknownModelError, WeightsNotFoundError, _cache_dir,
-)
+from .weights import CheckpointError
 
 __all__ = [
     "ALIGNMENT_KEY",
@@ -38,9 +36,6 @@ __all__ = [
     "OnnxLevelOutput",
     "OnnxRuntimeRunner",
     "OpenCVRunner",
-    "check_num_threads",
-    "find_onnx_model",
-    "make_onnx_runner",
     "read_metadata",
     "resize_bilinear",
 ]
@@ -54,10 +49,6 @@ OUTPUT_NAMES = ("descriptors_raw", "reliability_logits", "repeatability_logit")
 # (see torch_runner.receptive_halo), as decimal strings.
 HALO_KEY = "cv2r2d2.receptive_halo"
 ALIGNMENT_KEY = "cv2r2d2.alignment"
-# Thread count of the ONNX backends when the caller gives none (0: the runtime's default).
-NUM_THREADS_ENV = "CV2R2D2_NUM_THREADS"
-
-ONNX_BACKENDS = ("onnxruntime", "opencv")
 
 Box = Tuple[int, int, int, int]
 
@@ -147,7 +138,7 @@ class _OnnxRunner:
 
     def __init__(self, path: Union[str, os.PathLike], num_threads: Optional[int]) -> None:
         self.path = Path(path)
-        self.num_threads = _thread_count(num_threads)
+        self.num_threads = thread_count(num_threads)
         # Input pixels of context a box needs, or None: the file does not say, so every
         # run covers the whole image (and the extractor does not tile).
         self.halo: Optional[int] = None
@@ -216,32 +207,13 @@ class _OnnxRunner:
             repeatability_logit[0, 0, rows, cols],
         )
 
+    def forward(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The graph's raw outputs (descriptors_raw, reliability_logits,
+        repeatability_logit) for a (B, 3, H, W) float32 normalised batch."""
+        return self._forward(batch)
+
     def _forward(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
-
-
-def check_num_threads(num_threads: int, name: str = "num_threads") -> int:
-    """Validate a thread count: an integer >= 0 (0: the runtime's default)."""
-    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer >= 0 (0: the runtime's default), got {num_threads!r}")
-    if num_threads < 0:
-        raise ValueError(f"{name} must be an integer >= 0 (0: the runtime's default), got {num_threads!r}")
-    return int(num_threads)
-
-
-def _thread_count(num_threads: Optional[int]) -> int:
-    """The requested thread count: the argument, else $CV2R2D2_NUM_THREADS, else 0 (default)."""
-    source = "num_threads"
-    if num_threads is None:
-        text = os.environ.get(NUM_THREADS_ENV, "").strip()
-        if not text:
-            return 0
-        source = NUM_THREADS_ENV
-        try:
-            num_threads = int(text)
-        except ValueError:
-            raise ValueError(f"{NUM_THREADS_ENV} must be an integer >= 0, got {text!r}") from None
-    return check_num_threads(num_threads, source)
 
 
 class OnnxRuntimeRunner(_OnnxRunner):
@@ -386,72 +358,3 @@ def _check_interface(inputs: list, outputs: list, path: Path) -> None:
             f"{path} is not a cv2r2d2 ONNX export: expected input {INPUT_NAME!r} and outputs "
             f"{', '.join(OUTPUT_NAMES)}, got {inputs} -> {outputs}"
         )
-
-
-def find_onnx_model(model: Union[str, os.PathLike]) -> Path:
-    """The ``.onnx`` file of a path or a registry name, exporting it once if needed.
-
-    A registry name is looked up as ``<name>.onnx`` in ``$CV2R2D2_WEIGHTS_DIR``, then
-    in the weights cache folder; when neither holds it, it is exported into the cache
-    folder, which needs PyTorch (once).
-    """
-    if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"model must be a .onnx path or a model name, got {type(model).__name__}")
-    text = os.fspath(model)
-    info = MODELS.get(text)
-    if info is None:
-        path = Path(text).expanduser()
-        if not path.is_file():
-            raise UnknownModelError(
-                f"{text!r} is neither an existing .onnx file nor a known model name "
-                f"(known: {', '.join(MODELS)})"
-            )
-        if path.suffix.lower() != ".onnx":
-            raise ValueError(
-                f"the ONNX backends run an exported .onnx file, got {text!r}; export it with "
-                f"`cv2r2d2 export-onnx --model {text} --output model.onnx`"
-            )
-        return path
-    folders = [Path(os.environ[WEIGHTS_DIR_ENV]).expanduser()] if os.environ.get(WEIGHTS_DIR_ENV) else []
-    folders.append(_cache_dir())
-    for folder in folders:
-        candidate = folder / f"{info.name}.onnx"
-        if candidate.is_file():
-            return candidate
-    target = _cache_dir() / f"{info.name}.onnx"
-    searched = " and ".join(str(f) for f in folders)
-    if importlib.util.find_spec("torch") is None:
-        raise WeightsNotFoundError(
-            f"no {info.name}.onnx in {searched}, and exporting it needs PyTorch. On a machine "
-            f"with torch, run `cv2r2d2 export-onnx --model {info.name} --output {info.name}.onnx` "
-            f"and put the file in {WEIGHTS_DIR_ENV} or at {target}, or pass its path as model."
-        )
-    logger.warning("no %s.onnx in %s: exporting it once to %s (this uses PyTorch)",
-                   info.name, searched, target)
-    from .export import export_onnx
-
-    export_onnx(info.name, target)
-    return target
-
-
-def make_onnx_runner(
-    model: Union[str, os.PathLike],
-    device: Optional[str] = None,
-    backend: str = "onnxruntime",
-    num_threads: Optional[int] = None,
-) -> _OnnxRunner:
-    """A runner for an exported R2D2 model.
-
-    Args:
-        model: a ``.onnx`` path (fp32 or int8 export) or a registry name (see
-            :func:`find_onnx_model`).
-        device: None or ``"cpu"``; ``"cuda[:N]"`` with onnxruntime-gpu.
-        backend: ``"onnxruntime"`` or ``"opencv"`` (``cv2.dnn``).
-        num_threads: intra-op threads; None reads ``$CV2R2D2_NUM_THREADS``, 0 keeps the
-            runtime's default (onnxruntime: one per physical core).
-    """
-    if backend not in ONNX_BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(ONNX_BACKENDS)}, got {backend!r}")
-    path = find_onnx_model(model)
-    runner_class = OnnxRuntimeRunner if backend == "onnxruntime" else OpenCVRunner
-    return runner_class(path, device=device, num_threads=num_threads)

@@ -38,6 +38,8 @@ __all__ = [
     "UnknownModelError",
     "CheckpointError",
     "WeightsNotFoundError",
+    "cache_dir",
+    "find_onnx_model",
     "resolve_weights",
     "download_weights",
     "load_checkpoint",
@@ -128,7 +130,7 @@ def sha256sum(path: Union[str, Path]) -> str:
     return digest.hexdigest()
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     """``torch.hub.get_dir()/checkpoints``, found without importing torch."""
     if "torch" in sys.modules:
         return Path(sys.modules["torch"].hub.get_dir()) / "checkpoints"
@@ -141,7 +143,7 @@ def _cache_dir() -> Path:
 def _where_to_put(info: ModelInfo) -> str:
     return (
         f"download {info.url} and either set {WEIGHTS_DIR_ENV} to the folder holding "
-        f"{info.name}.pt or place it at {_cache_dir() / (info.name + '.pt')}"
+        f"{info.name}.pt or place it at {cache_dir() / (info.name + '.pt')}"
     )
 
 
@@ -253,13 +255,58 @@ def resolve_weights(
         if candidate.is_file():
             return _verified(candidate, info)
         logger.debug("%s not found in %s=%s", info.name, WEIGHTS_DIR_ENV, env_dir)
-    cached = _cache_dir() / f"{info.name}.pt"
+    cached = cache_dir() / f"{info.name}.pt"
     if cached.is_file():
         return _verified(cached, info)
     if not download:
         raise WeightsNotFoundError(f"the {info.name} weights are not available locally; "
                            f"{_where_to_put(info)}.")
     return download_weights(info, cached, progress=progress)
+
+
+def find_onnx_model(model: Union[str, os.PathLike]) -> Path:
+    """The exported ``.onnx`` file of a path or a registry name.
+
+    A registry name is looked up as ``<name>.onnx`` in ``$CV2R2D2_WEIGHTS_DIR``, then in
+    :func:`cache_dir` (where :func:`cv2r2d2.backends.onnx_model_file` exports it once
+    when neither holds it).
+
+    Raises:
+        UnknownModelError: neither an existing file nor a registry name.
+        ValueError: an existing file that is not ``.onnx`` (a checkpoint to export).
+        WeightsNotFoundError: a registry name without an exported file here; the
+            message says how to export it.
+    """
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a .onnx path or a model name, got {type(model).__name__}")
+    text = os.fspath(model)
+    info = MODELS.get(text)
+    if info is None:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise UnknownModelError(
+                f"{text!r} is neither an existing .onnx file nor a known model name "
+                f"(known: {', '.join(MODELS)})"
+            )
+        if path.suffix.lower() != ".onnx":
+            raise ValueError(
+                f"the ONNX backends run an exported .onnx file, got {text!r}; export it with "
+                f"`cv2r2d2 export-onnx --model {text} --output model.onnx`"
+            )
+        return path
+    folders = [Path(os.environ[WEIGHTS_DIR_ENV]).expanduser()] if os.environ.get(WEIGHTS_DIR_ENV) else []
+    folders.append(cache_dir())
+    for folder in folders:
+        candidate = folder / f"{info.name}.onnx"
+        if candidate.is_file():
+            return candidate
+    target = cache_dir() / f"{info.name}.onnx"
+    searched = " and ".join(str(f) for f in folders)
+    raise WeightsNotFoundError(
+        f"no {info.name}.onnx in {searched}. On a machine with torch, run `cv2r2d2 export-onnx "
+        f"--model {info.name} --output {info.name}.onnx` and put the file in {WEIGHTS_DIR_ENV} "
+        f"or at {target}, or pass its path as model."
+    )
 
 
 def _plain_dict(*args: Any, **kwargs: Any) -> dict:

@@ -17,11 +17,12 @@ import cv2r2d2
 from conftest import image_path, missing, read_image, reference_file, weights_file
 from cv2r2d2.extractor import ExtractionParams, extract
 from cv2r2d2.image import normalize_image
+from cv2r2d2.backends import make_onnx_runner
+from cv2r2d2.config import NUM_THREADS_ENV
 from cv2r2d2.onnx_runner import (
-    ALIGNMENT_KEY, HALO_KEY, NUM_THREADS_ENV, OUTPUT_NAMES, OnnxRuntimeRunner, find_onnx_model,
-    make_onnx_runner, read_metadata,
+    ALIGNMENT_KEY, HALO_KEY, OUTPUT_NAMES, OnnxRuntimeRunner, read_metadata,
 )
-from cv2r2d2.weights import MODELS, WEIGHTS_DIR_ENV, WeightsError
+from cv2r2d2.weights import MODELS, WEIGHTS_DIR_ENV, WeightsError, find_onnx_model
 from test_parity import parity_figures
 
 MODEL = "r2d2_WASF_N16"
