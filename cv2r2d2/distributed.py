@@ -362,7 +362,7 @@ def _extract_on_ray(todo: List[Tuple[str, str]], output: Path, sharded: Optional
             results = _stream(ray, [slot(a) for a in pool for _ in range(QUEUE_DEPTH)], blocks)
             try:
                 for _ in progress(_finished_images(results, report), len(todo),
-                                  show_progress, "extract", unit="img"):
+                                  show_progress, "extract", unit="image"):
                     pass
             finally:
                 report.seconds = time.perf_counter() - start

@@ -23,6 +23,7 @@ Positions are in pixels, OpenCV's convention (the centre of the top-left pixel i
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -48,6 +49,7 @@ __all__ = [
     "MissingDependencyError",
     "import_optional",
     "progress",
+    "logging_beside_progress",
     "atomic_path",
     "list_images",
     "read_image",
@@ -123,6 +125,23 @@ def progress(iterable: Iterable, total: Optional[int] = None, enabled: bool = Tr
 
 def _stderr_is_terminal() -> bool:
     return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def logging_beside_progress(*loggers: logging.Logger) -> Iterator[None]:
+    """Print the log records of ``loggers`` (default: the root logger) above the
+    progress bars, rather than onto the end of a bar (tqdm's logging redirection).
+
+    Their console handlers are swapped for tqdm's and restored on exit; without tqdm,
+    nothing changes.
+    """
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:
+        yield
+        return
+    with logging_redirect_tqdm(list(loggers) or None):
+        yield
 
 
 # --- images ------------------------------------------------------------------------
@@ -597,7 +616,7 @@ def extract_collection(
         feature: the extractor, e.g. ``R2D2Feature.create(...)``.
     """
     report = ExtractionReport()
-    for name, path in progress(images, len(images), show_progress, "extract"):
+    for name, path in progress(images, len(images), show_progress, "extract", unit="image"):
         if not overwrite and name in store:
             report.skipped.append(name)
             continue

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, read_image, weights_dir
+from conftest import ROOT, read_image, record_progress, weights_dir
 from cv2r2d2.cli import main
 from cv2r2d2.io import H5Matches, list_images, open_features
 
@@ -178,10 +178,14 @@ def test_a_local_ray_prints_nothing_of_its_own(tmp_path):
 
 
 def test_extraction_and_matching_give_the_single_machine_files(
-        cluster, photos, reference, tmp_path, capsys):
+        cluster, photos, reference, tmp_path, capsys, monkeypatch):
+    import cv2r2d2.distributed
+
     output = tmp_path / "features.h5"
     argv = ["extract", str(photos), "-o", str(output), "--ray", cluster.address, "-q", *FAST]
+    bars = record_progress(monkeypatch, cv2r2d2.distributed)
     assert main(argv) == 0
+    assert bars == [["extract", "image", READABLE + 1, READABLE + 1]]  # broken.jpg too
     captured = capsys.readouterr()
     assert f"extracted {READABLE} image(s), 0 already done" in captured.out
     assert "images/s on 2 actor(s)" in captured.out
