@@ -18,8 +18,13 @@ An HDF5 file cannot be replaced atomically per entry, so the h5 writers flush af
 each entry and an entry counts as done only when all its datasets are there with
 consistent shapes; a resumed run rewrites the incomplete ones.
 
-Positions are in pixels, OpenCV's convention (the centre of the top-left pixel is
-(0, 0)), as in hloc.
+Positions are in image pixels, as the extractor gives them (see
+:class:`cv2r2d2.extractor.Features`): in OpenCV's and hloc's convention (the centre of
+the top-left pixel at (0, 0)) with ``subpixel=True``, and for keypoints of the scale-1
+level in any mode. By default they are the original R2D2's, ``x * W / w`` for column
+``x`` of a level ``w`` pixels wide (rows alike): on a level at scale s < 1 that lies
+``0.5 * (W / w - 1)`` px (about 0.5 (1/s - 1): 0.5 px at s = 0.5) up and left of the
+level pixel's centre.
 """
 from __future__ import annotations
 
