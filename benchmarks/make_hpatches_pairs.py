@@ -1,7 +1,6 @@
-"""The accuracy benchmarks' homography pairs (benchmarks/homography_pairs.py) written as
-HPatches sequences, for ``cv2r2d2 eval-hpatches``.
+"""The accuracy benchmarks' homography pairs written as HPatches sequences, for eval-hpatches.
 
-Each sample image gives ``v_<name>`` (its 5 viewpoint pairs: 1.ppm the image, 2..6.ppm
+The pairs are those of benchmarks/homography_pairs.py. Each sample image gives ``v_<name>`` (its 5 viewpoint pairs: 1.ppm the image, 2..6.ppm
 the warps, H_1_k the homographies) and ``i_<name>`` (its 5 illumination pairs, identity
 homographies):
 

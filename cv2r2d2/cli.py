@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from .extractor import ExtractionParams
+from .io import logging_beside_progress
+from .weights import LICENCE_LOGGER
 
 __all__ = ["main", "build_parser"]
 
@@ -40,12 +42,12 @@ METHODS = ("r2d2", "sift", "orb")
 # --- shared options ----------------------------------------------------------------
 
 
-def _add_output_options(parser: argparse.ArgumentParser) -> None:
+def _add_output_options(parser: argparse.ArgumentParser, colmap: bool = False) -> None:
     group = parser.add_argument_group("output")
     group.add_argument("-q", "--quiet", action="store_true",
                        help="no progress bar, warnings and errors only")
     group.add_argument("-v", "--verbose", action="store_true",
-                       help="debug messages (and COLMAP's own log)")
+                       help="debug messages" + (" and COLMAP's own log" if colmap else ""))
 
 
 def _add_device_option(parser: argparse.ArgumentParser) -> None:
@@ -239,7 +241,8 @@ def _run_match(args: argparse.Namespace) -> int:
         failed = report.failed
         _print_throughput(len(report.matched), "pair", report.seconds)
     mean = sum(report.num_matches) / len(report.num_matches) if report.num_matches else 0.0
-    print(f"matched {len(report.matched)} pair(s) ({mean:.0f} matches on average), "
+    print(f"matched {len(report.matched)} pair(s) ({mean:.0f} "
+          f"{'match' if f'{mean:.0f}' == '1' else 'matches'} on average), "
           f"{len(report.skipped)} already done, into {args.output}")
     if failed:
         print(f"{len(failed)} pair(s) failed, their workers died: {failed[0][1]}; run the "
@@ -272,7 +275,7 @@ def _add_sfm(subparsers: Any) -> None:
                         help="extract and match again instead of reusing earlier results")
     _add_matching_options(parser, pairs_required=False)
     _add_feature_options(parser)
-    _add_output_options(parser)
+    _add_output_options(parser, colmap=True)
     parser.set_defaults(run=_run_sfm)
 
 
@@ -481,11 +484,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     level = package_logger.level
+    licence_logger = logging.getLogger(LICENCE_LOGGER)
+    licence_level = licence_logger.level
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.DEBUG if args.verbose
                             else logging.WARNING if args.quiet else logging.INFO)
+    if args.quiet:  # the licence notice is no warning of something wrong
+        licence_logger.setLevel(logging.ERROR)
     try:
-        return args.run(args)
+        with logging_beside_progress(package_logger):
+            return args.run(args)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
@@ -497,3 +505,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         package_logger.removeHandler(handler)
         package_logger.setLevel(level)
+        licence_logger.setLevel(licence_level)

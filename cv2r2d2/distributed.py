@@ -20,10 +20,12 @@ Ray is imported only here, and only when one of these functions runs.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,16 +62,31 @@ DEFAULT_THREADS = 4
 FORWARDED_ENV = ("CV2R2D2_WEIGHTS_DIR", "CV2R2D2_NUM_THREADS")
 
 
+# Ray's notice, on every start, that a cluster has token authentication on (or off): not
+# something a user of these functions can act on. Its other warnings are kept.
+_RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 def _import_ray() -> ModuleType:
     return import_optional("ray", "--ray (extraction and matching on a Ray cluster)",
                            extra="ray")
+
+
+def _colorama_exit_handler() -> Optional[Callable[[], None]]:
+    """colorama's exit handler, if its init() has registered it (colorama as Ray has it)."""
+    initialise = getattr(sys.modules.get("colorama"), "initialise", None)
+    return initialise.reset_all if getattr(initialise, "atexit_done", False) else None
 
 
 @contextlib.contextmanager
 def _ray_session(address: Optional[str]) -> Iterator[ModuleType]:
     """Ray, connected: the caller's session if there is one; else a new local Ray
     (``address`` None or ``"local"``) or the cluster at ``address`` (``"auto"``,
-    ``"host:port"``, ``"ray://host:port"``), shut down on exit."""
+    ``"host:port"``, ``"ray://host:port"``), shut down on exit.
+
+    Raises:
+        ConnectionError: no cluster runs at ``"auto"``.
+    """
     ray = _import_ray()
     if ray.is_initialized():
         yield ray
@@ -79,10 +96,28 @@ def _ray_session(address: Optional[str]) -> Iterator[ModuleType]:
         log_to_driver=logger.isEnabledFor(logging.DEBUG), logging_level=logging.WARNING,
         runtime_env={"env_vars": env} if env else None,
     )
-    if address in (None, "local"):
-        ray.init(address="local", include_dashboard=False, **options)
-    else:
-        ray.init(address=address, **options)
+    token_logger = logging.getLogger(_RAY_TOKEN_LOGGER)
+    level = token_logger.level
+    token_logger.setLevel(logging.ERROR)
+    exit_handler = _colorama_exit_handler()
+    try:
+        if address in (None, "local"):
+            ray.init(address="local", include_dashboard=False, **options)
+        else:
+            ray.init(address=address, **options)
+    except ConnectionError as exc:
+        if address != "auto":
+            raise
+        raise ConnectionError(
+            'no Ray cluster found at "auto" (none runs on this machine and RAY_ADDRESS is '
+            "not set): start one with `ray start --head`, or use --ray alone (address=None) "
+            "for a local Ray started for this run") from exc
+    finally:
+        token_logger.setLevel(level)
+        if exit_handler is None and _colorama_exit_handler() is not None:
+            # ray.init ran colorama.init(), whose exit handler writes an escape sequence
+            # ("\x1b[0m") on a terminal after the program's last line.
+            atexit.unregister(_colorama_exit_handler())
     try:
         yield ray
     finally:
@@ -266,11 +301,14 @@ def extract_collection_ray(
 
 def _finish(sharded: ShardedH5, merge: bool, rewrite: bool) -> None:
     """Write the master file (or the merged file) when the run changed the shards or
-    the output is not what was asked."""
+    the output is not what was asked; nothing when there is nothing to point at (a run
+    that failed before its first block, with no earlier output)."""
     is_master = sharded.is_master()
     if rewrite or (merge and is_master) or (not merge and not is_master):
         sharded.remove_temporary_files()
         entries = sharded.scan()
+        if not entries and not sharded.path.exists():
+            return
         if merge:
             sharded.merge(entries)
         else:
@@ -289,6 +327,7 @@ def _extract_on_ray(todo: List[Tuple[str, str]], output: Path, sharded: Optional
                     show_progress: bool, address: Optional[str], actors: Optional[int],
                     threads: Optional[int], block_size: Optional[int],
                     report: RayExtractionReport) -> None:
+    callers_session = _import_ray().is_initialized()
     with _ray_session(address) as ray:
         gpus = _cluster_gpus(ray, feature_options.get("device"))
         if threads is None:
@@ -323,13 +362,17 @@ def _extract_on_ray(todo: List[Tuple[str, str]], output: Path, sharded: Optional
             results = _stream(ray, [slot(a) for a in pool for _ in range(QUEUE_DEPTH)], blocks)
             try:
                 for _ in progress(_finished_images(results, report), len(todo),
-                                  show_progress, "extract", unit="img"):
+                                  show_progress, "extract", unit="image"):
                     pass
             finally:
                 report.seconds = time.perf_counter() - start
         finally:
-            for actor in pool:  # free their resources now, for the caller's next run
-                ray.kill(actor)
+            # The caller's session goes on: free the actors' resources for its next run. A
+            # session of this run ends with it, and its actors (ray.kill would log the
+            # blocks they had not finished, after Ctrl-C, as failed tasks to be retried).
+            if callers_session:
+                for actor in pool:
+                    ray.kill(actor)
 
 
 def _finished_images(results: Iterable[Tuple[Any, Any]],

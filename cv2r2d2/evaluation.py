@@ -297,7 +297,7 @@ def evaluate_hpatches(
         scores: Dict[str, Dict[str, List[Any]]] = {m: {"i": [], "v": []} for m in metrics}
         counts: Dict[str, List[int]] = {"i": [], "v": []}
         matches: Dict[str, List[int]] = {"i": [], "v": []}
-        for path in progress(sequences, len(sequences), show_progress, method):
+        for path in progress(sequences, len(sequences), show_progress, method, unit="sequence"):
             kind = path.name[0]
             pairs, keypoint_counts = _sequence_pairs(path, feature, device)
             counts[kind] += keypoint_counts

@@ -157,7 +157,11 @@ class Features:
     """Keypoints of one image, sorted by decreasing score.
 
     Attributes:
-        xy: (N, 2) float32 positions in original-image pixels.
+        xy: (N, 2) float32 positions in original-image pixels. With ``subpixel``: the
+            refined peak, pixel centres consistent between level and image, (x + 0.5)
+            W / w - 0.5 (OpenCV's convention). Otherwise the reference's x W / w, which
+            is that convention on the scale-1 level only; on a level w < W pixels wide
+            it lies 0.5 (W / w - 1) px up and left of the level pixel's centre.
         sizes: (N,) float32 patch diameters in pixels (32 / scale).
         scores: (N,) float32 reliability x repeatability.
         octaves: (N,) int32 pyramid level indices (scale = scale_f ** -octave).

@@ -89,7 +89,9 @@ class R2D2Feature:
     """R2D2 keypoint detector and descriptor extractor with the ``cv2.Feature2D`` API.
 
     Create it with :meth:`create` (or ``cv2r2d2.R2D2_create``). Keypoints are
-    ``cv2.KeyPoint`` with ``pt`` in image pixels, ``size`` the patch diameter
+    ``cv2.KeyPoint`` with ``pt`` in image pixels (the original's positions by default,
+    OpenCV's pixel-centre convention with ``subpixel=True``: see
+    :class:`~cv2r2d2.extractor.Features`), ``size`` the patch diameter
     (32 / pyramid scale), ``response`` the score (reliability x repeatability),
     ``octave`` the pyramid step (scale = scale_f ** -octave), ``angle`` -1; descriptors
     are float32 N x 128, L2-normalised, to be matched with ``cv2.NORM_L2``.

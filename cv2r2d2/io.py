@@ -18,11 +18,17 @@ An HDF5 file cannot be replaced atomically per entry, so the h5 writers flush af
 each entry and an entry counts as done only when all its datasets are there with
 consistent shapes; a resumed run rewrites the incomplete ones.
 
-Positions are in pixels, OpenCV's convention (the centre of the top-left pixel is
-(0, 0)), as in hloc.
+Positions are in image pixels, as the extractor gives them (see
+:class:`cv2r2d2.extractor.Features`): in OpenCV's and hloc's convention (the centre of
+the top-left pixel at (0, 0)) with ``subpixel=True``, and for keypoints of the scale-1
+level in any mode. By default they are the original R2D2's, ``x * W / w`` for column
+``x`` of a level ``w`` pixels wide (rows alike): on a level at scale s < 1 that lies
+``0.5 * (W / w - 1)`` px (about 0.5 (1/s - 1): 0.5 px at s = 0.5) up and left of the
+level pixel's centre.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -48,6 +54,7 @@ __all__ = [
     "MissingDependencyError",
     "import_optional",
     "progress",
+    "logging_beside_progress",
     "atomic_path",
     "list_images",
     "read_image",
@@ -123,6 +130,23 @@ def progress(iterable: Iterable, total: Optional[int] = None, enabled: bool = Tr
 
 def _stderr_is_terminal() -> bool:
     return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def logging_beside_progress(*loggers: logging.Logger) -> Iterator[None]:
+    """Print the log records of ``loggers`` (default: the root logger) above the
+    progress bars, rather than onto the end of a bar (tqdm's logging redirection).
+
+    Their console handlers are swapped for tqdm's and restored on exit; without tqdm,
+    nothing changes.
+    """
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:
+        yield
+        return
+    with logging_redirect_tqdm(list(loggers) or None):
+        yield
 
 
 # --- images ------------------------------------------------------------------------
@@ -597,7 +621,7 @@ def extract_collection(
         feature: the extractor, e.g. ``R2D2Feature.create(...)``.
     """
     report = ExtractionReport()
-    for name, path in progress(images, len(images), show_progress, "extract"):
+    for name, path in progress(images, len(images), show_progress, "extract", unit="image"):
         if not overwrite and name in store:
             report.skipped.append(name)
             continue

@@ -384,16 +384,21 @@ def match_collection(
         else:
             todo.append(pair)
     cache = _DescriptorCache(features, capacity=64)
-    # One batch of pairs at a time, each written (and flushed) when computed.
-    chunk = 32
-    bar = progress(range(0, len(todo), chunk), -(-len(todo) // chunk), show_progress, "match")
-    for start in bar:
-        group = todo[start : start + chunk]
-        descriptors = [(cache[a], cache[b]) for a, b in group]
-        results = match_batch(descriptors, cv2.NORM_L2, max_distance, ratio, device,
-                              max_elements)
-        for (a, b), (d_a, _), (indices, distances) in zip(group, descriptors, results):
-            matches.write(a, b, indices, 1 - distances.astype(np.float32) ** 2 / 2, len(d_a))
-            report.matched.append((a, b))
-            report.num_matches.append(len(indices))
+
+    def matched() -> Iterator[Tuple[str, str]]:
+        # One batch of pairs at a time, each written (and flushed) when computed.
+        chunk = 32
+        for start in range(0, len(todo), chunk):
+            group = todo[start : start + chunk]
+            descriptors = [(cache[a], cache[b]) for a, b in group]
+            results = match_batch(descriptors, cv2.NORM_L2, max_distance, ratio, device,
+                                  max_elements)
+            for (a, b), (d_a, _), (indices, distances) in zip(group, descriptors, results):
+                matches.write(a, b, indices, 1 - distances.astype(np.float32) ** 2 / 2, len(d_a))
+                report.matched.append((a, b))
+                report.num_matches.append(len(indices))
+                yield a, b
+
+    for _ in progress(matched(), len(todo), show_progress, "match", unit="pair"):
+        pass
     return report

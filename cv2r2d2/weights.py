@@ -34,6 +34,7 @@ __all__ = [
     "MODELS",
     "DEFAULT_MODEL",
     "WEIGHTS_DIR_ENV",
+    "LICENCE_LOGGER",
     "WeightsError",
     "UnknownModelError",
     "CheckpointError",
@@ -50,6 +51,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR_ENV = "CV2R2D2_WEIGHTS_DIR"
+# The logger of the once-per-process licence notice of the official weights (a warning):
+# logging.getLogger(LICENCE_LOGGER).setLevel(logging.ERROR) silences it, as `-q` does.
+LICENCE_LOGGER = "cv2r2d2.licence"
 _BASE_URL = "https://github.com/naver/r2d2/raw/master/models/"
 _NAVER_LICENCE = "CC BY-NC-SA 3.0 (NAVER Corp.; non-commercial use only)"
 
@@ -350,9 +354,10 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=None)
-def _tell_licence(name: str) -> None:
-    logger.warning(
-        "Using the official %s weights by NAVER Corp., licensed %s.", name, _NAVER_LICENCE
+def _tell_licence() -> None:
+    """Say once per process that the official weights are NAVER's, and their licence."""
+    logging.getLogger(LICENCE_LOGGER).warning(
+        "Using the official R2D2 weights by NAVER Corp., licensed %s.", _NAVER_LICENCE
     )
 
 
@@ -390,7 +395,7 @@ def load_model(
             f"{str(exc).splitlines()[0]}"
         ) from exc
     if os.fspath(name_or_path) in MODELS:
-        _tell_licence(os.fspath(name_or_path))
+        _tell_licence()
     net.name = os.fspath(name_or_path)
     net.requires_grad_(False)
     return net.eval().to(device)

@@ -80,3 +80,18 @@ def boat() -> np.ndarray:
 @pytest.fixture(scope="session")
 def peppers() -> np.ndarray:
     return read_image("peppers.png")
+
+
+def record_progress(monkeypatch, module) -> list:
+    """Record the progress bars ``module`` makes: [desc, unit, total, items counted]."""
+    bars = []
+
+    def progress(iterable, total=None, enabled=True, desc="", unit="it"):
+        bar = [desc, unit, total, 0]
+        bars.append(bar)
+        for item in iterable:
+            bar[3] += 1
+            yield item
+
+    monkeypatch.setattr(module, "progress", progress)
+    return bars

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -14,8 +15,9 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, read_image, weights_dir
+from conftest import ROOT, read_image, record_progress, weights_dir
 from cv2r2d2.cli import main
+from cv2r2d2.io import H5Features, ImageFeatures
 
 h5py = pytest.importorskip("h5py")
 
@@ -90,6 +92,61 @@ def test_extract_small_images_at_their_own_size(photos, tmp_path, capsys):
     assert capsys.readouterr().err.count("too small for the pyramid") == 1
 
 
+def test_progress_counts_images_and_pairs(features, photos, tmp_path, monkeypatch):
+    import cv2r2d2.io
+    import cv2r2d2.matching
+
+    bars = record_progress(monkeypatch, cv2r2d2.io)
+    assert main(["extract", str(photos), "-o", str(tmp_path / "f.h5"), "-q", *FAST]) == 0
+    assert bars == [["extract", "image", 4, 4]]  # corrupt.jpg too
+    bars = record_progress(monkeypatch, cv2r2d2.matching)
+    assert main(["match", str(features), "--pairs", "exhaustive", "-o", str(tmp_path / "m.h5"),
+                 "-q", "--device", "cpu"]) == 0
+    assert bars == [["match", "pair", 3, 3]]
+
+
+def test_log_lines_go_above_progress_bars(photos, tmp_path, monkeypatch):
+    """While a command runs, the package's log handler is tqdm's (records print above
+    the bars); it is removed afterwards."""
+    pytest.importorskip("tqdm")
+    from tqdm.contrib.logging import _TqdmLoggingHandler
+
+    import cv2r2d2.cli
+
+    seen = []
+    monkeypatch.setattr(cv2r2d2.cli, "_run_extract", lambda args: seen.append(
+        [type(h) for h in logging.getLogger("cv2r2d2").handlers]) or 0)
+    before = list(logging.getLogger("cv2r2d2").handlers)
+    assert main(["extract", str(photos), "-o", str(tmp_path / "f.h5")]) == 0
+    assert seen == [[_TqdmLoggingHandler]] and logging.getLogger("cv2r2d2").handlers == before
+
+
+def test_licence_notice_once_and_not_with_quiet(photos, tmp_path, capsys):
+    from cv2r2d2 import weights
+
+    weights_dir()
+    args = ["extract", str(photos / "crop0.png"), "-o", str(tmp_path / "r2d2"), *FAST]
+    weights._tell_licence.cache_clear()
+    assert main([*args, "-q"]) == 0
+    assert "CC BY-NC-SA" not in capsys.readouterr().err
+    weights._tell_licence.cache_clear()
+    assert main(args) == 0 and main([*args, "--overwrite", "--model", "r2d2_WAF_N16"]) == 0
+    assert capsys.readouterr().err.count("CC BY-NC-SA") == 1
+
+
+def test_help_texts(capsys):
+    assert main(["extract", "--help"]) == 0
+    assert "COLMAP" not in capsys.readouterr().out
+    assert main(["sfm", "--help"]) == 0
+    assert "debug messages and COLMAP's own log" in capsys.readouterr().out
+    for command, usage in (["-m", "cv2r2d2.train"], "usage: python -m cv2r2d2.train"), \
+            (["-c", "import sys; sys.argv[0] = '/venv/bin/cv2r2d2-train'; "
+                    "from cv2r2d2.train.trainer import main; main()"], "usage: cv2r2d2-train"):
+        done = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.startswith(usage), done.stdout[:200]
+
+
 def test_match(features, tmp_path, capsys):
     output = tmp_path / "matches.h5"
     assert main(["match", str(features), "--pairs", "sequential:1", "-o", str(output),
@@ -102,6 +159,15 @@ def test_match(features, tmp_path, capsys):
                  "--device", "cpu", "--ratio", "0.9"]) == 0
     out = capsys.readouterr().out
     assert "matched 1 pair(s)" in out and "2 already done" in out
+    one = tmp_path / "one.h5"  # a pair with one match
+    with H5Features(one, writable=True) as store:
+        for name in ("a.png", "b.png"):
+            store.write(name, ImageFeatures(np.zeros((1, 2), np.float32),
+                                            np.ones((1, 128), np.float32),
+                                            np.ones(1, np.float32), (8, 8)))
+    assert main(["match", str(one), "--pairs", "exhaustive", "-o", str(tmp_path / "m1.h5"),
+                 "--device", "cpu"]) == 0
+    assert "matched 1 pair(s) (1 match on average)" in capsys.readouterr().out
 
 
 def test_errors_are_messages_not_tracebacks(features, tmp_path, capsys, monkeypatch):

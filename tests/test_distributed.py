@@ -5,19 +5,22 @@ interrupted driver must cost only unfinished work.
 """
 from __future__ import annotations
 
+import functools
 import os
+import pty
 import signal
 import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, read_image, weights_dir
+from conftest import ROOT, read_image, record_progress, weights_dir
 from cv2r2d2.cli import main
 from cv2r2d2.io import H5Matches, list_images, open_features
 
@@ -115,11 +118,74 @@ def _names(path: Path) -> list:
         return store.names()
 
 
+# These first tests run before the cluster fixture starts Ray in this process.
+
+
+def test_no_cluster_at_auto_is_said_in_cv2r2d2s_words(photos, tmp_path, capsys, monkeypatch):
+    ray = pytest.importorskip("ray")
+    import ray._private.services as services
+
+    if ray.is_initialized():
+        pytest.skip("Ray is already initialised in this process")
+    # As on a machine where no cluster runs (other users' clusters here are ignored).
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(services, "find_gcs_addresses", functools.lru_cache(lambda: []))
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    output = tmp_path / "out" / "features.h5"
+    assert main(["extract", str(photos), "-o", str(output), "--ray", "auto", *FAST]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('cv2r2d2 extract: error: no Ray cluster found at "auto"')
+    assert "ray start --head" in err and "--ray alone" in err and "--address" not in err
+    assert not (tmp_path / "out").exists() and not ray.is_initialized()
+
+
+def test_cuda_on_a_cluster_without_gpus_is_refused():
+    from cv2r2d2.distributed import _cluster_gpus
+
+    cpus_only = types.SimpleNamespace(cluster_resources=lambda: {"CPU": 8.0})
+    assert _cluster_gpus(cpus_only, "cpu") == _cluster_gpus(cpus_only, None) == 0
+    with pytest.raises(ValueError, match="'cuda:0' asks for GPUs, but the Ray cluster has none"):
+        _cluster_gpus(cpus_only, "cuda:0")
+
+
+def test_a_local_ray_prints_nothing_of_its_own(tmp_path):
+    """No token-authentication notice at start, no escape sequence at exit (on a terminal)."""
+    pytest.importorskip("ray")
+    code = ("from cv2r2d2.distributed import _ray_session\n"
+            "with _ray_session(None) as ray:\n"
+            "    print('connected', ray.is_initialized())\n")
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=follower,
+                              stderr=follower, timeout=180)
+        os.close(follower)
+        follower = None
+        output = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal closed
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(leader)
+        if follower is not None:
+            os.close(follower)
+    assert done.returncode == 0, output
+    assert output.decode().strip() == "connected True", output
+
+
 def test_extraction_and_matching_give_the_single_machine_files(
-        cluster, photos, reference, tmp_path, capsys):
+        cluster, photos, reference, tmp_path, capsys, monkeypatch):
+    import cv2r2d2.distributed
+
     output = tmp_path / "features.h5"
     argv = ["extract", str(photos), "-o", str(output), "--ray", cluster.address, "-q", *FAST]
+    bars = record_progress(monkeypatch, cv2r2d2.distributed)
     assert main(argv) == 0
+    assert bars == [["extract", "image", READABLE + 1, READABLE + 1]]  # broken.jpg too
     captured = capsys.readouterr()
     assert f"extracted {READABLE} image(s), 0 already done" in captured.out
     assert "images/s on 2 actor(s)" in captured.out

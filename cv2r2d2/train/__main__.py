@@ -2,4 +2,4 @@
 from .trainer import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(prog="python -m cv2r2d2.train"))

@@ -24,6 +24,7 @@ from torch import nn
 
 from .._devices import torch_device
 from .._files import atomic_path
+from ..io import logging_beside_progress
 from ..nets import R2D2Net, build_net
 from ..weights import load_checkpoint, resolve_weights
 from .data import (
@@ -356,10 +357,10 @@ def train(config: TrainConfig) -> Path:
     return output
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     defaults = TrainConfig(images=["."])
     parser = argparse.ArgumentParser(
-        prog="python -m cv2r2d2.train",
+        prog=prog,
         description="Train or fine-tune R2D2 (Revaud et al., NeurIPS 2019) on your images.",
     )
     data = parser.add_argument_group("training data (at least one)")
@@ -402,9 +403,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point (``python -m cv2r2d2.train``)."""
-    parser = _parser()
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """Command-line entry point (``cv2r2d2-train``; ``python -m cv2r2d2.train`` passes
+    its own ``prog``, the name the usage line shows; None: the script's name)."""
+    parser = _parser(prog)
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.WARNING if args.pop("quiet") else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
@@ -414,7 +416,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
     try:
-        train(config)
+        with logging_beside_progress():
+            train(config)
     except KeyboardInterrupt:
         return 130
     return 0
