@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import cv2r2d2
-from cv2r2d2.evaluation import PairData, _project, mean_matching_accuracy
+from cv2r2d2.evaluation import PairData, mean_matching_accuracy, project
 from cv2r2d2.matching import mutual_nearest_neighbours
 from homography_pairs import by_image, make_pairs
 
@@ -47,7 +47,7 @@ def homography_correct(pair: PairData, max_corner_error: float = 3.0) -> bool:
         return False
     w, h = pair.size_a
     corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float64)
-    error = np.linalg.norm(_project(corners, estimate) - _project(corners, pair.homography), axis=1)
+    error = np.linalg.norm(project(corners, estimate) - project(corners, pair.homography), axis=1)
     return bool(error.mean() <= max_corner_error)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,13 +24,11 @@ import torch
 import cv2r2d2
 from cv2r2d2.export import export_onnx, keypoint_agreement
 from cv2r2d2.extractor import ExtractionParams
-from cv2r2d2.onnx_runner import NUM_THREADS_ENV
+from cv2r2d2.config import NUM_THREADS_ENV
+from cv2r2d2.evaluation import parity_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-# The parity measure is the test suite's; reuse it rather than restate it.
-sys.path.insert(0, str(ROOT / "tests"))
-from test_parity import parity_figures  # noqa: E402
 
 
 def main() -> None:
@@ -88,7 +85,7 @@ def main() -> None:
             parity = parity_figures(*results[name], reference) if reference is not None else "-"
             print(f"{name:<18} {median:9.3f} {base / median:8.2f}x  {parity}")
 
-        runners = {name: r2d2._runner for name, r2d2 in extractors.items()}
+        runners = {name: r2d2.getRunner() for name, r2d2 in extractors.items()}
         agreement = keypoint_agreement(
             runners["onnxruntime fp32"], runners["onnxruntime int8"], [image], ExtractionParams()
         )

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from .extractor import ExtractionParams
-from .io import logging_beside_progress
+from .utils import logging_beside_progress
 from .weights import LICENCE_LOGGER
 
 __all__ = ["main", "build_parser"]
@@ -167,7 +167,9 @@ def _add_extract(subparsers: Any) -> None:
 
 
 def _run_extract(args: argparse.Namespace) -> int:
-    from .io import extract_collection, list_images, open_features
+    from .collection import extract_collection
+    from .image import list_images
+    from .stores import open_features
 
     _check_merge(args)
     images = list_images(args.images)
@@ -214,12 +216,13 @@ def _add_match(subparsers: Any) -> None:
 
 
 def _run_match(args: argparse.Namespace) -> int:
-    from .io import H5Matches, open_features
-    from .matching import match_collection, parse_pairs
+    from .stores import H5Matches, open_features
+    from .collection import match_collection
+    from .pairs import parse_pairs
 
     _check_merge(args)
     if args.ray is None:
-        from ._devices import torch_device
+        from .utils import torch_device
 
         torch_device(args.device)  # before the output is opened: no file on failure
     with open_features(args.features) as features:
@@ -346,7 +349,7 @@ def _baseline(method: str, nfeatures: int) -> Any:
 
 def _run_eval_hpatches(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_hpatches, format_table, plot_metrics, write_json
-    from .io import import_optional
+    from .utils import import_optional
 
     if args.plot is None:
         output = Path(args.output)
@@ -397,7 +400,7 @@ def _add_heatmap(subparsers: Any) -> None:
 
 
 def _run_heatmap(args: argparse.Namespace) -> int:
-    from .io import check_image_suffix, read_image, write_image
+    from .image import check_image_suffix, read_image, write_image
     from .visualize import draw_heatmap
 
     if args.keypoints < 0:

@@ -34,12 +34,9 @@ from typing import (
     Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union,
 )
 
-from ._files import atomic_path
-from .io import (
-    ExtractionReport, H5Features, H5Matches, R2D2Folder, extract_collection, feature_format,
-    import_optional, open_features, pair_key, progress,
-)
-from .matching import MatchingReport, match_collection
+from .collection import ExtractionReport, MatchingReport, extract_collection, match_collection
+from .stores import H5Features, H5Matches, R2D2Folder, feature_format, open_features, pair_key
+from .utils import atomic_path, import_optional, progress
 from .shards import ShardedH5, new_run_id
 
 __all__ = [

@@ -40,9 +40,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from ._devices import torch_device
-from ._files import atomic_path
-from .io import import_optional, progress, read_image
+from .image import read_image
+from .utils import atomic_path, import_optional, progress, torch_device
 from .matching import mutual_nearest_neighbours
 
 __all__ = [
@@ -91,8 +90,8 @@ class PairData:
     size_b: Tuple[int, int]
 
 
-def _project(points: np.ndarray, homography: np.ndarray) -> np.ndarray:
-    """(N, 2) points mapped by a (3, 3) homography."""
+def project(points: np.ndarray, homography: np.ndarray) -> np.ndarray:
+    """(N, 2) points mapped by a (3, 3) homography, in the points' units (pixels)."""
     mapped = np.concatenate([points, np.ones((len(points), 1))], axis=1) @ homography.T
     return mapped[:, :2] / mapped[:, 2:]
 
@@ -100,7 +99,7 @@ def _project(points: np.ndarray, homography: np.ndarray) -> np.ndarray:
 def _errors(pair: PairData, matches: np.ndarray) -> np.ndarray:
     """(M,) distances in pixels in image b between each match's b keypoint and its a
     keypoint mapped by the homography."""
-    projected = _project(pair.keypoints_a[matches[:, 0]].astype(np.float64), pair.homography)
+    projected = project(pair.keypoints_a[matches[:, 0]].astype(np.float64), pair.homography)
     return np.linalg.norm(projected - pair.keypoints_b[matches[:, 1]], axis=1)
 
 
@@ -119,8 +118,8 @@ def _inside(points: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
 def visible_keypoints(pair: PairData) -> Tuple[np.ndarray, np.ndarray, int]:
     """(Na,), (Nb,) whether each keypoint lies in the region both images see, and the
     smaller of the two counts."""
-    in_b = _inside(_project(pair.keypoints_a.astype(np.float64), pair.homography), pair.size_b)
-    in_a = _inside(_project(pair.keypoints_b.astype(np.float64), np.linalg.inv(pair.homography)),
+    in_b = _inside(project(pair.keypoints_a.astype(np.float64), pair.homography), pair.size_b)
+    in_a = _inside(project(pair.keypoints_b.astype(np.float64), np.linalg.inv(pair.homography)),
                    pair.size_a)
     return in_b, in_a, int(min(in_b.sum(), in_a.sum()))
 
@@ -166,7 +165,7 @@ def repeatability(pair: PairData, thresholds: Sequence[float]) -> np.ndarray:
     visible_a, visible_b, count = visible_keypoints(pair)
     if not count:
         return np.zeros(len(thresholds))
-    projected = _project(pair.keypoints_a[visible_a].astype(np.float64), pair.homography)
+    projected = project(pair.keypoints_a[visible_a].astype(np.float64), pair.homography)
     found = _one_to_one(projected, pair.keypoints_b[visible_b].astype(np.float64), thresholds)
     return found / count
 
@@ -191,6 +190,34 @@ METRICS: Mapping[str, Metric] = MappingProxyType({
     "repeatability": repeatability,
     "matching_score": matching_score,
 })
+
+
+def parity_figures(keypoints: Sequence[cv2.KeyPoint], descriptors: np.ndarray,
+                   reference: Mapping[str, np.ndarray]) -> Dict[str, Any]:
+    """How closely keypoints and descriptors reproduce the original implementation's.
+
+    Reference rows (``keypoints`` (N, 3) x, y, size; ``scores``; ``descriptors``, as in
+    ../shared/reference's npz files) are matched to ours by (x, y, size) within 1e-3.
+
+    Returns:
+        ``overlap`` (fraction of reference keypoints found), ``max_score_error`` and
+        ``min_cosine`` (over the found ones), ``count`` (ours, the reference's).
+    """
+    from scipy.spatial import cKDTree
+
+    ours = np.array([(k.pt[0], k.pt[1], k.size) for k in keypoints], np.float64).reshape(-1, 3)
+    scores = np.array([k.response for k in keypoints], np.float32)
+    distance, index = cKDTree(ours).query(np.asarray(reference["keypoints"], np.float64))
+    found = distance <= 1e-3
+    matched = index[found]
+    return {
+        "overlap": float(found.mean()),
+        "max_score_error": float(np.abs(scores[matched] - reference["scores"][found]).max()),
+        "min_cosine": float(
+            np.einsum("ij,ij->i", descriptors[matched], reference["descriptors"][found]).min()
+        ),
+        "count": (len(keypoints), len(reference["scores"])),
+    }
 
 
 def list_sequences(root: PathLike) -> List[Path]:

@@ -18,16 +18,16 @@ import cv2
 import numpy as np
 import onnx
 
-from ._files import atomic_path
 from .evaluation import PairData, mean_matching_accuracy, visible_keypoints
 from .extractor import ExtractionParams, Features, NetworkRunner, describe, extract
 from .image import normalize_image
-from .io import IMAGE_SUFFIXES, progress, read_image
+from .image import IMAGE_SUFFIXES, read_image
 from .matching import mutual_nearest_neighbours
 from .nets import fold_batchnorm
 from .onnx_export import check_opset, export_fp32, graph_metadata, max_abs_error, write_graph, \
     write_metadata
 from .onnx_runner import INPUT_NAME, OUTPUT_NAMES, OnnxRuntimeRunner
+from .utils import atomic_path, progress
 from .weights import load_model
 
 __all__ = ["export_onnx", "read_images", "held_out", "keypoint_agreement", "homography_mma",

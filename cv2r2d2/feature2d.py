@@ -20,6 +20,7 @@ from .extractor import (
     DEFAULT_TILE_SIZE,
     ExtractionParams,
     Features,
+    NetworkRunner,
     describe,
     dense_maps,
     extract,
@@ -59,7 +60,8 @@ def _is_image_list(images: Any) -> bool:
     return isinstance(images, (list, tuple))
 
 
-def _check_keypoints(keypoints: Any) -> List[cv2.KeyPoint]:
+def check_keypoints(keypoints: Any) -> List[cv2.KeyPoint]:
+    """``keypoints`` as a list, once checked to hold only ``cv2.KeyPoint`` objects."""
     if keypoints is None:
         raise TypeError("keypoints must be a sequence of cv2.KeyPoint, got None")
     keypoints = list(keypoints)
@@ -240,7 +242,7 @@ class R2D2Feature:
         self, image: Any, keypoints: Any, name: str = "image"
     ) -> Tuple[KeyPoints, Optional[np.ndarray]]:
         normalised = self._prepare(image, name)
-        keypoints = _check_keypoints(keypoints)
+        keypoints = check_keypoints(keypoints)
         if not keypoints:
             return (), None
         xy = np.array([kp.pt for kp in keypoints], np.float32).reshape(-1, 2)
@@ -335,7 +337,7 @@ class R2D2Feature:
             (M, 2) float32 positions in image 2, one per match in order, for e.g.
             ``cv2.findHomography(points1, refined, ...)``.
         """
-        keypoints2 = _check_keypoints(keypoints2)
+        keypoints2 = check_keypoints(keypoints2)
         pairs = _match_indices(matches)
         descriptors1 = np.asarray(descriptors1)
         if descriptors1.dtype != np.float32 or descriptors1.ndim != 2 \
@@ -388,6 +390,11 @@ class R2D2Feature:
 
     def empty(self) -> bool:
         return self._runner is None
+
+    def getRunner(self) -> NetworkRunner:
+        """The network runner (:class:`~cv2r2d2.extractor.NetworkRunner`) behind this
+        extractor, for the extractor's functions (``extract``, ``describe``...) directly."""
+        return self._runner
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self._params.as_dict().items())

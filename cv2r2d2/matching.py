@@ -7,20 +7,22 @@ a GPU. Distances are found with ``|a|^2 + |b|^2 - 2 a.b`` in float32; where the 
 nearest candidates of a descriptor lie closer than that product's rounding bound, they
 are compared again exactly (float64), so that rounding never picks another neighbour
 than OpenCV's direct computation. Ties go to the lower index, as in OpenCV.
+
+Pair generation lives in :mod:`cv2r2d2.pairs` and matching a whole collection in
+:mod:`cv2r2d2.collection`; their names are reachable from here as before
+(``cv2r2d2.matching.parse_pairs``, ``cv2r2d2.matching.match_collection``).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
-from ._devices import torch_device
-from .io import FeatureStore, H5Matches, progress, read_pairs
+from .pairs import SEQUENTIAL_OVERLAP, exhaustive_pairs, parse_pairs, sequential_pairs
+from .utils import torch_device
 
 __all__ = [
     "mutual_nearest_neighbours",
@@ -28,6 +30,7 @@ __all__ = [
     "exhaustive_pairs",
     "sequential_pairs",
     "parse_pairs",
+    "SEQUENTIAL_OVERLAP",
     "MatchingReport",
     "match_collection",
 ]
@@ -37,7 +40,6 @@ logger = logging.getLogger(__name__)
 NORMS = {cv2.NORM_L2: "NORM_L2", cv2.NORM_HAMMING: "NORM_HAMMING"}
 # Distance-matrix elements computed at once (float32): 2**26 is 256 MiB.
 DEFAULT_MAX_ELEMENTS = 2**26
-SEQUENTIAL_OVERLAP = 5
 
 Match = Tuple[np.ndarray, np.ndarray]
 
@@ -265,140 +267,14 @@ def mutual_nearest_neighbours(
     return match_batch([(descriptors_a, descriptors_b)], norm, max_distance, ratio, device)[0]
 
 
-# --- pairs -------------------------------------------------------------------------
+# The collection driver sits above this kernel (it reads stores and writes match files);
+# its names are served from here on first use, as they were before it moved.
+_MOVED_TO_COLLECTION = ("MatchingReport", "match_collection")
 
 
-def exhaustive_pairs(names: Sequence[str]) -> List[Tuple[str, str]]:
-    """Every pair of distinct names, (names[i], names[j]) for i < j."""
-    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_COLLECTION:
+        from . import collection
 
-
-def sequential_pairs(names: Sequence[str], overlap: int = SEQUENTIAL_OVERLAP) -> List[Tuple[str, str]]:
-    """Each name paired with the ``overlap`` names that follow it (for videos)."""
-    if overlap < 1:
-        raise ValueError(f"the sequential overlap must be >= 1, got {overlap!r}")
-    return [(a, b) for i, a in enumerate(names) for b in names[i + 1 : i + 1 + overlap]]
-
-
-def parse_pairs(spec: str, names: Sequence[str]) -> List[Tuple[str, str]]:
-    """Image pairs from ``exhaustive``, ``sequential[:k]`` or a pairs file.
-
-    Args:
-        spec: ``"exhaustive"``; ``"sequential"`` or ``"sequential:k"`` (each image with
-            the k next in name order, default 5); or a file of ``name0 name1`` lines.
-        names: the images that have features, sorted.
-
-    Returns:
-        Pairs of distinct names, each unordered pair once.
-
-    Raises:
-        ValueError: a malformed spec, or a pairs file naming images without features.
-    """
-    if spec == "exhaustive":
-        return exhaustive_pairs(names)
-    if spec == "sequential" or spec.startswith("sequential:"):
-        count = spec.partition(":")[2] or str(SEQUENTIAL_OVERLAP)
-        if not count.isdigit():
-            raise ValueError(f"expected sequential:k with an integer k >= 1, got {spec!r}")
-        return sequential_pairs(names, int(count))
-    try:
-        listed = read_pairs(spec)
-    except FileNotFoundError:
-        raise ValueError(
-            f"pairs must be 'exhaustive', 'sequential[:k]' or a pairs file; no file {spec!r}"
-        ) from None
-    known = set(names)
-    unknown = sorted({n for pair in listed for n in pair} - known)
-    if unknown:
-        raise ValueError(f"{spec} names images without features: {', '.join(unknown[:5])}"
-                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
-    seen = set()
-    pairs = []
-    for a, b in listed:
-        if a != b and (a, b) not in seen and (b, a) not in seen:
-            seen.add((a, b))
-            pairs.append((a, b))
-    return pairs
-
-
-# --- matching a collection ---------------------------------------------------------
-
-
-@dataclass
-class MatchingReport:
-    """What :func:`match_collection` did: pairs matched and pairs skipped (done before),
-    with the number of matches of each matched pair."""
-
-    matched: List[Tuple[str, str]] = field(default_factory=list)
-    skipped: List[Tuple[str, str]] = field(default_factory=list)
-    num_matches: List[int] = field(default_factory=list)
-
-
-class _DescriptorCache:
-    """The descriptors of the most recently used images (pairs reuse their images)."""
-
-    def __init__(self, store: FeatureStore, capacity: int) -> None:
-        self._store = store
-        self._capacity = capacity
-        self._items: "OrderedDict[str, np.ndarray]" = OrderedDict()
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name in self._items:
-            self._items.move_to_end(name)
-        else:
-            self._items[name] = self._store.read(name).descriptors
-            if len(self._items) > self._capacity:
-                self._items.popitem(last=False)
-        return self._items[name]
-
-
-def match_collection(
-    features: FeatureStore,
-    pairs: Sequence[Tuple[str, str]],
-    matches: H5Matches,
-    max_distance: Optional[float] = None,
-    ratio: Optional[float] = None,
-    device: Optional[str] = None,
-    overwrite: bool = False,
-    show_progress: bool = False,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
-) -> MatchingReport:
-    """Match image pairs of a feature store and write the matches, resuming a previous run.
-
-    Pairs already in ``matches`` (in either order) are skipped unless ``overwrite``.
-    Scores stored are ``1 - d^2 / 2``, the cosine similarity of unit descriptors (as
-    hloc's nearest-neighbour matcher stores).
-
-    Args:
-        features: the feature store (:func:`cv2r2d2.io.open_features`).
-        pairs: (name0, name1) pairs, e.g. from :func:`parse_pairs`.
-        matches: the writable match file.
-        max_distance, ratio, device, max_elements: as :func:`match_batch`.
-    """
-    torch_device(device)  # before anything is written
-    report = MatchingReport()
-    todo = []
-    for pair in pairs:
-        if not overwrite and pair in matches:
-            report.skipped.append(pair)
-        else:
-            todo.append(pair)
-    cache = _DescriptorCache(features, capacity=64)
-
-    def matched() -> Iterator[Tuple[str, str]]:
-        # One batch of pairs at a time, each written (and flushed) when computed.
-        chunk = 32
-        for start in range(0, len(todo), chunk):
-            group = todo[start : start + chunk]
-            descriptors = [(cache[a], cache[b]) for a, b in group]
-            results = match_batch(descriptors, cv2.NORM_L2, max_distance, ratio, device,
-                                  max_elements)
-            for (a, b), (d_a, _), (indices, distances) in zip(group, descriptors, results):
-                matches.write(a, b, indices, 1 - distances.astype(np.float32) ** 2 / 2, len(d_a))
-                report.matched.append((a, b))
-                report.num_matches.append(len(indices))
-                yield a, b
-
-    for _ in progress(matched(), len(todo), show_progress, "match", unit="pair"):
-        pass
-    return report
+        return getattr(collection, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

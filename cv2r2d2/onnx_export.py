@@ -24,11 +24,11 @@ import numpy as np
 import onnx
 import torch
 
-from ._files import atomic_path
 from .extractor import ExtractionParams
 from .nets import FoldedNet, R2D2Net, fold_batchnorm
 from .onnx_runner import ALIGNMENT_KEY, HALO_KEY, INPUT_NAME, OUTPUT_NAMES, OnnxRuntimeRunner
 from .torch_runner import receptive_halo
+from .utils import atomic_path
 from .weights import MODELS, load_model
 
 __all__ = ["export_fp32", "check_opset", "graph_metadata", "write_graph", "write_metadata",

@@ -19,13 +19,11 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
-from ._devices import torch_device
-from ._files import atomic_dir, atomic_path
-from .io import (
-    FeatureStore, H5Features, H5Matches, MissingDependencyError,
-    extract_collection, import_optional, list_images,
-)
-from .matching import match_collection, parse_pairs
+from .collection import extract_collection, match_collection
+from .image import list_images
+from .pairs import parse_pairs
+from .stores import FeatureStore, H5Features, H5Matches
+from .utils import MissingDependencyError, atomic_dir, atomic_path, import_optional, torch_device
 
 if TYPE_CHECKING:
     import pycolmap

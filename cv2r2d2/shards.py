@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple, Union
 
-from ._files import TEMPORARY_GLOB, atomic_path
-from .io import H5Features, H5Matches, import_optional
+from .stores import H5Features, H5Matches
+from .utils import TEMPORARY_GLOB, atomic_path, import_optional
 
 __all__ = ["SHARDS_SUFFIX", "ShardedH5", "new_run_id"]
 

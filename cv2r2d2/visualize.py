@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Sequence
 import cv2
 import numpy as np
 
-from .feature2d import _check_keypoints
+from .feature2d import check_keypoints
 from .image import to_rgb01
 
 __all__ = ["HEATMAPS", "DEFAULT_HEATMAP", "draw_heatmap"]
@@ -96,7 +96,7 @@ def draw_heatmap(
     heat = cv2.applyColorMap(np.round(values * 255).astype(np.uint8), colormap)
     out = cv2.addWeighted(heat, alpha, photo, 1 - alpha, 0)
     if keypoints is not None:
-        for kp in _check_keypoints(keypoints):
+        for kp in check_keypoints(keypoints):
             center = tuple(int(round(c * 2**SHIFT)) for c in kp.pt)
             radius = int(round(max(kp.size / 2, 1) * 2**SHIFT))
             cv2.circle(out, center, radius, KEYPOINT_COLOR, 1, cv2.LINE_AA, SHIFT)

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
-from ._devices import torch_device
-from ._files import atomic_path
+from .utils import atomic_path, progress_bar, torch_device
 
 if TYPE_CHECKING:  # torch is imported only where a network is built
     import torch
@@ -162,37 +161,6 @@ def _verified(path: Path, info: ModelInfo) -> Path:
     return path
 
 
-class _Progress:
-    """tqdm when it is installed, else a percentage on stderr; silent if disabled."""
-
-    def __init__(self, total: Optional[int], enabled: bool, label: str) -> None:
-        self.total, self.done, self.enabled, self.label = total, 0, enabled, label
-        self._bar = None
-        self._shown = -1
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                return
-            self._bar = tqdm(total=total, unit="B", unit_scale=True, desc=label)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(n)
-        elif self.enabled and self.total:
-            percent = 100 * self.done // self.total
-            if percent != self._shown:
-                self._shown = percent
-                sys.stderr.write(f"\r{self.label}: {percent}%")
-                if percent == 100:
-                    sys.stderr.write("\n")
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
 def download_weights(info: ModelInfo, dest: Path, progress: bool = True, timeout: float = 60.0) -> Path:
     """Download ``info.url`` to ``dest``, checking its sha256; leaves no partial file.
 
@@ -205,14 +173,17 @@ def download_weights(info: ModelInfo, dest: Path, progress: bool = True, timeout
         with atomic_path(dest) as partial, urllib.request.urlopen(info.url, timeout=timeout) \
                 as response, open(partial, "wb") as out:
             length = response.headers.get("Content-Length")
-            bar = _Progress(int(length) if length else None, progress, info.name)
+            bar = progress_bar(int(length) if length else None, progress, info.name, unit="B",
+                               unit_scale=True)
             try:
                 for block in iter(lambda: response.read(1 << 16), b""):
                     out.write(block)
                     digest.update(block)
-                    bar.update(len(block))
+                    if bar is not None:
+                        bar.update(len(block))
             finally:
-                bar.close()
+                if bar is not None:
+                    bar.close()
             if digest.hexdigest() != info.sha256:
                 raise WeightsError(
                     f"the file downloaded from {info.url} failed its sha256 check (got "

@@ -93,13 +93,12 @@ def test_extract_small_images_at_their_own_size(photos, tmp_path, capsys):
 
 
 def test_progress_counts_images_and_pairs(features, photos, tmp_path, monkeypatch):
-    import cv2r2d2.io
-    import cv2r2d2.matching
+    import cv2r2d2.collection
 
-    bars = record_progress(monkeypatch, cv2r2d2.io)
+    bars = record_progress(monkeypatch, cv2r2d2.collection)
     assert main(["extract", str(photos), "-o", str(tmp_path / "f.h5"), "-q", *FAST]) == 0
     assert bars == [["extract", "image", 4, 4]]  # corrupt.jpg too
-    bars = record_progress(monkeypatch, cv2r2d2.matching)
+    bars = record_progress(monkeypatch, cv2r2d2.collection)
     assert main(["match", str(features), "--pairs", "exhaustive", "-o", str(tmp_path / "m.h5"),
                  "-q", "--device", "cpu"]) == 0
     assert bars == [["match", "pair", 3, 3]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cv2r2d2._devices import available_devices, torch_device
+from cv2r2d2.utils import available_devices, torch_device
 
 
 @pytest.fixture

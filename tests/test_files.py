@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import read_image, weights_dir, weights_file
-from cv2r2d2._files import atomic_dir, atomic_path
+from cv2r2d2.utils import atomic_dir, atomic_path
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from cv2r2d2.onnx_runner import (
     ALIGNMENT_KEY, HALO_KEY, OUTPUT_NAMES, OnnxRuntimeRunner, read_metadata,
 )
 from cv2r2d2.weights import MODELS, WEIGHTS_DIR_ENV, WeightsError, find_onnx_model
-from test_parity import parity_figures
+from cv2r2d2.evaluation import parity_figures
 
 MODEL = "r2d2_WASF_N16"
 BACKENDS = ["onnxruntime", "opencv"]

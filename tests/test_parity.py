@@ -6,10 +6,10 @@ import ast
 import cv2
 import numpy as np
 import pytest
-from scipy.spatial import cKDTree
 
 import cv2r2d2
 from conftest import image_path, reference_file, weights_file
+from cv2r2d2.evaluation import parity_figures
 
 MULTISCALE = [
     ("r2d2_WASF_N16", "brooklyn", "default"),
@@ -28,23 +28,6 @@ DENSE = ["r2d2_WASF_N16", "faster2d2_WASF_N16"]
 def _extractor(model: str, **params) -> cv2r2d2.R2D2Feature:
     weights_file(model)
     return cv2r2d2.R2D2Feature.create(model=model, device="cpu", **params)
-
-
-def parity_figures(keypoints, descriptors, reference) -> dict:
-    """Match reference rows to ours by (x, y, size) and measure the differences."""
-    ours = np.array([(k.pt[0], k.pt[1], k.size) for k in keypoints], np.float64)
-    scores = np.array([k.response for k in keypoints], np.float32)
-    distance, index = cKDTree(ours).query(reference["keypoints"].astype(np.float64))
-    found = distance <= 1e-3
-    matched = index[found]
-    return {
-        "overlap": float(found.mean()),
-        "max_score_error": float(np.abs(scores[matched] - reference["scores"][found]).max()),
-        "min_cosine": float(
-            np.einsum("ij,ij->i", descriptors[matched], reference["descriptors"][found]).min()
-        ),
-        "count": (len(keypoints), len(reference["scores"])),
-    }
 
 
 @pytest.mark.slow

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -22,9 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .._devices import torch_device
-from .._files import atomic_path
-from ..io import logging_beside_progress
+from ..utils import atomic_path, logging_beside_progress, progress_bar, torch_device
 from ..nets import R2D2Net, build_net
 from ..weights import load_checkpoint, resolve_weights
 from .data import (
@@ -246,15 +243,8 @@ class _Progress:
     """A tqdm bar with the loss terms when possible, else a log line every few steps."""
 
     def __init__(self, total: int, initial: int, enabled: bool) -> None:
-        self.bar = None
         self.every = max(1, total // 20)
-        if enabled and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self.bar = progress_bar(total, enabled, unit="step", initial=initial)
 
     def update(self, step: int, total: int, epoch: int, details: Dict[str, float]) -> None:
         if self.bar is not None:
