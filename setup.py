@@ -32,7 +32,7 @@ setup(
     entry_points={
         "console_scripts": [
             "cv2r2d2=cv2r2d2.cli:main",
-            "cv2r2d2-train=cv2r2d2.train.trainer:main",
+            "cv2r2d2-train=cv2r2d2.cli:train_main",
         ],
     },
     classifiers=[

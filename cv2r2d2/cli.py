@@ -455,8 +455,67 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
 
 # --- entry point ---------------------------------------------------------------------
 
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``cv2r2d2 train``: the fields of TrainConfig (its defaults, the paper's)."""
+    from .train.config import DEFAULT_NET, SETTING_HELP, TrainConfig
+
+    defaults = TrainConfig(images=["."])
+    data = parser.add_argument_group("training data (at least one)")
+    data.add_argument("--images", nargs="+", action="extend", default=[], metavar="DIR",
+                      help="folders of single images: synthetic pairs by perspective tilt")
+    data.add_argument("--homographies", nargs="+", action="extend", default=[], metavar="DIR",
+                      help="HPatches-style folders: 1.ppm .. 6.ppm and H_1_k")
+    data.add_argument("--flow-pairs", nargs="+", action="extend", default=[], metavar="DIR",
+                      help="folders with 1.<ext>, k.<ext> and flow_1_k.npy (absolute flow)")
+    add = parser.add_argument
+    add("--output", default=defaults.output, help="final checkpoint (default: %(default)s)")
+    add("--net", default=None,
+        help=f"architecture (default: {DEFAULT_NET} or the pretrained one's)")
+    add("--pretrained", default=None, metavar="NAME_OR_PATH",
+        help="fine-tune these weights (e.g. r2d2_WASF_N16 or a .pt file)")
+    for name, (kind, text) in SETTING_HELP.items():
+        default = getattr(defaults, name)
+        add("--" + name.replace("_", "-"), type=kind, default=default,
+            help=text if default is None else text + " (default: %(default)s)")
+    add("--scale", type=int, nargs=2, default=defaults.scale, metavar=("MIN", "MAX"),
+        help="shorter side range of the rescaled images (default: %(default)s)")
+    _add_device_option(parser)
+    add("--amp", action="store_true", help="mixed precision")
+    add("--resume", default=None, metavar="FILE", help="resume file (OUTPUT stem + .resume.pt)")
+    add("--no-progress", dest="progress", action="store_false",
+        help="no progress bar (-q also turns it off)")
+    _add_output_options(parser)
+    parser.set_defaults(run=_run_train, command="train")
+
+
+def _add_train(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train or fine-tune R2D2 on your images",
+        description="Train or fine-tune R2D2 (Revaud et al., NeurIPS 2019) on your images.",
+    )
+    _train_arguments(parser)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .train.config import TrainConfig
+
+    settings = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    settings["progress"] = settings["progress"] and not args.quiet
+    config = TrainConfig(**settings)
+    from .train.trainer import train
+
+    try:
+        train(config)
+    except KeyboardInterrupt:
+        return 130  # the trainer has said how to resume
+    return 0
+
+
 COMMANDS: Tuple[Callable[[Any], None], ...] = (
     _add_extract, _add_match, _add_sfm, _add_eval_hpatches, _add_heatmap, _add_export_onnx,
+    _add_train,
 )
 
 
@@ -478,11 +537,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (0: success)."""
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors
         return int(exc.code or 0)
+    return _execute(args)
+
+
+def train_main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """``cv2r2d2-train`` and ``python -m cv2r2d2.train``: ``cv2r2d2 train`` under its own
+    name (``prog``, the name the usage line shows; None: the script's name)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Train or fine-tune R2D2 (Revaud et al., NeurIPS 2019) on your images.")
+    _train_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return _execute(args)
+
+
+def _execute(args: argparse.Namespace) -> int:
+    """Run a parsed command with the package's log on stderr (above any progress bar)."""
     package_logger = logging.getLogger("cv2r2d2")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))

@@ -140,7 +140,7 @@ def test_help_texts(capsys):
     assert "debug messages and COLMAP's own log" in capsys.readouterr().out
     for command, usage in (["-m", "cv2r2d2.train"], "usage: python -m cv2r2d2.train"), \
             (["-c", "import sys; sys.argv[0] = '/venv/bin/cv2r2d2-train'; "
-                    "from cv2r2d2.train.trainer import main; main()"], "usage: cv2r2d2-train"):
+                    "from cv2r2d2.cli import train_main as main; main()"], "usage: cv2r2d2-train"):
         done = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.startswith(usage), done.stdout[:200]

@@ -21,7 +21,8 @@ from cv2r2d2.nets import build_net
 from cv2r2d2.torch_runner import TorchRunner
 from cv2r2d2.train.data import PairDataset, SyntheticPairs, collate
 from cv2r2d2.train.losses import default_loss
-from cv2r2d2.train.trainer import TrainConfig, Trainer, main, resume_path, save_model, train
+from cv2r2d2.cli import train_main as main
+from cv2r2d2.train.trainer import TrainConfig, Trainer, resume_path, save_model, train
 from cv2r2d2.weights import load_model
 
 from conftest import image_path, weights_file

@@ -1,5 +1,5 @@
-"""``python -m cv2r2d2.train``: see :func:`cv2r2d2.train.trainer.main`."""
-from .trainer import main
+"""``python -m cv2r2d2.train``: ``cv2r2d2 train`` (see :func:`cv2r2d2.cli.train_main`)."""
+from ..cli import train_main
 
 if __name__ == "__main__":
-    raise SystemExit(main(prog="python -m cv2r2d2.train"))
+    raise SystemExit(train_main(prog="python -m cv2r2d2.train"))

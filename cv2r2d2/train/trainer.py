@@ -11,18 +11,16 @@ official checkpoints: ``cv2r2d2.R2D2Feature.create(model=path)`` loads it.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..utils import atomic_path, logging_beside_progress, progress_bar, torch_device
 from ..nets import R2D2Net, build_net
+from ..utils import atomic_path, progress_bar, torch_device
 from ..weights import load_checkpoint, resolve_weights
 from .data import (
     FlowPairs,
@@ -33,95 +31,12 @@ from .data import (
     list_images,
     make_loader,
 )
+from .config import DEFAULT_NET, FREE_ON_RESUME, TrainConfig
 from .losses import MultiLoss, default_loss
 
-__all__ = ["TrainConfig", "Trainer", "train", "resume_path", "save_model", "main"]
+__all__ = ["TrainConfig", "Trainer", "train", "resume_path", "save_model"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_NET = "Quad_L2Net_ConfCFS()"
-
-# Settings a resumed run may change; all others must equal the interrupted run's.
-_FREE_ON_RESUME = {
-    "epochs", "output", "resume", "device", "workers", "checkpoint_every", "progress",
-}
-
-
-@dataclass
-class TrainConfig:
-    """Training settings; the defaults are the paper's.
-
-    Attributes:
-        images: folders (or files) of single images: synthetic pairs by perspective tilt.
-        homographies: HPatches-style folders (``1.ppm``, ``k.ppm``, ``H_1_k``).
-        flow_pairs: folders of pairs with a stored flow (``1.*``, ``k.*``, ``flow_1_k.npy``).
-        output: the final checkpoint file.
-        net: architecture string (default ``Quad_L2Net_ConfCFS()``, or the pretrained one's).
-        pretrained: model name or checkpoint path to fine-tune.
-        epochs, batch_size: number of epochs; pairs per step.
-        lr, weight_decay: Adam's learning rate and weight decay.
-        N: patch size of the repeatability losses (pixels, even).
-        crop: training crop size (pixels).
-        scale: (min, max) shorter side of the rescaled images (pixels).
-        epoch_size: pairs per epoch (None: the number of pairs, rounded up to a batch).
-        seed: seed of every random draw.
-        device: torch device (None: CUDA when available, else the CPU).
-        amp: mixed precision (float16 on CUDA, bfloat16 on the CPU).
-        workers: data-loading processes (0: in the main process; default: up to 4, one
-            per CPU).
-        checkpoint_every: steps between resume checkpoints (0: at epoch ends only).
-        resume: resume file of an interrupted run.
-        progress: show a progress bar (when stderr is a terminal and tqdm is installed).
-    """
-
-    images: List[str] = field(default_factory=list)
-    homographies: List[str] = field(default_factory=list)
-    flow_pairs: List[str] = field(default_factory=list)
-    output: str = "r2d2_trained.pt"
-    net: Optional[str] = None
-    pretrained: Optional[str] = None
-    epochs: int = 25
-    batch_size: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 5e-4
-    N: int = 16
-    crop: int = 192
-    scale: Tuple[int, int] = (256, 1024)
-    epoch_size: Optional[int] = None
-    seed: int = 0
-    device: Optional[str] = None
-    amp: bool = False
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
-    checkpoint_every: int = 0
-    resume: Optional[str] = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("images", "homographies", "flow_pairs"):
-            value = getattr(self, name)
-            if isinstance(value, (str, os.PathLike)):
-                raise TypeError(f"{name} must be a list of folders, got a single {value!r}")
-            setattr(self, name, [os.fspath(v) for v in value])
-        if not (self.images or self.homographies or self.flow_pairs):
-            raise ValueError("no training data: give images, homographies or flow_pairs folders")
-        for name in ("epochs", "batch_size", "crop"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("workers", "checkpoint_every", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if self.epoch_size is not None and self.epoch_size < self.batch_size:
-            raise ValueError(f"epoch_size must be >= batch_size, got {self.epoch_size!r}")
-        if not self.lr > 0 or not self.weight_decay >= 0:
-            raise ValueError(
-                f"expected lr > 0 and weight_decay >= 0, got {self.lr!r}, {self.weight_decay!r}"
-            )
-        self.scale = tuple(self.scale)
-        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
-            raise ValueError(f"scale must be (min, max) with 0 < min <= max, got {self.scale!r}")
-
 
 def resume_path(output: str) -> Path:
     """The resume file that goes with an output file: ``r2d2.pt`` -> ``r2d2.resume.pt``."""
@@ -230,7 +145,7 @@ def _check_resumable(stored: Dict[str, Any], config: TrainConfig) -> None:
     changed = [
         f"{key}: {stored.get(key)!r} -> {current[key]!r}"
         for key in current
-        if key not in _FREE_ON_RESUME and stored.get(key) != current[key]
+        if key not in FREE_ON_RESUME and stored.get(key) != current[key]
     ]
     if changed:
         raise ValueError(
@@ -345,69 +260,3 @@ def train(config: TrainConfig) -> Path:
         save_model(net, net_string, output)
     logger.info("wrote %s", output)
     return output
-
-
-def _parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    defaults = TrainConfig(images=["."])
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Train or fine-tune R2D2 (Revaud et al., NeurIPS 2019) on your images.",
-    )
-    data = parser.add_argument_group("training data (at least one)")
-    data.add_argument("--images", nargs="+", action="extend", default=[], metavar="DIR",
-                      help="folders of single images: synthetic pairs by perspective tilt")
-    data.add_argument("--homographies", nargs="+", action="extend", default=[], metavar="DIR",
-                      help="HPatches-style folders: 1.ppm .. 6.ppm and H_1_k")
-    data.add_argument("--flow-pairs", nargs="+", action="extend", default=[], metavar="DIR",
-                      help="folders with 1.<ext>, k.<ext> and flow_1_k.npy (absolute flow)")
-    add = parser.add_argument
-    add("--output", default=defaults.output, help="final checkpoint (default: %(default)s)")
-    add("--net", default=None,
-        help=f"architecture (default: {DEFAULT_NET} or the pretrained one's)")
-    add("--pretrained", default=None, metavar="NAME_OR_PATH",
-        help="fine-tune these weights (e.g. r2d2_WASF_N16 or a .pt file)")
-    settings = {
-        "epochs": (int, "number of epochs"),
-        "batch_size": (int, "pairs per step"),
-        "lr": (float, "Adam's learning rate"),
-        "weight_decay": (float, "Adam's weight decay"),
-        "N": (int, "patch size of the repeatability losses (pixels, even)"),
-        "crop": (int, "training crop size (pixels)"),
-        "epoch_size": (int, "pairs per epoch (default: the number of pairs, rounded up to "
-                            "a whole batch)"),
-        "seed": (int, "seed of every random draw"),
-        "workers": (int, "data-loading processes"),
-        "checkpoint_every": (int, "steps between resume checkpoints, besides epoch ends"),
-    }
-    for name, (kind, text) in settings.items():
-        default = getattr(defaults, name)
-        add("--" + name.replace("_", "-"), type=kind, default=default,
-            help=text if default is None else text + " (default: %(default)s)")
-    add("--scale", type=int, nargs=2, default=defaults.scale, metavar=("MIN", "MAX"),
-        help="shorter side range of the rescaled images (default: %(default)s)")
-    add("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    add("--amp", action="store_true", help="mixed precision")
-    add("--resume", default=None, metavar="FILE", help="resume file (OUTPUT stem + .resume.pt)")
-    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    add("-q", "--quiet", action="store_true", help="log warnings only")
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
-    """Command-line entry point (``cv2r2d2-train``; ``python -m cv2r2d2.train`` passes
-    its own ``prog``, the name the usage line shows; None: the script's name)."""
-    parser = _parser(prog)
-    args = vars(parser.parse_args(argv))
-    logging.basicConfig(level=logging.WARNING if args.pop("quiet") else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s")
-    names = {f.name for f in fields(TrainConfig)}
-    try:
-        config = TrainConfig(**{k: v for k, v in args.items() if k in names})
-    except (ValueError, TypeError) as exc:
-        parser.error(str(exc))
-    try:
-        with logging_beside_progress():
-            train(config)
-    except KeyboardInterrupt:
-        return 130
-    return 0
