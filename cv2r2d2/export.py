@@ -21,7 +21,7 @@ import onnx
 from .evaluation import PairData, mean_matching_accuracy, visible_keypoints
 from .extractor import ExtractionParams, Features, NetworkRunner, describe, extract
 from .image import normalize_image
-from .image import IMAGE_SUFFIXES, read_image
+from .image import IMAGE_SUFFIXES, is_image_file, read_image
 from .matching import mutual_nearest_neighbours
 from .nets import fold_batchnorm
 from .onnx_export import check_opset, export_fp32, graph_metadata, max_abs_error, write_graph, \
@@ -121,7 +121,7 @@ def read_images(folder: Union[str, os.PathLike], max_side: int = CALIBRATION_SID
     if not folder.is_dir():
         raise ValueError(f"calibration must be a folder of images, got {os.fspath(folder)!r}")
     images = []
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in sorted(p for p in folder.iterdir() if is_image_file(p)):
         try:
             image = read_image(path)
         except OSError:

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..image import normalize_image
+from ..image import is_image_file, normalize_image, read_image
+from ..image import list_images as image_files
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "Pair",
     "list_images",
     "read_image",
@@ -48,7 +48,6 @@ __all__ = [
     "make_loader",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 PathLike = Union[str, Path]
 
 
@@ -68,31 +67,20 @@ class Pair:
 
 
 def list_images(path: PathLike) -> List[Path]:
-    """Image files under a folder (recursively, sorted, by extension), or an image file."""
+    """Image files under a folder (recursively, sorted, by suffix), or an image file.
+
+    Raises:
+        ValueError: neither an existing file nor a folder with images.
+    """
     path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} is neither an image file nor a folder")
     if path.is_file():
         return [path]
-    if not path.is_dir():
-        raise ValueError(f"{path} is neither an image file nor a folder")
-    return sorted(
-        p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
-
-
-def read_image(path: PathLike) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 BGR (grey replicated, alpha dropped)."""
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise ValueError(f"cannot read image {path}")
-    if image.dtype == np.uint16:
-        image = (image // 257).astype(np.uint8)
-    elif image.dtype != np.uint8:
-        raise ValueError(f"{path}: expected an 8- or 16-bit image, got {image.dtype}")
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    return np.ascontiguousarray(image[:, :, :3])
+    try:
+        return [found for _, found in image_files([path])]
+    except ValueError:
+        return []
 
 
 def homography_flow(homography: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -245,7 +233,7 @@ class _SequencePairs:
             raise ValueError(f"{root} does not exist or is not a folder")
         self.pairs: List[Tuple[Path, Path, Path]] = []
         for folder in sorted({root, *(p for p in root.rglob("*") if p.is_dir())}):
-            images = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+            images = {p.stem: p for p in folder.iterdir() if is_image_file(p)}
             for flow in sorted(folder.iterdir()):
                 match = self.pattern.fullmatch(flow.name)
                 if match and "1" in images and match.group(1) in images:
