@@ -9,12 +9,13 @@ from typing import Any
 from .feature2d import R2D2_create, R2D2Feature
 
 __version__ = "0.1.0"
-__all__ = ["R2D2Feature", "R2D2_create", "load_model", "draw_heatmap", "__version__"]
+__all__ = ["R2D2Feature", "R2D2_create", "SteeredMatcher", "load_model", "draw_heatmap",
+           "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # load_model needs torch; importing cv2r2d2 alone does not. Tools beside the
-    # Feature2D (draw_heatmap) load when first used.
+    # Feature2D (draw_heatmap, SteeredMatcher) load when first used.
     if name == "load_model":
         from .weights import load_model
 
@@ -23,4 +24,8 @@ def __getattr__(name: str) -> Any:
         from .visualize import draw_heatmap
 
         return draw_heatmap
+    if name == "SteeredMatcher":
+        from .matching import SteeredMatcher
+
+        return SteeredMatcher
     raise AttributeError(f"module 'cv2r2d2' has no attribute {name!r}")

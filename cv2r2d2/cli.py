@@ -2,7 +2,8 @@
 
 Subcommands: ``extract`` (features of a photo collection), ``match`` (mutual nearest
 neighbours), ``sfm`` (COLMAP reconstruction), ``eval-hpatches`` (the HPatches
-benchmark), ``heatmap`` (a dense map drawn over an image), ``export-onnx``. Each is a
+benchmark), ``heatmap`` (a dense map drawn over an image), ``export-onnx``,
+``fit-steerers`` (rotation steerers of a model). Each is a
 pair of functions, ``_add_<name>(subparsers)`` and ``_run_<name>(args) -> int``, listed
 in ``COMMANDS``.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -92,6 +94,16 @@ def _add_matching_options(parser: argparse.ArgumentParser, pairs_required: bool)
                        help="drop matches farther apart than this L2 distance")
     group.add_argument("--ratio", type=float, default=None,
                        help="drop matches failing Lowe's ratio test at this ratio, both ways")
+    _add_rotations_option(group)
+
+
+def _add_rotations_option(parser: Any) -> None:
+    parser.add_argument("--rotations", type=int, default=1, metavar="N",
+                        help="views may be rotated in the image plane: estimate each pair's "
+                             "rotation among N steering angles (k * 360 / N degrees, N a "
+                             "divisor of 360, e.g. 12) and match under it, with the steerers "
+                             "of the model (fitted on first use); 1: plain matching "
+                             "(default: %(default)s)")
 
 
 def _add_ray_options(parser: argparse.ArgumentParser, actors: bool) -> None:
@@ -211,10 +223,28 @@ def _add_match(subparsers: Any) -> None:
     parser.add_argument("-o", "--output", required=True, help="the matches .h5 file")
     parser.add_argument("--overwrite", action="store_true", help="redo pairs already done")
     _add_matching_options(parser, pairs_required=True)
+    _add_model_option(parser, "the model that extracted FEATURES, whose steerers --rotations "
+                              "uses")
     _add_device_option(parser)
     _add_ray_options(parser, actors=False)
     _add_output_options(parser)
     parser.set_defaults(run=_run_match)
+
+
+def _add_model_option(parser: Any, purpose: str) -> None:
+    from .weights import DEFAULT_MODEL, MODELS
+
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"{purpose}: {', '.join(MODELS)}, or a checkpoint / .onnx path "
+                             f"(default: %(default)s)")
+
+
+def _steerers_model(args: argparse.Namespace) -> Any:
+    """The R2D2Feature of --model, on the backend its file needs, for its steerers."""
+    from .feature2d import R2D2Feature
+
+    backend = "onnxruntime" if str(args.model).lower().endswith(".onnx") else "torch"
+    return R2D2Feature.create(model=args.model, device=args.device, backend=backend)
 
 
 def _run_match(args: argparse.Namespace) -> int:
@@ -222,7 +252,11 @@ def _run_match(args: argparse.Namespace) -> int:
     from .collection import match_collection
     from .pairs import parse_pairs
 
+    from .steerers import rotation_angles
+
     _check_merge(args)
+    rotation_angles(args.rotations)  # a bad value fails before the model loads
+    steerers = _steerers_model(args).getSteerers(args.rotations) if args.rotations > 1 else None
     if args.ray is None:
         from .utils import torch_device
 
@@ -233,7 +267,8 @@ def _run_match(args: argparse.Namespace) -> int:
             with H5Matches(args.output, writable=True) as matches:
                 report = match_collection(features, pairs, matches, args.max_distance,
                                           args.ratio, args.device, args.overwrite,
-                                          not args.quiet)
+                                          not args.quiet, rotations=args.rotations,
+                                          steerers=steerers)
     failed = []
     if args.ray is not None:
         from .distributed import match_collection_ray
@@ -242,7 +277,7 @@ def _run_match(args: argparse.Namespace) -> int:
             args.features, pairs, args.output, max_distance=args.max_distance,
             ratio=args.ratio, device=args.device, overwrite=args.overwrite,
             show_progress=not args.quiet, address=args.ray, block_size=args.block_size,
-            merge=args.merge)
+            merge=args.merge, rotations=args.rotations, steerers=steerers)
         failed = report.failed
         _print_throughput(len(report.matched), "pair", report.seconds)
     mean = sum(report.num_matches) / len(report.num_matches) if report.num_matches else 0.0
@@ -292,7 +327,7 @@ def _run_sfm(args: argparse.Namespace) -> int:
         args.image_dir, args.output_dir, feature=_create_feature(args), pairs=args.pairs,
         camera_model=args.camera_model, camera_mode=args.camera_mode,
         max_distance=args.max_distance, ratio=args.ratio, device=args.device,
-        database_only=args.database_only, overwrite=args.overwrite,
+        rotations=args.rotations, database_only=args.database_only, overwrite=args.overwrite,
         show_progress=not args.quiet, verbose=args.verbose,
     )
     print(result.summary())
@@ -336,6 +371,7 @@ def _add_eval_hpatches(subparsers: Any) -> None:
                            "name with .png)")
     plot.add_argument("--no-plot", dest="plot", action="store_const", const="",
                       help="no plot (no matplotlib needed)")
+    _add_rotations_option(parser)
     _add_feature_options(parser)
     _add_output_options(parser)
     parser.set_defaults(run=_run_eval_hpatches)
@@ -353,6 +389,9 @@ def _run_eval_hpatches(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_hpatches, format_table, plot_metrics, write_json
     from .utils import import_optional
 
+    from .steerers import rotation_angles
+
+    rotation_angles(args.rotations)  # before the models load
     if args.plot is None:
         output = Path(args.output)
         plot = output.with_suffix(".png")
@@ -362,7 +401,7 @@ def _run_eval_hpatches(args: argparse.Namespace) -> int:
     methods = {m: _create_feature(args) if m == "r2d2" else _baseline(m, args.nfeatures)
                for m in args.methods}
     results = evaluate_hpatches(args.root, methods, device=args.device,
-                                show_progress=not args.quiet)
+                                show_progress=not args.quiet, rotations=args.rotations)
     print(format_table(results))
     write_json(results, args.output)
     print(f"results: {args.output}")
@@ -455,6 +494,51 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- fit-steerers --------------------------------------------------------------------
+
+
+def _add_fit_steerers(subparsers: Any) -> None:
+    from .steerers import DEFAULT_ROTATIONS
+
+    parser = subparsers.add_parser(
+        "fit-steerers", help="fit the rotation steerers of a model (done on first use anyway)",
+        description="Fit a model's steerers (the matrices that turn its descriptors into "
+                    "those of the image rotated by an angle, for --rotations) now, on "
+                    "procedural images or on yours, and cache them beside its weights (in "
+                    "the user cache folder when that folder is read-only), replacing "
+                    "cached ones.",
+    )
+    _add_model_option(parser, "the model")
+    parser.add_argument("--images", default=None, metavar="DIR",
+                        help="fit on the centre squares of these images instead of "
+                             "procedural ones")
+    parser.add_argument("--rotations", type=int, default=DEFAULT_ROTATIONS, metavar="N",
+                        help="fit the angles k * 360 / N (default: %(default)s, every 30 "
+                             "degrees)")
+    _add_device_option(parser)
+    _add_output_options(parser)
+    parser.set_defaults(run=_run_fit_steerers)
+
+
+def _run_fit_steerers(args: argparse.Namespace) -> int:
+    import time
+
+    from .steerers import rotation_angles
+
+    rotation_angles(args.rotations)
+    if args.images is not None and not os.path.isdir(args.images):
+        raise NotADirectoryError(f"no such image folder: {args.images}")
+    feature = _steerers_model(args)
+    start = time.perf_counter()
+    steerers = feature.fitSteerers(args.rotations, images=args.images)
+    seconds = time.perf_counter() - start
+    print(f"{len(steerers.angles)} steerer(s) of {args.model} in {seconds:.1f} s "
+          "(the others are their transposes); mean cosine of corresponding descriptors:")
+    for angle, (before, after) in zip(steerers.angles, steerers.cosines):
+        print(f"  {angle:6g} deg: {before:.3f} unsteered, {after:.3f} steered")
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -518,6 +602,7 @@ def _run_train(args: argparse.Namespace) -> int:
 COMMANDS: Tuple[Callable[[Any], None], ...] = (
     _add_extract, _add_match, _add_sfm, _add_eval_hpatches, _add_heatmap, _add_export_onnx,
     _add_train,
+    _add_fit_steerers,
 )
 
 

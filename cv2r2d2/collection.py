@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -18,6 +18,7 @@ import numpy as np
 from .extractor import Features
 from .image import read_image
 from .matching import DEFAULT_MAX_ELEMENTS, match_batch
+from .steerers import as_steerers, rotation_angles
 from .stores import FeatureStore, H5Matches, ImageFeatures
 from .utils import PathLike, progress, torch_device
 
@@ -127,6 +128,8 @@ def match_collection(
     overwrite: bool = False,
     show_progress: bool = False,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    rotations: int = 1,
+    steerers: Any = None,
 ) -> MatchingReport:
     """Match image pairs of a feature store and write the matches, resuming a previous run.
 
@@ -138,9 +141,13 @@ def match_collection(
         features: the feature store (:func:`cv2r2d2.io.open_features`).
         pairs: (name0, name1) pairs, e.g. from :func:`parse_pairs`.
         matches: the writable match file.
-        max_distance, ratio, device, max_elements: as :func:`match_batch`.
+        max_distance, ratio, device, max_elements: as :func:`~cv2r2d2.matching.match_batch`.
+        rotations, steerers: as :func:`~cv2r2d2.matching.match_batch`; ``steerers`` must be
+            those of the model that extracted ``features`` (the stores do not record it).
     """
     torch_device(device)  # before anything is written
+    if rotation_angles(rotations) != (0,):
+        steerers = as_steerers(steerers, rotations)  # fitted once, before any pair
     report = MatchingReport()
     todo = []
     for pair in pairs:
@@ -157,7 +164,7 @@ def match_collection(
             group = todo[start : start + chunk]
             descriptors = [(cache[a], cache[b]) for a, b in group]
             results = match_batch(descriptors, cv2.NORM_L2, max_distance, ratio, device,
-                                  max_elements)
+                                  max_elements, rotations, steerers)
             for (a, b), (d_a, _), (indices, distances) in zip(group, descriptors, results):
                 matches.write(a, b, indices, 1 - distances.astype(np.float32) ** 2 / 2, len(d_a))
                 report.matched.append((a, b))

@@ -38,6 +38,7 @@ from .collection import ExtractionReport, MatchingReport, extract_collection, ma
 from .stores import H5Features, H5Matches, R2D2Folder, feature_format, open_features, pair_key
 from .utils import atomic_path, import_optional, progress
 from .shards import ShardedH5, new_run_id
+from .steerers import as_steerers, rotation_angles
 
 __all__ = [
     "RayExtractionReport",
@@ -423,6 +424,8 @@ def match_collection_ray(
     address: Optional[str] = None,
     block_size: Optional[int] = None,
     merge: bool = False,
+    rotations: int = 1,
+    steerers: Any = None,
 ) -> RayMatchingReport:
     """Match image pairs on a Ray cluster into a sharded ``matches.h5``, resuming.
 
@@ -440,8 +443,12 @@ def match_collection_ray(
         block_size: pairs per task and shard (default: about 4 blocks per CPU, at most
             64 pairs).
         merge: end with one plain ``.h5`` file instead of a master over shards.
+        rotations, steerers: as :func:`cv2r2d2.matching.match_batch`; the steerers are
+            fitted (if needed) here, and sent to the tasks.
     """
     _import_ray()  # before anything is written
+    if rotation_angles(rotations) != (0,):
+        steerers = as_steerers(steerers, rotations)
     sharded = ShardedH5(output, "matches")
     run_id = new_run_id()
     report = RayMatchingReport()
@@ -454,7 +461,8 @@ def match_collection_ray(
             report.skipped.append((a, b))
         else:
             todo.append((a, b))
-    options = dict(max_distance=max_distance, ratio=ratio, device=device)
+    options = dict(max_distance=max_distance, ratio=ratio, device=device, rotations=rotations,
+                   steerers=steerers)
     try:
         if todo:
             _match_on_ray(todo, os.fspath(features), sharded, run_id, options,

@@ -43,6 +43,7 @@ import numpy as np
 from .image import read_image
 from .utils import atomic_path, import_optional, progress, torch_device
 from .matching import mutual_nearest_neighbours
+from .steerers import rotation_angles
 
 __all__ = [
     "HIGH_RESOLUTION_SEQUENCES",
@@ -251,11 +252,13 @@ def _detect(feature: Any, image: np.ndarray) -> Tuple[np.ndarray, Optional[np.nd
     return cv2.KeyPoint_convert(keypoints).reshape(-1, 2), descriptors
 
 
-def _sequence_pairs(path: Path, feature: Any, device: Optional[str]) -> Tuple[List[PairData], List[int]]:
+def _sequence_pairs(path: Path, feature: Any, device: Optional[str],
+                    rotations: int = 1) -> Tuple[List[PairData], List[int]]:
     """The five pairs of one sequence and each image's keypoint count."""
     images = [read_image(path / f"{k}.ppm") for k in range(1, 7)]
     detected = [_detect(feature, image) for image in images]
     norm = feature.defaultNorm()
+    steering = dict(rotations=rotations, steerers=feature) if _steered(feature, rotations) else {}
     keypoints_a, descriptors_a = detected[0]
     pairs = []
     for k in range(2, 7):
@@ -263,12 +266,18 @@ def _sequence_pairs(path: Path, feature: Any, device: Optional[str]) -> Tuple[Li
         if descriptors_a is None or descriptors_b is None:
             matches = np.zeros((0, 2), np.int64)
         else:
-            matches, _ = mutual_nearest_neighbours(descriptors_a, descriptors_b, norm, device=device)
+            matches, _ = mutual_nearest_neighbours(descriptors_a, descriptors_b, norm,
+                                                   device=device, **steering)
         pairs.append(PairData(
             keypoints_a, keypoints_b, matches, np.loadtxt(path / f"H_1_{k}").reshape(3, 3),
             images[0].shape[1::-1], images[k - 1].shape[1::-1],
         ))
     return pairs, [len(keypoints) for keypoints, _ in detected]
+
+
+def _steered(feature: Any, rotations: int) -> bool:
+    """Whether ``feature`` is matched with steerers: an R2D2 method, rotations > 1."""
+    return rotations != 1 and hasattr(feature, "getSteerers")
 
 
 def _by_kind(values: Dict[str, List[Any]]) -> Dict[str, Any]:
@@ -288,6 +297,7 @@ def evaluate_hpatches(
     metrics: Sequence[str] = tuple(METRICS),
     device: Optional[str] = None,
     show_progress: bool = False,
+    rotations: int = 1,
 ) -> Dict[str, Any]:
     """Evaluate feature methods on the HPatches sequences in ``root``.
 
@@ -298,6 +308,9 @@ def evaluate_hpatches(
         thresholds: pixel thresholds (default 1..10).
         metrics: names from :data:`METRICS` (default: all).
         device: the matcher's torch device.
+        rotations: > 1: R2D2 methods match with their steerers, estimating each
+            pair's in-plane rotation among ``rotations`` angles
+            (:func:`cv2r2d2.matching.match_batch`); SIFT and ORB match as they are.
 
     Returns:
         A JSON-ready dict: ``thresholds``, ``metrics``, ``sequences`` (counts per kind),
@@ -310,6 +323,7 @@ def evaluate_hpatches(
     if not methods:
         raise ValueError("no methods to evaluate")
     torch_device(device)  # before the first method's extractions
+    rotation_angles(rotations)
     sequences = list_sequences(root)
     results: Dict[str, Any] = {
         "protocol": "HPatches sequences, D2-Net protocol (mutual nearest neighbours, "
@@ -317,6 +331,7 @@ def evaluate_hpatches(
                     "score over the smaller count of keypoints in the common region",
         "thresholds": list(thresholds),
         "metrics": list(metrics),
+        "rotations": rotations,
         "sequences": {kind: sum(p.name.startswith(kind + "_") for p in sequences) for kind in KINDS},
         "methods": {},
     }
@@ -326,7 +341,7 @@ def evaluate_hpatches(
         matches: Dict[str, List[int]] = {"i": [], "v": []}
         for path in progress(sequences, len(sequences), show_progress, method, unit="sequence"):
             kind = path.name[0]
-            pairs, keypoint_counts = _sequence_pairs(path, feature, device)
+            pairs, keypoint_counts = _sequence_pairs(path, feature, device, rotations)
             counts[kind] += keypoint_counts
             for pair in pairs:
                 matches[kind].append(len(pair.matches))

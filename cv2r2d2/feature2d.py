@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from dataclasses import fields, replace
 from typing import Any, ContextManager, List, Optional, Sequence, Tuple, Union
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from .backends import make_runner as _make_runner  # a module name: tests replace it
 from .backends import torch_threads
-from .config import check_flag, check_num_threads, check_tile_size
+from .config import TORCH_BACKENDS, check_flag, check_num_threads, check_tile_size
 from .extractor import (
     DEFAULT_TILE_SIZE,
     ExtractionParams,
@@ -29,7 +30,10 @@ from .extractor import (
     refine_matches,
 )
 from .image import check_mask, normalize_image
-from .weights import DEFAULT_MODEL
+from .steerers import (
+    DEFAULT_ROTATIONS, FitSettings, Steerers, check_angle, load_steerers, rotation_angles,
+)
+from .weights import DEFAULT_MODEL, find_onnx_model, resolve_weights
 
 __all__ = ["R2D2Feature", "R2D2_create"]
 
@@ -125,6 +129,7 @@ class R2D2Feature:
         self._params = params if params is not None else ExtractionParams()
         self._tile_size = check_tile_size(tile_size)
         self._runner = _make_runner(self._model, device, backend, self._half, self._num_threads)
+        self._steerers: Optional[Steerers] = None
 
     @classmethod
     def create(
@@ -381,6 +386,55 @@ class R2D2Feature:
         with self._threads():
             return dense_maps(self._runner, normalised, scale)
 
+    # --- rotations: steerers --------------------------------------------------------
+
+    def steer(self, descriptors: np.ndarray, angle: float) -> np.ndarray:
+        """Descriptors "as if the image had been rotated by ``angle`` degrees".
+
+        ``cv2.BFMatcher(cv2.NORM_L2, crossCheck=True).match(r2d2.steer(d1, 90), d2)``
+        matches image 1 against image 2 = image 1 rotated by 90 degrees. The model's
+        steerer for an angle (:mod:`cv2r2d2.steerers`) is fitted when first asked for
+        and cached beside its weights.
+
+        Args:
+            descriptors: (N, 128) float32 descriptors of this model.
+            angle: a whole number of degrees, counter-clockwise in the image as
+                ``cv2.getRotationMatrix2D`` counts them (90:
+                ``cv2.ROTATE_90_COUNTERCLOCKWISE``).
+
+        Returns:
+            (N, 128) float32, L2-normalised.
+        """
+        angle = check_angle(angle)
+        return self._steerers_for([angle]).steer(descriptors, angle)
+
+    def getSteerers(self, rotations: int = DEFAULT_ROTATIONS) -> Steerers:
+        """This model's steerers for the angles k * 360 / ``rotations`` (fitted on first
+        use and cached), for ``cv2r2d2.SteeredMatcher`` and the ``rotations=`` option of
+        :mod:`cv2r2d2.matching`."""
+        return self._steerers_for(rotation_angles(rotations))
+
+    def fitSteerers(self, rotations: int = DEFAULT_ROTATIONS,
+                    images: Optional[Union[str, os.PathLike]] = None) -> Steerers:
+        """Fit this model's steerers for k * 360 / ``rotations`` degrees now, replacing
+        the cached ones (on procedural images, or on the images of the folder
+        ``images``), and return them."""
+        settings = FitSettings(images=None if images is None else os.fspath(images))
+        self._steerers = load_steerers(self, self._model_file(), rotation_angles(rotations),
+                                       settings=settings)
+        return self._steerers
+
+    def _steerers_for(self, angles: Sequence[int]) -> Steerers:
+        if self._steerers is None or not self._steerers.has(angles):
+            self._steerers = load_steerers(self, self._model_file(), angles, known=self._steerers)
+        return self._steerers
+
+    def _model_file(self) -> Path:
+        """The file the network's weights come from (the steerers' cache key)."""
+        if self._backend in TORCH_BACKENDS:
+            return resolve_weights(self._model)
+        return find_onnx_model(self._model)
+
     # --- cv2.Feature2D / cv2.Algorithm information ---------------------------------
 
     def descriptorSize(self) -> int:
@@ -426,6 +480,7 @@ class R2D2Feature:
         model = os.fspath(model) if isinstance(model, os.PathLike) else model
         self._runner = _make_runner(model, self._device, self._backend, self._half, self._num_threads)
         self._model = model
+        self._steerers = None
 
     def getDevice(self) -> Optional[str]:
         return self._device

@@ -8,6 +8,12 @@ nearest candidates of a descriptor lie closer than that product's rounding bound
 are compared again exactly (float64), so that rounding never picks another neighbour
 than OpenCV's direct computation. Ties go to the lower index, as in OpenCV.
 
+Views rotated against each other in the image plane are matched with ``rotations=N``
+and the descriptors' steerers (:mod:`cv2r2d2.steerers`): :func:`estimate_rotation`
+picks, per pair, the steering angle k * 360 / N with the most mutual nearest
+neighbours, and :func:`match_rotated` matches under it; :class:`SteeredMatcher` does
+both behind the ``cv2.BFMatcher`` interface.
+
 Pair generation lives in :mod:`cv2r2d2.pairs` and matching a whole collection in
 :mod:`cv2r2d2.collection`; their names are reachable from here as before
 (``cv2r2d2.matching.parse_pairs``, ``cv2r2d2.matching.match_collection``).
@@ -22,11 +28,15 @@ import cv2
 import numpy as np
 
 from .pairs import SEQUENTIAL_OVERLAP, exhaustive_pairs, parse_pairs, sequential_pairs
+from .steerers import DEFAULT_ROTATIONS, as_steerers, rotation_angles, steer_descriptors
 from .utils import torch_device
 
 __all__ = [
     "mutual_nearest_neighbours",
     "match_batch",
+    "estimate_rotation",
+    "match_rotated",
+    "SteeredMatcher",
     "exhaustive_pairs",
     "sequential_pairs",
     "parse_pairs",
@@ -40,6 +50,9 @@ logger = logging.getLogger(__name__)
 NORMS = {cv2.NORM_L2: "NORM_L2", cv2.NORM_HAMMING: "NORM_HAMMING"}
 # Distance-matrix elements computed at once (float32): 2**26 is 256 MiB.
 DEFAULT_MAX_ELEMENTS = 2**26
+# Descriptors of each image (R2D2's best-scoring first) whose mutual nearest neighbours
+# vote for a pair's rotation (benchmarks/bench_rotation.py).
+ESTIMATE_ON = 1024
 
 Match = Tuple[np.ndarray, np.ndarray]
 
@@ -176,6 +189,8 @@ def match_batch(
     ratio: Optional[float] = None,
     device: Optional[str] = None,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    rotations: int = 1,
+    steerers: Any = None,
 ) -> List[Match]:
     """Mutual nearest neighbours of many descriptor-set pairs, batched.
 
@@ -190,13 +205,30 @@ def match_batch(
             machine lacks is a ValueError, raised before any work).
         max_elements: distance-matrix elements computed at once (memory: 4 bytes each);
             a pair larger than this is computed alone.
+        rotations: 1 matches the descriptors as they are; N > 1 (a divisor of 360) first
+            estimates each pair's in-plane rotation among k * 360 / N degrees and matches
+            a, steered by it, with b (:func:`match_rotated`; ``NORM_L2`` only).
+        steerers: with ``rotations`` > 1, the ``R2D2Feature`` that computed the
+            descriptors (its model's steerers, fitted on first use) or its
+            ``getSteerers(rotations)``.
 
     Returns:
         Per pair, (M, 2) int64 indices (in a, in b), sorted by the index in a, and
-        (M,) float32 distances (L2, or Hamming bit counts).
+        (M,) float32 distances (L2, or Hamming bit counts; with rotations, between
+        steered a and b).
     """
     import torch
 
+    if rotation_angles(rotations) != (0,):
+        if norm != cv2.NORM_L2:
+            raise ValueError(f"rotations={rotations} steers R2D2 descriptors: it needs "
+                             f"norm=cv2.NORM_L2, got {NORMS.get(norm, norm)!r}")
+        if steerers is None:
+            raise ValueError(f"rotations={rotations} needs steerers=: the R2D2Feature that "
+                             "computed the descriptors, or its getSteerers()")
+        matrices = as_steerers(steerers, rotations).for_rotations(rotations)
+        return [(indices, distances) for indices, distances, _ in
+                match_rotated(pairs, matrices, max_distance, ratio, device, max_elements)]
     if norm not in NORMS:
         raise ValueError(f"norm must be cv2.NORM_L2 or cv2.NORM_HAMMING, got {norm!r}")
     if max_distance is not None and not max_distance >= 0:
@@ -253,18 +285,234 @@ def mutual_nearest_neighbours(
     max_distance: Optional[float] = None,
     ratio: Optional[float] = None,
     device: Optional[str] = None,
+    rotations: int = 1,
+    steerers: Any = None,
 ) -> Match:
     """Mutual nearest neighbours of two descriptor sets (``BFMatcher`` with crossCheck).
 
     Args:
         descriptors_a: (Na, D) float32 (``NORM_L2``) or uint8 (``NORM_HAMMING``).
         descriptors_b: (Nb, D), same type.
-        norm, max_distance, ratio, device: as :func:`match_batch`.
+        norm, max_distance, ratio, device, rotations, steerers: as :func:`match_batch`
+            (``rotations=12, steerers=r2d2`` for views that may be rotated).
 
     Returns:
         (M, 2) int64 indices (in a, in b) sorted by the index in a, (M,) float32 distances.
     """
-    return match_batch([(descriptors_a, descriptors_b)], norm, max_distance, ratio, device)[0]
+    return match_batch([(descriptors_a, descriptors_b)], norm, max_distance, ratio, device,
+                       rotations=rotations, steerers=steerers)[0]
+
+
+# --- rotated views -----------------------------------------------------------------
+
+
+def _steered(descriptors: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    if np.array_equal(matrix, np.eye(len(matrix), dtype=matrix.dtype)):
+        return descriptors  # unchanged: rotation 0 is exactly the plain matching
+    return steer_descriptors(descriptors, matrix)
+
+
+def _check_steered(pairs: Sequence[Tuple[np.ndarray, np.ndarray]],
+                   matrices: np.ndarray) -> List[Tuple[np.ndarray, np.ndarray]]:
+    if not isinstance(matrices, np.ndarray) or matrices.ndim != 3 or len(matrices) < 1 \
+            or matrices.shape[1] != matrices.shape[2]:
+        raise ValueError(f"matrices must be R x D x D steerers, got "
+                         f"{getattr(matrices, 'shape', type(matrices).__name__)}")
+    checked = []
+    for i, (a, b) in enumerate(pairs):
+        a = _check_descriptors(a, cv2.NORM_L2, f"pairs[{i}][0]")
+        b = _check_descriptors(b, cv2.NORM_L2, f"pairs[{i}][1]")
+        for name, d in (("0", a), ("1", b)):
+            if d.shape[1] != matrices.shape[1]:
+                raise ValueError(f"pairs[{i}][{name}] has {d.shape[1]}-dimensional descriptors, "
+                                 f"the steerers are {matrices.shape[1]}-dimensional")
+        checked.append((a, b))
+    return checked
+
+
+def _votes(checked: Sequence[Tuple[np.ndarray, np.ndarray]], matrices: np.ndarray,
+           device: Optional[str], max_elements: int,
+           estimate_on: Optional[int]) -> Tuple[List[int], List[List[Match]]]:
+    """Per pair, the index of the steerer with the most mutual nearest neighbours
+    (the lowest index among equal counts) and each steerer's matches."""
+    votes = [(_steered(a[:estimate_on], matrix), b[:estimate_on])
+             for a, b in checked for matrix in matrices]
+    results = match_batch(votes, cv2.NORM_L2, device=device, max_elements=max_elements)
+    per_pair = [results[i:i + len(matrices)] for i in range(0, len(results), len(matrices))]
+    best = [int(np.argmax([len(indices) for indices, _ in found])) for found in per_pair]
+    return best, per_pair
+
+
+def estimate_rotation(
+    pairs: Sequence[Tuple[np.ndarray, np.ndarray]],
+    matrices: np.ndarray,
+    device: Optional[str] = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    estimate_on: Optional[int] = ESTIMATE_ON,
+) -> List[int]:
+    """The in-plane rotation of each pair: the steerer with the most matches.
+
+    For each steerer S_r, a's descriptors steered by it are matched with b's (mutual
+    nearest neighbours, the first ``estimate_on`` of each: R2D2's best-scoring); the
+    steerer with the most matches wins ("max matches", Bokman et al., CVPR 2024).
+
+    Args:
+        pairs: (a (Na, D), b (Nb, D)) float32 descriptors per pair.
+        matrices: (R, D, D) steerers, e.g. ``Steerers.for_rotations(R)`` (index r:
+            r * 360 / R degrees).
+        estimate_on: descriptors of each image that vote (None: all).
+
+    Returns:
+        Per pair, the index in ``matrices`` of the winning steerer (0, the first, when
+        a or b is empty or counts tie).
+    """
+    checked = _check_steered(pairs, matrices)
+    if len(matrices) == 1:
+        return [0] * len(checked)
+    return _votes(checked, matrices, device, max_elements, estimate_on)[0]
+
+
+def match_rotated(
+    pairs: Sequence[Tuple[np.ndarray, np.ndarray]],
+    matrices: np.ndarray,
+    max_distance: Optional[float] = None,
+    ratio: Optional[float] = None,
+    device: Optional[str] = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    estimate_on: Optional[int] = ESTIMATE_ON,
+) -> List[Tuple[np.ndarray, np.ndarray, int]]:
+    """Mutual nearest neighbours of views rotated against each other in the image plane.
+
+    Each pair's rotation is estimated first (:func:`estimate_rotation`), then a, steered
+    by it, is matched with b, so that no false match from another angle enters.
+
+    Args:
+        pairs, matrices, estimate_on: as :func:`estimate_rotation`.
+        max_distance, ratio, device, max_elements: as :func:`match_batch`.
+
+    Returns:
+        Per pair, (M, 2) int64 indices (in a, in b) sorted by the index in a, (M,)
+        float32 distances between steered a and b, and the index of the steerer used.
+    """
+    checked = _check_steered(pairs, matrices)
+    if len(matrices) == 1:
+        best, per_pair = [0] * len(checked), [[None]] * len(checked)
+    else:
+        best, per_pair = _votes(checked, matrices, device, max_elements, estimate_on)
+    results: List[Optional[Match]] = [None] * len(checked)
+    todo = []
+    for i, ((a, b), r) in enumerate(zip(checked, best)):
+        complete = estimate_on is None or max(len(a), len(b)) <= estimate_on
+        if complete and max_distance is None and ratio is None and per_pair[i][r] is not None:
+            results[i] = per_pair[i][r]  # the vote matched all descriptors already
+        else:
+            todo.append(i)
+    found = match_batch([(_steered(checked[i][0], matrices[best[i]]), checked[i][1])
+                         for i in todo], cv2.NORM_L2, max_distance, ratio, device, max_elements)
+    for i, match in zip(todo, found):
+        results[i] = match
+    return [(indices, distances, r) for (indices, distances), r in zip(results, best)]
+
+
+class SteeredMatcher:
+    """``cv2.BFMatcher(cv2.NORM_L2)`` for R2D2 views that may be rotated in the image plane.
+
+    Each call estimates the rotation of image 2 against image 1 among ``rotations``
+    angles (k * 360 / rotations degrees, counter-clockwise) with the model's steerers
+    (:func:`estimate_rotation`), then matches image 1's descriptors, steered by it, with
+    image 2's: as ``cv2.BFMatcher(cv2.NORM_L2, crossCheck).match(r2d2.steer(d1, angle),
+    d2)``. ``rotations=1`` is exactly ``cv2.BFMatcher(cv2.NORM_L2, crossCheck)``.
+
+    >>> matcher = cv2r2d2.SteeredMatcher(r2d2, rotations=12)
+    >>> matches = matcher.match(d1, d2)     # tuple of cv2.DMatch
+    >>> matcher.getRotation()               # e.g. 90.0
+    """
+
+    def __init__(self, steerers: Any, rotations: int = DEFAULT_ROTATIONS,
+                 crossCheck: bool = True, device: Optional[str] = None) -> None:
+        """
+        Args:
+            steerers: the ``R2D2Feature`` that computes the descriptors (its model's
+                steerers are fitted on first use and cached) or its ``getSteerers()``.
+            rotations: steering angles, a divisor of 360 (12: every 30 degrees).
+            crossCheck: keep mutual nearest neighbours only, as ``cv2.BFMatcher``'s.
+            device: torch device of the matching (None: CUDA when available).
+        """
+        self._angles = rotation_angles(rotations)
+        if not isinstance(crossCheck, (bool, np.bool_)):
+            raise TypeError(f"crossCheck must be True or False, got {crossCheck!r}")
+        self._matrices = as_steerers(steerers, rotations).for_rotations(rotations)
+        self._cross_check = bool(crossCheck)
+        self._device = device
+        self._rotation: Optional[float] = None
+
+    def _descriptors(self, descriptors: Any, name: str) -> np.ndarray:
+        dim = self._matrices.shape[1]
+        if descriptors is None:  # what detectAndCompute gives for an image without keypoints
+            return np.zeros((0, dim), np.float32)
+        if not isinstance(descriptors, np.ndarray) or descriptors.dtype != np.float32:
+            raise TypeError(f"{name} must be a float32 numpy array of R2D2 descriptors, got "
+                            f"{getattr(descriptors, 'dtype', type(descriptors).__name__)}")
+        if descriptors.ndim != 2 or descriptors.shape[1] != dim:
+            raise ValueError(f"{name} must be N x {dim}, got shape {descriptors.shape}")
+        return descriptors
+
+    def _steered_query(self, query: np.ndarray, train: np.ndarray) -> np.ndarray:
+        """The query steered by the estimated rotation (recorded for getRotation)."""
+        best = estimate_rotation([(query, train)], self._matrices, self._device)[0]
+        self._rotation = float(self._angles[best]) if len(query) and len(train) else None
+        return _steered(query, self._matrices[best])
+
+    def match(self, queryDescriptors: Any, trainDescriptors: Any) -> Tuple[cv2.DMatch, ...]:
+        """The best match in image 2 of each image-1 descriptor (mutual ones with
+        crossCheck), under the estimated rotation; ordered by ``queryIdx``.
+
+        Args:
+            queryDescriptors: (N1, 128) float32 of image 1 (None: none).
+            trainDescriptors: (N2, 128) float32 of image 2.
+        """
+        query = self._descriptors(queryDescriptors, "queryDescriptors")
+        train = self._descriptors(trainDescriptors, "trainDescriptors")
+        if not self._cross_check:
+            steered = self._steered_query(query, train)
+            if not len(steered) or not len(train):
+                return ()
+            return cv2.BFMatcher(cv2.NORM_L2).match(steered, train)
+        indices, distances, best = match_rotated([(query, train)], self._matrices,
+                                                 device=self._device)[0]
+        self._rotation = float(self._angles[best]) if len(query) and len(train) else None
+        return tuple(cv2.DMatch(int(i), int(j), float(d))
+                     for (i, j), d in zip(indices.tolist(), distances.tolist()))
+
+    def knnMatch(self, queryDescriptors: Any, trainDescriptors: Any,
+                 k: int) -> Tuple[Tuple[cv2.DMatch, ...], ...]:
+        """The ``k`` best matches in image 2 of each image-1 descriptor, under the
+        estimated rotation (for Lowe's ratio test), as ``cv2.BFMatcher.knnMatch``."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if self._cross_check and k != 1:
+            raise ValueError(f"crossCheck=True matches with k=1 only (as cv2.BFMatcher), "
+                             f"got k={k}; create the matcher with crossCheck=False")
+        query = self._descriptors(queryDescriptors, "queryDescriptors")
+        train = self._descriptors(trainDescriptors, "trainDescriptors")
+        steered = self._steered_query(query, train)
+        if not len(steered):
+            return ()
+        if not len(train):
+            return tuple(() for _ in range(len(steered)))
+        return cv2.BFMatcher(cv2.NORM_L2, crossCheck=self._cross_check).knnMatch(
+            steered, train, int(k))
+
+    def getRotation(self) -> Optional[float]:
+        """The rotation of image 2 against image 1 found by the last call, degrees in
+        [0, 360) counter-clockwise (None before any call, or when a set was empty)."""
+        return self._rotation
+
+    def getRotations(self) -> int:
+        return len(self._angles)
+
+    def getCrossCheck(self) -> bool:
+        return self._cross_check
 
 
 # The collection driver sits above this kernel (it reads stores and writes match files);

@@ -24,6 +24,7 @@ from .image import list_images
 from .pairs import parse_pairs
 from .stores import FeatureStore, H5Features, H5Matches
 from .utils import MissingDependencyError, atomic_dir, atomic_path, import_optional, torch_device
+from .steerers import rotation_angles
 
 if TYPE_CHECKING:
     import pycolmap
@@ -248,6 +249,7 @@ def reconstruct(
     overwrite: bool = False,
     show_progress: bool = False,
     verbose: bool = False,
+    rotations: int = 1,
 ) -> SfMResult:
     """Photos in, sparse COLMAP model out.
 
@@ -267,8 +269,11 @@ def reconstruct(
         overwrite: extract and match again instead of reusing earlier results.
         show_progress: progress bars (on a terminal).
         verbose: COLMAP's own log on stderr.
+        rotations: as :func:`cv2r2d2.matching.match_batch`, with ``feature``'s steerers
+            (views that may be rotated in the image plane).
     """
     import_pycolmap()
+    rotation_angles(rotations)  # a bad value fails before the extraction, not after it
     image_dir, output_dir = Path(image_dir), Path(output_dir)
     if not image_dir.is_dir():
         raise NotADirectoryError(f"no such image folder: {image_dir}")
@@ -285,7 +290,7 @@ def reconstruct(
         pair_list = parse_pairs(pairs, names)
         with H5Matches(output_dir / "matches.h5", writable=True) as matches:
             match_collection(features, pair_list, matches, max_distance, ratio, device,
-                             overwrite, show_progress)
+                             overwrite, show_progress, rotations=rotations, steerers=feature)
             database = output_dir / "database.db"
             with atomic_path(database) as tmp:
                 write_database(tmp, image_dir, features, matches, pair_list, camera_model,

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import stat
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, read_image, record_progress, weights_dir
+from conftest import ROOT, read_image, record_progress, weights_dir, weights_file
 from cv2r2d2.cli import main
 from cv2r2d2.io import H5Features, ImageFeatures
 
@@ -296,3 +297,61 @@ def test_export_onnx(tmp_path, capsys):
     assert output.is_file() and output.stat().st_size > 100_000
     captured = capsys.readouterr()
     assert (captured.out + captured.err).count("max_abs_error") == 1  # the report, once
+
+
+def _model_copy(folder: Path) -> Path:
+    """The official weights copied into a writable folder (their steerers cached beside)."""
+    path = folder / "mine.pt"
+    shutil.copyfile(weights_file("r2d2_WASF_N16"), path)
+    return path
+
+
+def test_match_with_rotations(features, r2d2, tmp_path, capsys):
+    from cv2r2d2.steerers import FitSettings, load_steerers
+
+    model = _model_copy(tmp_path)
+    # Small steerers cached beforehand: the command reads them instead of fitting.
+    load_steerers(r2d2, model, [90, 180], FitSettings(image_size=64, num_images=1, margin=8),
+                  show_progress=False)
+    plain, steered = tmp_path / "plain.h5", tmp_path / "steered.h5"
+    common = ["--pairs", "sequential:1", "--device", "cpu", "-q"]
+    assert main(["match", str(features), "-o", str(plain), *common]) == 0
+    assert main(["match", str(features), "-o", str(steered), *common, "--rotations", "4",
+                 "--model", str(model)]) == 0
+    # The crops are shifted, not rotated: rotation 0 wins, and gives the plain matches.
+    with h5py.File(plain, "r") as a, h5py.File(steered, "r") as b:
+        for key in ("crop0.png/crop1.png/matches0", "crop1.png/crop2.png/matches0"):
+            np.testing.assert_array_equal(a[key][()], b[key][()])
+    capsys.readouterr()
+    assert main(["match", str(features), "-o", str(steered), *common, "--rotations", "7"]) == 1
+    assert "divisor of 360" in capsys.readouterr().err
+
+
+def test_fit_steerers(tmp_path, capsys):
+    weights_dir()
+    model = _model_copy(tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "boat.png"), read_image("boat.png")[100:300, 100:300])
+    assert main(["fit-steerers", "--help"]) == 0
+    assert "--images DIR" in capsys.readouterr().out
+    assert main(["fit-steerers", "--model", str(model), "--images", str(images),
+                 "--rotations", "2", "--device", "cpu", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "1 steerer(s) of" in out and "180 deg:" in out
+    [cache] = tmp_path.glob("mine.steerers-*.npz")
+    with np.load(cache) as data:
+        assert str(images) in str(data["settings"])
+    assert main(["fit-steerers", "--images", str(tmp_path / "none")]) == 1
+    assert "no such image folder" in capsys.readouterr().err
+    assert main(["fit-steerers", "--rotations", "7"]) == 1
+    assert "divisor of 360" in capsys.readouterr().err
+
+
+def test_sfm_and_eval_hpatches_check_rotations_first(photos, tmp_path, capsys):
+    pytest.importorskip("pycolmap")
+    assert main(["sfm", str(photos), str(tmp_path / "sfm"), "--rotations", "7", *FAST]) == 1
+    assert "divisor of 360" in capsys.readouterr().err
+    assert not (tmp_path / "sfm" / "features.h5").exists()  # refused before extracting
+    assert main(["eval-hpatches", str(tmp_path), "--rotations", "7", "--no-plot"]) == 1
+    assert "divisor of 360" in capsys.readouterr().err

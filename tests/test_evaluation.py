@@ -137,6 +137,44 @@ def test_r2d2_is_at_least_as_accurate_as_sift_at_3px(hpatches, r2d2, tmp_path):
         format_table({**results, "metrics": ["mma"]}, ["repeatability"])
 
 
+class SteeredR2D2:
+    """The session's R2D2 with steerers of its own (fitted small, not cached)."""
+
+    def __init__(self, r2d2, steerers) -> None:
+        self._r2d2, self._steerers = r2d2, steerers
+
+    def detectAndCompute(self, image, mask):
+        return self._r2d2.detectAndCompute(image, mask)
+
+    def defaultNorm(self):
+        return cv2.NORM_L2
+
+    def getSteerers(self, rotations):
+        return self._steerers
+
+
+def test_r2d2_with_rotations_matches_rotated_views(r2d2, tmp_path):
+    from cv2r2d2.steerers import FitSettings, fit_steerers, rotate_image
+
+    steerers = fit_steerers(r2d2, [90, 180], FitSettings(image_size=128, num_images=2),
+                            show_progress=False)
+    folder = tmp_path / "v_turns"
+    folder.mkdir()
+    image = _photo("boat.png")
+    cv2.imwrite(str(folder / "1.ppm"), image)
+    for k, angle in zip(range(2, 7), (90, 180, 270, 90, 180)):
+        rotated, homography = rotate_image(image, angle)
+        cv2.imwrite(str(folder / f"{k}.ppm"), rotated)
+        np.savetxt(folder / f"H_1_{k}", homography)
+    methods = {"r2d2": SteeredR2D2(r2d2, steerers), "sift": cv2.SIFT_create()}
+    results = evaluate_hpatches(tmp_path, methods, metrics=["mma"], device="cpu", rotations=4)
+    assert results["rotations"] == 4
+    assert results["methods"]["r2d2"]["mma"]["v"][2] > 0.9  # plain matching: ~0.05
+    assert results["methods"]["sift"]["mma"]["v"][2] > 0.9
+    with pytest.raises(ValueError, match="divisor of 360"):
+        evaluate_hpatches(tmp_path, methods, rotations=7)
+
+
 def test_mean_matching_accuracy_of_a_pair():
     keypoints = np.array([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0], [40.0, 40.0]])
     H = np.array([[1.0, 0, 5], [0, 1.0, 0], [0, 0, 1]])

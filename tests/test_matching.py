@@ -8,9 +8,10 @@ import torch
 
 from conftest import read_image
 from cv2r2d2.matching import (
-    exhaustive_pairs, match_batch, match_collection, mutual_nearest_neighbours, parse_pairs,
-    sequential_pairs,
+    SteeredMatcher, estimate_rotation, exhaustive_pairs, match_batch, match_collection,
+    match_rotated, mutual_nearest_neighbours, parse_pairs, sequential_pairs,
 )
+from cv2r2d2.steerers import FitSettings, fit_steerers, rotate_image
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -166,3 +167,171 @@ def test_match_collection_writes_and_resumes(r2d2_descriptors, tmp_path):
     order = np.argsort(expected[:, 1])
     np.testing.assert_array_equal(indices, expected[order])
     np.testing.assert_allclose(scores, 1 - distances[order] ** 2 / 2, atol=1e-5)
+
+
+# --- rotated views -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quarter_steerers(r2d2):
+    """Steerers for 90, 180 (and so 270) degrees, fitted on two 128 px procedural images
+    (not cached)."""
+    return fit_steerers(r2d2, [90, 180], FitSettings(image_size=128, num_images=2),
+                        show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def quarter_turns(r2d2):
+    """Keypoints, descriptors and homography (from the first) of a 256 px boat and of its
+    exact rotations by 90, 180 and 270 degrees (cv2.rotate)."""
+    boat = _small("boat.png")
+    views = []
+    for angle in (0, 90, 180, 270):
+        rotated, homography = rotate_image(boat, angle)
+        keypoints, descriptors = r2d2.detectAndCompute(rotated, None)
+        views.append((cv2.KeyPoint_convert(keypoints), descriptors, homography))
+    return views
+
+
+def _indices(matches) -> np.ndarray:
+    return np.array([(m.queryIdx, m.trainIdx) for m in matches], np.int64).reshape(-1, 2)
+
+
+def _corner_error(xy_a, xy_b, indices, homography, side=256) -> float:
+    """Mean corner error of the RANSAC homography of the matches (inf if none)."""
+    if len(indices) < 4:
+        return float("inf")
+    estimate, _ = cv2.findHomography(xy_a[indices[:, 0]], xy_b[indices[:, 1]], cv2.RANSAC, 3.0)
+    if estimate is None:
+        return float("inf")
+    corners = np.array([[[0, 0], [side, 0], [side, side], [0, side]]], np.float64)
+    return float(np.linalg.norm(cv2.perspectiveTransform(corners, estimate)
+                                - cv2.perspectiveTransform(corners, homography), axis=2).mean())
+
+
+def test_steered_matching_recovers_quarter_turns_where_plain_matching_fails(
+        quarter_turns, quarter_steerers):
+    xy_a, d_a, _ = quarter_turns[0]
+    matcher = SteeredMatcher(quarter_steerers, rotations=4, device="cpu")
+    for angle, (xy_b, d_b, homography) in zip((90, 180, 270), quarter_turns[1:]):
+        steered = _indices(matcher.match(d_a, d_b))
+        assert matcher.getRotation() == angle
+        assert _corner_error(xy_a, xy_b, steered, homography) < 2
+        plain, _ = mutual_nearest_neighbours(d_a, d_b, device="cpu")
+        assert _corner_error(xy_a, xy_b, plain, homography) > 2
+        # The same pairs as plain OpenCV on the steered descriptors, and as the functions.
+        opencv = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True).match(
+            quarter_steerers.steer(d_a, angle), d_b)
+        np.testing.assert_array_equal(steered, _indices(opencv))
+        indices, _ = mutual_nearest_neighbours(d_a, d_b, rotations=4, steerers=quarter_steerers,
+                                               device="cpu")
+        np.testing.assert_array_equal(indices, steered)
+        [(_, _, best)] = match_rotated([(d_a, d_b)], quarter_steerers.for_rotations(4),
+                                       device="cpu", estimate_on=None)
+        assert best * 90 == angle
+    assert estimate_rotation([(q[1], d_a) for q in quarter_turns[1:]],
+                             quarter_steerers.for_rotations(4), device="cpu") == [3, 2, 1]
+
+
+def test_rotations_1_is_exactly_plain_matching(r2d2_descriptors, quarter_steerers):
+    a, b = r2d2_descriptors[0], r2d2_descriptors[2]
+    matcher = SteeredMatcher(quarter_steerers, rotations=1, device="cpu")
+    matches = matcher.match(a, b)
+    expected = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True).match(a, b)
+    assert len(expected) >= 10 and matcher.getRotation() == 0
+    assert [(m.queryIdx, m.trainIdx) for m in matches] == \
+        [(m.queryIdx, m.trainIdx) for m in expected]
+    np.testing.assert_allclose([m.distance for m in matches], [m.distance for m in expected],
+                               rtol=1e-5, atol=1e-5)
+    plain = mutual_nearest_neighbours(a, b, device="cpu")
+    for one in (mutual_nearest_neighbours(a, b, device="cpu", rotations=1),
+                mutual_nearest_neighbours(a, b, device="cpu", rotations=1,
+                                          steerers=quarter_steerers)):
+        np.testing.assert_array_equal(one[0], plain[0])
+        np.testing.assert_array_equal(one[1], plain[1])
+
+
+def test_knn_match_and_no_cross_check_under_the_estimated_rotation(quarter_turns,
+                                                                   quarter_steerers):
+    (xy_a, d_a, _), (xy_b, d_b, homography) = quarter_turns[0], quarter_turns[1]
+    matcher = SteeredMatcher(quarter_steerers, rotations=4, crossCheck=False, device="cpu")
+    knn = matcher.knnMatch(d_a, d_b, 2)
+    assert matcher.getRotation() == 90 and matcher.getCrossCheck() is False
+    steered = quarter_steerers.steer(d_a, 90)
+    expected = cv2.BFMatcher(cv2.NORM_L2).knnMatch(steered, d_b, 2)
+    assert [[(m.queryIdx, m.trainIdx) for m in row] for row in knn] == \
+        [[(m.queryIdx, m.trainIdx) for m in row] for row in expected]
+    good = [row[0] for row in knn if row[0].distance < 0.9 * row[1].distance]
+    assert _corner_error(xy_a, xy_b, _indices(good), homography) < 2
+    np.testing.assert_array_equal(_indices(matcher.match(d_a, d_b)),
+                                  _indices(cv2.BFMatcher(cv2.NORM_L2).match(steered, d_b)))
+    cross = SteeredMatcher(quarter_steerers, rotations=4, device="cpu")
+    rows = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True).knnMatch(steered, d_b, 1)
+    assert [[(m.queryIdx, m.trainIdx) for m in row] for row in cross.knnMatch(d_a, d_b, 1)] == \
+        [[(m.queryIdx, m.trainIdx) for m in row] for row in rows]
+
+
+def test_steered_matching_bad_input_and_empty_sets(r2d2_descriptors, quarter_steerers):
+    a, b = r2d2_descriptors[0], r2d2_descriptors[2]
+    for rotations in (0, -4, 7, 16, 2.5, True):
+        with pytest.raises(ValueError, match="divisor of 360"):
+            SteeredMatcher(quarter_steerers, rotations=rotations)
+        with pytest.raises(ValueError, match="divisor of 360"):
+            mutual_nearest_neighbours(a, b, rotations=rotations, steerers=quarter_steerers)
+    with pytest.raises(ValueError, match="lack some of the angles"):
+        SteeredMatcher(quarter_steerers, rotations=12)
+    with pytest.raises(TypeError, match="R2D2Feature"):
+        SteeredMatcher("r2d2_WASF_N16", rotations=4)
+    with pytest.raises(TypeError, match="crossCheck"):
+        SteeredMatcher(quarter_steerers, rotations=4, crossCheck=1)
+    with pytest.raises(ValueError, match="needs steerers"):
+        mutual_nearest_neighbours(a, b, rotations=4)
+    orb = np.zeros((5, 32), np.uint8)
+    with pytest.raises(ValueError, match="NORM_L2"):
+        mutual_nearest_neighbours(orb, orb, norm=cv2.NORM_HAMMING, rotations=4,
+                                  steerers=quarter_steerers)
+    with pytest.raises(ValueError, match="128-dimensional"):
+        mutual_nearest_neighbours(a[:, :64], b[:, :64], rotations=4, steerers=quarter_steerers)
+    matcher = SteeredMatcher(quarter_steerers, rotations=4, device="cpu")
+    with pytest.raises(ValueError, match="N x 128"):
+        matcher.match(a[:, :64], b)
+    for wrong in (a.astype(np.float64), a.astype(np.uint8), a.tolist()):
+        with pytest.raises(TypeError, match="float32"):
+            matcher.match(wrong, b)
+    with pytest.raises(ValueError, match="k=1 only"):
+        matcher.knnMatch(a, b, 2)
+    with pytest.raises(ValueError, match="k must be"):
+        matcher.knnMatch(a, b, 0)
+    # Empty sets (and None, what detectAndCompute gives without keypoints): no matches.
+    matcher.match(a, b)
+    for query, train in ((a[:0], b), (a, b[:0]), (None, b), (a[:0], b[:0])):
+        assert matcher.match(query, train) == () and matcher.getRotation() is None
+    assert matcher.knnMatch(a[:0], b, 1) == ()
+    loose = SteeredMatcher(quarter_steerers, rotations=4, crossCheck=False, device="cpu")
+    assert loose.match(a, b[:0]) == () and loose.knnMatch(a[:3], b[:0], 2) == ((), (), ())
+    indices, distances = mutual_nearest_neighbours(a[:0], b, rotations=4,
+                                                   steerers=quarter_steerers)
+    assert indices.shape == (0, 2) and distances.shape == (0,)
+
+
+def test_match_collection_with_rotations(quarter_turns, quarter_steerers, tmp_path):
+    pytest.importorskip("h5py")
+    from cv2r2d2.io import H5Features, H5Matches, ImageFeatures
+
+    names = ["a.png", "b.png", "c.png"]
+    with H5Features(tmp_path / "features.h5", writable=True) as features:
+        for name, (xy, descriptors, _) in zip(names, quarter_turns):
+            features.write(name, ImageFeatures(xy, descriptors, np.ones(len(xy), np.float32),
+                                               (256, 256)))
+        pairs = parse_pairs("exhaustive", features.names())
+        with H5Matches(tmp_path / "matches.h5", writable=True) as matches:
+            match_collection(features, pairs, matches, device="cpu", rotations=4,
+                             steerers=quarter_steerers)
+            stored = {pair: matches.read(*pair)[0] for pair in pairs}
+    by_name = dict(zip(names, quarter_turns))
+    for (name_a, name_b), indices in stored.items():
+        expected, _ = mutual_nearest_neighbours(by_name[name_a][1], by_name[name_b][1],
+                                                rotations=4, steerers=quarter_steerers,
+                                                device="cpu")
+        np.testing.assert_array_equal(indices, expected)
+        assert len(indices) > 50
