@@ -27,7 +27,7 @@ setup(
         "ray": ["ray", "h5py", "tqdm"],
         # Everything the test suite exercises.
         "test": ["pytest>=7", "tqdm", "pycolmap>=4.2", "h5py", "matplotlib", "onnx", "onnxruntime",
-                 "ray"],
+                 "ray", "import-linter>=2"],
     },
     entry_points={
         "console_scripts": [
