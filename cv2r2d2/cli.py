@@ -313,6 +313,10 @@ def _add_sfm(subparsers: Any) -> None:
                         help="stop after the verified database (to run COLMAP yourself)")
     parser.add_argument("--overwrite", action="store_true",
                         help="extract and match again instead of reusing earlier results")
+    parser.add_argument("--refine", action="store_true",
+                        help="before mapping, move the keypoints of each verified track to "
+                             "where R2D2's dense descriptors agree across it (featuremetric "
+                             "keypoint refinement; cached in refined_keypoints.npz)")
     _add_matching_options(parser, pairs_required=False)
     _add_feature_options(parser)
     _add_output_options(parser, colmap=True)
@@ -328,7 +332,7 @@ def _run_sfm(args: argparse.Namespace) -> int:
         camera_model=args.camera_model, camera_mode=args.camera_mode,
         max_distance=args.max_distance, ratio=args.ratio, device=args.device,
         rotations=args.rotations, database_only=args.database_only, overwrite=args.overwrite,
-        show_progress=not args.quiet, verbose=args.verbose,
+        show_progress=not args.quiet, verbose=args.verbose, refine=args.refine,
     )
     print(result.summary())
     _report_failed(result.failed)

@@ -24,6 +24,7 @@ __all__ = [
     "extract",
     "describe",
     "dense_maps",
+    "descriptor_windows",
     "tiles",
     "halo_window",
 ]
@@ -729,6 +730,57 @@ def refine_matches(
             refined[kept[r], 0] = (map_x + 0.5) * np.float32(width / level.width) - 0.5
             refined[kept[r], 1] = (map_y + 0.5) * np.float32(height / level.height) - 0.5
     return refined
+
+
+def descriptor_windows(
+    runner: NetworkRunner,
+    image: np.ndarray,
+    xy: np.ndarray,
+    sizes: np.ndarray,
+    offsets: np.ndarray,
+    params: ExtractionParams,
+    tile_size: int = DEFAULT_TILE_SIZE,
+    dtype: Any = np.float32,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Descriptors on a grid of offsets around points, each point on the level its size picks.
+
+    Points are mapped to their level's map with consistent pixel centres, as sub-pixel
+    keypoints are; the dense descriptor map is sampled bilinearly at each point plus each
+    offset and L2-normalised (positions beyond the map are clamped to its border). Only
+    these windows are kept, never a whole map.
+
+    Args:
+        image: (3, H, W) normalised image.
+        xy: (N, 2) positions in image pixels, inside the image.
+        sizes: (N,) keypoint diameters in pixels (as :func:`describe`; non-positive:
+            the finest processed level).
+        offsets: (K, 2) (dx, dy) in map pixels of each point's level.
+        dtype: of the returned windows (float16 halves their memory).
+
+    Returns:
+        (N, K, dim) descriptors and (N, 2) float32 image pixels per map pixel (x, y) of
+        each point's level, which turn offsets into image pixels.
+    """
+    xy = np.asarray(xy, np.float32).reshape(-1, 2)
+    sizes = np.asarray(sizes, np.float32).reshape(-1)
+    offsets = np.asarray(offsets, np.float32).reshape(-1, 2)
+    height, width = image.shape[1:]
+    windows = np.zeros((len(xy), len(offsets), runner.descriptor_size), dtype)
+    steps = np.ones((len(xy), 2), np.float32)
+    # A window reads one map pixel beyond its farthest offset (bilinear sampling).
+    margin = int(np.ceil(np.abs(offsets).max(initial=0))) + 1
+    chunk = max(1, 2**22 // (max(len(offsets), 1) * runner.descriptor_size))  # ~16 MB of samples
+    for rows, level, output, x, y, _ in _at_levels(
+        runner, image, xy, sizes, params, tile_size, centred=True, margin=margin
+    ):
+        for part in range(0, len(rows), chunk):
+            r = rows[part:part + chunk]
+            px, py = x[part:part + chunk], y[part:part + chunk]
+            samples = output.descriptors_at((px[:, None] + offsets[:, 0]).reshape(-1),
+                                            (py[:, None] + offsets[:, 1]).reshape(-1))
+            windows[r] = samples.reshape(len(r), len(offsets), -1)
+        steps[rows] = (width / level.width, height / level.height)
+    return windows, steps
 
 
 def dense_maps(runner: NetworkRunner, image: np.ndarray, scale: float = 1.0) -> dict:

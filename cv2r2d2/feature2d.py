@@ -24,6 +24,7 @@ from .extractor import (
     NetworkRunner,
     describe,
     dense_maps,
+    descriptor_windows,
     extract,
     pyramid,
     reference_pyramid,
@@ -374,6 +375,58 @@ class R2D2Feature:
             return refine_matches(self._runner, normalised, xy, sizes, descriptors1[pairs[:, 0]],
                                   self._params, radius=float(radius),
                                   temperature=float(temperature), tile_size=self._tile_size)
+
+    def computeDescriptorWindows(
+        self,
+        image: Any,
+        points: np.ndarray,
+        offsets: np.ndarray,
+        sizes: Optional[np.ndarray] = None,
+        dtype: Any = np.float32,
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        """Dense descriptors on a small grid around each point, without a whole dense map.
+
+        Each point is mapped to its pyramid level with consistent pixel centres and the
+        level's descriptor map is sampled bilinearly at the point plus each offset, then
+        L2-normalised (the windows of keypoint refinement, see ``cv2r2d2.refinement``).
+
+        Args:
+            image: the image the points lie in.
+            points: (N, 2) positions in image pixels, inside the image.
+            offsets: (K, 2) (dx, dy) in pixels of the point's level.
+            sizes: (N,) keypoint diameters choosing each point's level as
+                :meth:`compute` does; None: the finest processed level for all.
+            dtype: ``np.float32`` or ``np.float16`` (half the memory).
+
+        Returns:
+            (N, K, 128) windows and (N, 2) float32 image pixels per level pixel (x, y).
+        """
+        normalised = self._prepare(image)
+        height, width = normalised.shape[1:]
+        points = np.asarray(points)
+        if points.ndim != 2 or points.shape[1] != 2 or not np.issubdtype(points.dtype, np.number):
+            raise TypeError(f"points must be an N x 2 array of positions, got {points.dtype} "
+                            f"{points.shape}")
+        points = points.astype(np.float32)
+        outside = ~(np.isfinite(points).all(axis=1) & (points >= 0).all(axis=1)
+                    & (points[:, 0] < width) & (points[:, 1] < height))
+        if outside.any():
+            raise ValueError(f"points must lie inside the {width}x{height} image, got "
+                             f"{points[outside][0].tolist()} (and {outside.sum() - 1} more)")
+        offsets = np.asarray(offsets)
+        if offsets.ndim != 2 or offsets.shape[1] != 2 or not np.isfinite(offsets).all():
+            raise TypeError(f"offsets must be a K x 2 array of finite (dx, dy), got "
+                            f"{offsets.dtype} {offsets.shape}")
+        if sizes is None:
+            sizes = np.zeros(len(points), np.float32)
+        sizes = np.asarray(sizes, np.float32).reshape(-1)
+        if len(sizes) != len(points):
+            raise ValueError(f"sizes must hold one size per point ({len(points)}), got {len(sizes)}")
+        if np.dtype(dtype) not in (np.float16, np.float32):
+            raise TypeError(f"dtype must be np.float32 or np.float16, got {dtype!r}")
+        with self._threads():
+            return descriptor_windows(self._runner, normalised, points, sizes, offsets,
+                                      self._params, self._tile_size, np.dtype(dtype))
 
     def computeDenseMaps(self, image: Any, scale: float = 1.0) -> dict:
         """Dense network outputs on the image resized by ``scale`` (0 < scale <= 1).

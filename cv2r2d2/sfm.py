@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
+import json
 import logging
 import os
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union,
+)
 
 import numpy as np
 
@@ -25,6 +30,7 @@ from .pairs import parse_pairs
 from .stores import FeatureStore, H5Features, H5Matches
 from .utils import MissingDependencyError, atomic_dir, atomic_path, import_optional, torch_device
 from .steerers import rotation_angles
+from .refinement import RefinementParams, RefinementReport, refine_keypoints
 
 if TYPE_CHECKING:
     import pycolmap
@@ -37,6 +43,8 @@ __all__ = [
     "import_pycolmap",
     "write_database",
     "verify_matches",
+    "verified_matches",
+    "refine_database",
     "incremental_mapping",
     "reconstruct",
 ]
@@ -108,8 +116,10 @@ def write_database(
     # An empty file (atomic_path's placeholder) is an empty SQLite database.
     if database_path.exists() and database_path.stat().st_size:
         raise FileExistsError(f"{database_path} exists; write the database to a new file")
-    pycolmap.Database.open(str(database_path)).close()
     names = features.names()
+    if camera_mode in ("single", "per_folder"):
+        _check_shared_sizes(features, names, camera_mode)
+    pycolmap.Database.open(str(database_path)).close()
     try:
         pycolmap.import_images(
             str(database_path), str(image_dir),
@@ -141,6 +151,43 @@ def write_database(
     return {name: ids[name] for name in names if name in ids}
 
 
+def _check_shared_sizes(features: FeatureStore, names: Sequence[str], camera_mode: str) -> None:
+    """Images that share a camera must have one size: COLMAP leaves the others out
+    (CAMERA_SINGLE_DIM_ERROR), which would surface as unreadable images."""
+    first: Dict[str, Tuple[str, Tuple[int, int]]] = {}
+    for name in names:
+        group = name.rpartition("/")[0] if camera_mode == "per_folder" else ""
+        size = tuple(features.read(name).image_size)
+        seen = first.setdefault(group, (name, size))
+        if seen[1] != size:
+            where = f" of folder {group!r}" if camera_mode == "per_folder" else ""
+            raise ValueError(
+                f"camera_mode={camera_mode!r} gives the images{where} one camera, so they "
+                f"must have one size, but {seen[0]} is {seen[1][0]}x{seen[1][1]} and {name} is "
+                f"{size[0]}x{size[1]} pixels; use camera_mode='auto' or 'per_image' (a "
+                "camera per image), or photos of one size"
+            )
+
+
+def verified_matches(database: "pycolmap.Database") -> List[Tuple[int, int, Any]]:
+    """The image pairs of an open database that passed geometric verification.
+
+    pycolmap's ``num_verified_image_pairs`` counts every two-view geometry, those of
+    pairs that failed too; these are the ones with inlier matches.
+
+    Returns:
+        (image_id1, image_id2, two-view geometry) per verified pair.
+    """
+    pycolmap = import_pycolmap()
+    failed = (pycolmap.TwoViewGeometryConfiguration.UNDEFINED,
+              pycolmap.TwoViewGeometryConfiguration.DEGENERATE)
+    found = []
+    for pair_id, geometry in zip(*database.read_two_view_geometries()):
+        if geometry.config not in failed and len(geometry.inlier_matches):
+            found.append((*pycolmap.pair_id_to_image_pair(pair_id), geometry))
+    return found
+
+
 def verify_matches(database_path: PathLike, num_threads: int = -1, verbose: bool = False) -> int:
     """COLMAP's geometric verification of all the database's matched pairs.
 
@@ -148,7 +195,7 @@ def verify_matches(database_path: PathLike, num_threads: int = -1, verbose: bool
         num_threads: worker threads (-1: all cores).
 
     Returns:
-        The number of verified image pairs.
+        The number of image pairs that passed (see :func:`verified_matches`).
     """
     pycolmap = import_pycolmap()
     database = pycolmap.Database.open(os.fspath(database_path))
@@ -170,9 +217,166 @@ def verify_matches(database_path: PathLike, num_threads: int = -1, verbose: bool
         )
     database = pycolmap.Database.open(os.fspath(database_path))
     try:
-        return int(database.num_verified_image_pairs())
+        return len(verified_matches(database))
     finally:
         database.close()
+
+
+def _fingerprint(feature: "R2D2Feature", params: RefinementParams, names: Sequence[str],
+                 arrays: Sequence[np.ndarray]) -> str:
+    """sha256 of everything a refinement's result depends on."""
+    digest = hashlib.sha256(json.dumps({
+        "model": feature.getModel(), "extraction": feature.getParams().as_dict(),
+        "refinement": asdict(params), "names": list(names),
+    }, sort_keys=True).encode())
+    for array in arrays:
+        digest.update(str(array.dtype).encode() + str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _read_refined(path: Path, fingerprint: str, names: Sequence[str]) -> Optional[List[np.ndarray]]:
+    """Keypoints cached by an earlier refinement of the same inputs, or None."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            if str(data["fingerprint"]) != fingerprint or list(data["names"]) != list(names):
+                return None
+            return np.split(data["keypoints"], np.cumsum(data["counts"])[:-1])
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("ignoring the unreadable refinement cache %s: %s", path, exc)
+        return None
+
+
+def _write_refined(path: Path, fingerprint: str, names: Sequence[str],
+                   keypoints: Sequence[np.ndarray]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, fingerprint=np.array(fingerprint), names=np.array(list(names)),
+                 counts=np.array([len(k) for k in keypoints], np.int64),
+                 keypoints=np.concatenate(keypoints).astype(np.float32))
+
+
+def _unit_descriptors(descriptors: Any) -> np.ndarray:
+    """A database's descriptors as unit float32 rows: cv2r2d2 stores float32 bytes
+    (type UNDEFINED), COLMAP's SIFT uint8 values."""
+    pycolmap = import_pycolmap()
+    data = np.asarray(descriptors.data)
+    if descriptors.type == pycolmap.FeatureExtractorType.UNDEFINED and data.dtype == np.uint8 \
+            and data.shape[1] % 4 == 0:
+        data = np.ascontiguousarray(data).view(np.float32)
+    data = data.astype(np.float32)
+    return data / np.maximum(np.linalg.norm(data, axis=1, keepdims=True), 1e-12)
+
+
+def _stored_sizes(keypoints: np.ndarray) -> Optional[np.ndarray]:
+    """Keypoint scales of COLMAP's keypoint rows: (x, y, scale, orientation) or the
+    affine shape (x, y, a11, a12, a21, a22); None for bare (x, y)."""
+    if keypoints.shape[1] == 4:
+        return keypoints[:, 2].astype(np.float32)
+    if keypoints.shape[1] == 6:
+        return np.sqrt(np.abs(keypoints[:, 2] * keypoints[:, 5]
+                              - keypoints[:, 3] * keypoints[:, 4])).astype(np.float32)
+    return None
+
+
+def refine_database(
+    database_path: PathLike,
+    image_dir: PathLike,
+    feature: "R2D2Feature",
+    params: Optional[RefinementParams] = None,
+    sizes: Optional[Mapping[str, np.ndarray]] = None,
+    cache: Optional[PathLike] = None,
+    overwrite: bool = False,
+    show_progress: bool = False,
+) -> RefinementReport:
+    """Featuremetric refinement of a verified database's keypoints, in place.
+
+    Tracks are built from the inlier matches of the pairs that passed geometric
+    verification (with at least ``params.min_inliers`` of them), joined best descriptor
+    similarity first; the keypoints of each track are adjusted with
+    :func:`cv2r2d2.refinement.refine_keypoints`, and the database's keypoints are
+    replaced by the refined ones (matches and two-view geometries stay). Any
+    detector's keypoints can be refined this way (COLMAP's SIFT too).
+
+    Args:
+        database_path: a COLMAP database after :func:`verify_matches`.
+        image_dir: the folder its image names are relative to.
+        feature: the R2D2 extractor whose dense descriptors guide the refinement.
+        params: refinement settings (None: the defaults).
+        sizes: detected keypoint sizes per image name, which choose scale-matched levels
+            (:func:`cv2r2d2.refinement.scale_matched_sizes`); None: the database's
+            keypoint scales where it has them, else the finest level for all.
+        cache: a file keeping the refined keypoints (written atomically): a later call
+            on the same inputs (keypoints, sizes, matches, settings, model) reads them
+            instead of running the network again, unless ``overwrite``.
+    """
+    pycolmap = import_pycolmap()
+    params = params if params is not None else RefinementParams()
+    watermark = pycolmap.TwoViewGeometryConfiguration.WATERMARK
+    database = pycolmap.Database.open(os.fspath(database_path))
+    try:
+        images = sorted(database.read_all_images(), key=lambda image: image.image_id)
+        cameras = {camera.camera_id: camera for camera in database.read_all_cameras()}
+        index = {image.image_id: i for i, image in enumerate(images)}
+        stored = [database.read_keypoints(image.image_id) for image in images]
+        edges = [
+            np.column_stack([np.full(len(inliers), index[id1]), inliers[:, 0],
+                             np.full(len(inliers), index[id2]), inliers[:, 1]])
+            for id1, id2, geometry in verified_matches(database)
+            for inliers in [np.asarray(geometry.inlier_matches, np.int64)]
+            if len(inliers) >= params.min_inliers and geometry.config != watermark
+        ]
+        edges = np.concatenate(edges) if edges else np.zeros((0, 4), np.int64)
+        # Each end's descriptor, an image at a time: joins go best similarity first.
+        ends = np.zeros((2, len(edges), 0), np.float32)
+        for i, image in enumerate(images):
+            for side in (0, 1):
+                rows = np.flatnonzero(edges[:, 2 * side] == i)
+                if not len(rows):
+                    continue
+                vectors = _unit_descriptors(database.read_descriptors(image.image_id))
+                if ends.shape[2] != vectors.shape[1]:
+                    ends = np.zeros((2, len(edges), vectors.shape[1]), np.float32)
+                ends[side, rows] = vectors[edges[rows, 2 * side + 1]]
+    finally:
+        database.close()
+    names = [image.name for image in images]
+    image_sizes = [(cameras[image.camera_id].width, cameras[image.camera_id].height)
+                   for image in images]
+    # COLMAP's pixel convention puts the top-left pixel's centre at (0.5, 0.5).
+    keypoints = [points[:, :2] - 0.5 for points in stored]
+    if sizes is not None:
+        detected = [np.asarray(sizes[name], np.float32) for name in names]
+    else:
+        detected = [_stored_sizes(points) for points in stored]
+        detected = None if any(d is None for d in detected) else detected
+    scores = (ends[0] * ends[1]).sum(axis=1) if ends.shape[2] else None
+    fingerprint = _fingerprint(feature, params, names, [
+        *keypoints, *(detected or []), edges, np.asarray(image_sizes, np.int64)])
+    refined = None
+    if cache is not None and not overwrite:
+        refined = _read_refined(Path(cache), fingerprint, names)
+    if refined is not None:
+        logger.info("refined keypoints read from %s", cache)
+        report = RefinementReport(cached=True)
+    else:
+        refined, report = refine_keypoints(
+            feature, [Path(image_dir) / name for name in names], keypoints, edges,
+            sizes=detected, image_sizes=image_sizes, scores=scores, params=params,
+            show_progress=show_progress)
+        if cache is not None:
+            _write_refined(Path(cache), fingerprint, names, refined)
+    database = pycolmap.Database.open(os.fspath(database_path))
+    try:
+        for image, points, new in zip(images, stored, refined):
+            if not np.array_equal(points[:, :2] - 0.5, new):
+                points = points.copy()
+                points[:, :2] = new + 0.5
+                database.update_keypoints(image.image_id, points)
+    finally:
+        database.close()
+    return report
 
 
 def incremental_mapping(
@@ -195,6 +399,18 @@ def incremental_mapping(
     return sorted(found, key=lambda item: -item[1].num_reg_images())
 
 
+def _sizes(features: FeatureStore) -> Optional[Dict[str, np.ndarray]]:
+    """The stored keypoint sizes by image name; None if some image lacks them."""
+    sizes = {name: features.read(name).sizes for name in features.names()}
+    missing = [name for name, value in sizes.items() if value is None]
+    if missing:
+        logger.warning("%s has no keypoint sizes for %s (written by an older version or "
+                       "another tool): keypoints are refined on the finest pyramid level; "
+                       "run with overwrite to extract them again", features.path, missing[0])
+        return None
+    return sizes
+
+
 @dataclass
 class SfMResult:
     """The outcome of :func:`reconstruct`.
@@ -207,10 +423,19 @@ class SfMResult:
         num_models: the number of models COLMAP made.
         database: the COLMAP database; model: the largest model's folder (or None).
         reconstruction: the largest ``pycolmap.Reconstruction`` (or None).
+        num_pairs, num_verified_pairs: image pairs matched, and those that passed
+            geometric verification.
+        refinement: what the keypoint refinement did (None without it).
+        seconds: wall time of each stage run (``extract``, ``match``, ``database``,
+            ``verify``, ``refine``, ``map``).
     """
 
     num_images: int
     database: Path
+    num_pairs: int = 0
+    num_verified_pairs: int = 0
+    refinement: Optional[RefinementReport] = None
+    seconds: Dict[str, float] = field(default_factory=dict)
     num_registered: int = 0
     num_points3D: int = 0
     mean_track_length: float = 0.0
@@ -223,7 +448,14 @@ class SfMResult:
     def summary(self) -> str:
         """A few lines for people."""
         lines = [f"images:                {self.num_images} ({len(self.failed)} unreadable)",
+                 f"verified image pairs:  {self.num_verified_pairs} / {self.num_pairs}",
                  f"database:              {self.database}"]
+        if self.refinement is not None:
+            report = self.refinement
+            lines.append("refined keypoints:     " + (
+                "read from the cache" if report.cached else
+                f"{report.num_observations} in {report.num_tracks} tracks "
+                f"(median move {report.median_displacement:.2f} px)"))
         if self.model is not None:
             lines += [
                 f"registered images:     {self.num_registered} / {self.num_images - len(self.failed)}",
@@ -232,6 +464,9 @@ class SfMResult:
                 f"mean reprojection err: {self.mean_reprojection_error:.3f} px",
                 f"models:                {self.num_models} (largest in {self.model})",
             ]
+        if self.seconds:
+            lines.append("time:                  " + ", ".join(
+                f"{stage} {seconds:.1f} s" for stage, seconds in self.seconds.items()))
         return "\n".join(lines)
 
 
@@ -250,12 +485,14 @@ def reconstruct(
     show_progress: bool = False,
     verbose: bool = False,
     rotations: int = 1,
+    refine: bool = False,
+    refine_params: Optional[RefinementParams] = None,
 ) -> SfMResult:
     """Photos in, sparse COLMAP model out.
 
     Writes ``features.h5``, ``matches.h5`` (reused by a later run unless
     ``overwrite``), ``database.db`` and, unless ``database_only``, ``sparse/<k>``
-    in ``output_dir``.
+    in ``output_dir``; with ``refine``, ``refined_keypoints.npz`` too (reused likewise).
 
     Args:
         image_dir: the photos (searched recursively).
@@ -271,6 +508,9 @@ def reconstruct(
         verbose: COLMAP's own log on stderr.
         rotations: as :func:`cv2r2d2.matching.match_batch`, with ``feature``'s steerers
             (views that may be rotated in the image plane).
+        refine: featuremetric keypoint refinement of the verified tracks before
+            mapping (:func:`refine_database`, with ``feature``'s network).
+        refine_params: its settings (None: the defaults).
     """
     import_pycolmap()
     rotation_angles(rotations)  # a bad value fails before the extraction, not after it
@@ -284,23 +524,45 @@ def reconstruct(
         feature = R2D2Feature.create(device=device)
     images = list_images([image_dir])
     output_dir.mkdir(parents=True, exist_ok=True)
+    seconds: Dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        seconds[stage] = now - clock[0]
+        clock[0] = now
+
+    refinement = None
     with H5Features(output_dir / "features.h5", writable=True) as features:
         extraction = extract_collection(images, features, feature, overwrite, show_progress)
+        lap("extract")
         names = sorted(set(features.names()) & {name for name, _ in images})
         pair_list = parse_pairs(pairs, names)
         with H5Matches(output_dir / "matches.h5", writable=True) as matches:
             match_collection(features, pair_list, matches, max_distance, ratio, device,
                              overwrite, show_progress, rotations=rotations, steerers=feature)
+            lap("match")
             database = output_dir / "database.db"
             with atomic_path(database) as tmp:
                 write_database(tmp, image_dir, features, matches, pair_list, camera_model,
                                camera_mode)
+                lap("database")
                 verified = verify_matches(tmp, verbose=verbose)
+                lap("verify")
+                if refine:
+                    refinement = refine_database(
+                        tmp, image_dir, feature, refine_params, _sizes(features),
+                        cache=output_dir / "refined_keypoints.npz", overwrite=overwrite,
+                        show_progress=show_progress)
+                    lap("refine")
     logger.info("%d of %d image pairs passed geometric verification", verified, len(pair_list))
-    result = SfMResult(num_images=len(images), database=database, failed=extraction.failed)
+    result = SfMResult(num_images=len(images), database=database, failed=extraction.failed,
+                       num_pairs=len(pair_list), num_verified_pairs=verified,
+                       refinement=refinement, seconds=seconds)
     if database_only:
         return result
     models = incremental_mapping(database, image_dir, output_dir / "sparse", verbose)
+    lap("map")
     if not models:
         logger.warning("COLMAP could not reconstruct anything from %s", image_dir)
         return result

@@ -9,7 +9,8 @@ found in, with ``/`` separators):
   ``descriptors`` N x 128 and ``scores`` N. Each file is written to a temporary file
   first and moved into place, so a killed run leaves whole files or none.
 - hloc's ``features.h5``: one group per image name with ``keypoints`` N x 2 (x, y),
-  ``descriptors`` 128 x N, ``scores`` N and ``image_size`` (W, H).
+  ``descriptors`` 128 x N, ``scores`` N and ``image_size`` (W, H), plus ``sizes`` N
+  (keypoint diameters, pixels; hloc ignores it) when the features have them.
 
 Matches are stored in hloc's ``matches.h5`` layout: a group per pair (see
 :func:`pair_key`) with ``matches0`` (index in the second image of each keypoint of
@@ -66,7 +67,8 @@ class ImageFeatures:
         descriptors: (N, D) float32.
         scores: (N,) float32, best first.
         image_size: (width, height) in pixels.
-        sizes: (N,) float32 keypoint diameters in pixels, or None (h5 files lack them).
+        sizes: (N,) float32 keypoint diameters in pixels, or None (unknown: h5 files
+            of other tools lack them).
     """
 
     keypoints: np.ndarray
@@ -255,11 +257,15 @@ class H5Features(_H5File, FeatureStore):
             raise _missing(self, name)
         group = self._file[name]
         width, height = (int(v) for v in group["image_size"][()])
+        sizes = group.get("sizes")
+        keypoints = np.asarray(group["keypoints"][()], np.float32)
+        valid = isinstance(sizes, self._h5py.Dataset) and sizes.shape == (len(keypoints),)
         return ImageFeatures(
-            keypoints=np.asarray(group["keypoints"][()], np.float32),
+            keypoints=keypoints,
             descriptors=np.ascontiguousarray(np.asarray(group["descriptors"][()], np.float32).T),
             scores=np.asarray(group["scores"][()], np.float32),
             image_size=(width, height),
+            sizes=np.asarray(sizes[()], np.float32) if valid else None,
         )
 
     def write(self, name: str, features: ImageFeatures) -> None:
@@ -267,6 +273,8 @@ class H5Features(_H5File, FeatureStore):
         group.create_dataset("keypoints", data=features.keypoints.astype(np.float32))
         group.create_dataset("descriptors", data=features.descriptors.T.astype(np.float32))
         group.create_dataset("scores", data=features.scores.astype(np.float32))
+        if features.sizes is not None:
+            group.create_dataset("sizes", data=features.sizes.astype(np.float32))
         # Written last: its presence marks the entry complete.
         group.create_dataset("image_size", data=np.asarray(features.image_size, np.int64))
         self._file.flush()

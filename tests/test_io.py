@@ -89,6 +89,14 @@ def test_h5_format_round_trip_and_hloc_layout(tmp_path):
         assert group["descriptors"].shape == (128, 50)
         assert group["scores"].shape == (50,)
         assert list(group["image_size"][()]) == [320, 240]
+        np.testing.assert_array_equal(group["sizes"][()], features.sizes)
+    with open_features(tmp_path / "features.h5") as store:
+        np.testing.assert_array_equal(store.read("dir/a.jpg").sizes, features.sizes)
+    # hloc's own files have no sizes.
+    with h5py.File(tmp_path / "features.h5", "a") as f:
+        del f["dir/a.jpg/sizes"]
+    with open_features(tmp_path / "features.h5") as store:
+        assert store.read("dir/a.jpg").sizes is None
 
 
 def test_incomplete_h5_entry_is_not_done(tmp_path):
