@@ -30,10 +30,9 @@ import torch
 from torch import nn
 
 import cv2r2d2
-from cv2r2d2.evaluation import PairData, mean_matching_accuracy
+from cv2r2d2.evaluation import homography_matching_accuracy
 from cv2r2d2.extractor import ExtractionParams, extract, pyramid
 from cv2r2d2.image import normalize_image
-from cv2r2d2.matching import mutual_nearest_neighbours
 from homography_pairs import IMAGES, by_image, make_pairs
 
 HUGE = dict(max_size=9999, min_size=0, min_scale=0.3)
@@ -189,10 +188,9 @@ def mma(r2d2, pairs, threshold: float = 3.0) -> float:
         xy_a, desc_a = detect(r2d2, image_a)
         for pair in group:
             xy_b, desc_b = detect(r2d2, pair.image_b)
-            matches, _ = mutual_nearest_neighbours(desc_a, desc_b)
-            data = PairData(xy_a, xy_b, matches, pair.homography,
-                            image_a.shape[1::-1], pair.image_b.shape[1::-1])
-            accuracies.append(mean_matching_accuracy(data, [threshold])[0])
+            accuracies.append(homography_matching_accuracy(
+                xy_a, desc_a, xy_b, desc_b, pair.homography, image_a.shape[1::-1],
+                pair.image_b.shape[1::-1], [threshold])[0])
     return float(np.mean(accuracies))
 
 

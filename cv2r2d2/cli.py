@@ -20,6 +20,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
+from .config import BACKENDS
 from .extractor import ExtractionParams
 from .utils import logging_beside_progress
 from .weights import LICENCE_LOGGER
@@ -68,8 +69,10 @@ def _add_feature_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"{', '.join(MODELS)}, or a checkpoint / .onnx path "
                             f"(default: %(default)s)")
-    group.add_argument("--backend", default="torch",
-                       help="torch, onnxruntime or opencv (default: %(default)s)")
+    group.add_argument("--backend", default="torch", choices=BACKENDS,
+                       help="torch; onnxruntime or opencv run an exported .onnx model; "
+                            "reference runs the network as the original code (default: "
+                            "%(default)s)")
     _add_device_option(group)
     group.add_argument("--subpixel", action="store_true",
                        help="refine keypoint positions to sub-pixel accuracy")

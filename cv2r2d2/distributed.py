@@ -35,6 +35,7 @@ from typing import (
 )
 
 from .collection import ExtractionReport, MatchingReport, extract_collection, match_collection
+from .config import TORCH_BACKENDS
 from .stores import H5Features, H5Matches, R2D2Folder, feature_format, open_features, pair_key
 from .utils import atomic_path, import_optional, progress
 from .shards import ShardedH5, new_run_id
@@ -201,7 +202,7 @@ class _Extractor:
     def __init__(self, feature_options: Mapping[str, Any], threads: int) -> None:
         from .feature2d import R2D2Feature
 
-        if feature_options.get("backend", "torch") in ("torch", "reference"):
+        if feature_options.get("backend", "torch") in TORCH_BACKENDS:
             import torch
 
             # This process is the actor's own; its thread count is its share of the node.

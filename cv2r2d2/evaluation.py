@@ -50,6 +50,9 @@ __all__ = [
     "THRESHOLDS",
     "PairData",
     "mean_matching_accuracy",
+    "homography_matching_accuracy",
+    "parity_figures",
+    "project",
     "visible_keypoints",
     "repeatability",
     "matching_score",
@@ -134,6 +137,33 @@ def mean_matching_accuracy(pair: PairData, thresholds: Sequence[float]) -> np.nd
     if not len(pair.matches):
         return np.zeros(len(thresholds))
     return _within(_errors(pair, pair.matches), thresholds).mean(axis=1)
+
+
+def homography_matching_accuracy(
+    xy_a: np.ndarray, descriptors_a: np.ndarray, xy_b: np.ndarray, descriptors_b: np.ndarray,
+    homography: np.ndarray, size_a: Tuple[int, int], size_b: Tuple[int, int],
+    thresholds: Sequence[float], visible_only: bool = False,
+) -> np.ndarray:
+    """MMA of two images' features under a known homography: their mutual nearest
+    neighbours (L2), scored by :func:`mean_matching_accuracy`.
+
+    Args:
+        xy_a, xy_b: (N, 2) keypoint positions in pixels; descriptors_a, descriptors_b:
+            (N, D) float32.
+        homography: (3, 3) maps image a's pixels to image b's; size_a, size_b: (W, H).
+        visible_only: match only the keypoints the other image sees (as the HPatches
+            protocol of :func:`visible_keypoints` counts them).
+
+    Returns:
+        (len(thresholds),) the fraction of matches within each threshold (pixels).
+    """
+    a, b = np.arange(len(xy_a)), np.arange(len(xy_b))
+    if visible_only:
+        a, b, _ = visible_keypoints(PairData(xy_a, xy_b, np.zeros((0, 2), np.int64), homography,
+                                             size_a, size_b))
+    matches, _ = mutual_nearest_neighbours(descriptors_a[a], descriptors_b[b])
+    pair = PairData(xy_a[a], xy_b[b], matches, homography, size_a, size_b)
+    return mean_matching_accuracy(pair, thresholds)
 
 
 def _one_to_one(points_a: np.ndarray, points_b: np.ndarray,

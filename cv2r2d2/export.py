@@ -18,11 +18,10 @@ import cv2
 import numpy as np
 import onnx
 
-from .evaluation import PairData, mean_matching_accuracy, visible_keypoints
+from .evaluation import homography_matching_accuracy
 from .extractor import ExtractionParams, Features, NetworkRunner, describe, extract
 from .image import normalize_image
 from .image import IMAGE_SUFFIXES, is_image_file, read_image
-from .matching import mutual_nearest_neighbours
 from .nets import fold_batchnorm
 from .onnx_export import check_opset, export_fp32, graph_metadata, max_abs_error, write_graph, \
     write_metadata
@@ -302,11 +301,9 @@ def _warp_accuracies(runner: NetworkRunner, image: np.ndarray, first: Features,
         homography = cv2.getPerspectiveTransform(corners, moved)
         warped = cv2.warpPerspective(image, homography, size, flags=cv2.INTER_LINEAR)
         second = _extract(runner, warped, params)
-        a, b, _ = visible_keypoints(
-            PairData(first.xy, second.xy, np.zeros((0, 2), np.int64), homography, size, size))
-        matches, _ = mutual_nearest_neighbours(first.descriptors[a], second.descriptors[b])
-        pair = PairData(first.xy[a], second.xy[b], matches, homography, size, size)
-        accuracies.append(float(mean_matching_accuracy(pair, [threshold])[0]))
+        accuracies.append(float(homography_matching_accuracy(
+            first.xy, first.descriptors, second.xy, second.descriptors, homography, size, size,
+            [threshold], visible_only=True)[0]))
     return accuracies
 
 
