@@ -16,12 +16,10 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-from .config import BACKENDS
-from .extractor import ExtractionParams
+from .config import BACKENDS, R2D2Config
 from .utils import logging_beside_progress
 from .weights import LICENCE_LOGGER
 
@@ -61,15 +59,15 @@ def _add_device_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_feature_options(parser: argparse.ArgumentParser) -> None:
-    """R2D2 options; the defaults are ExtractionParams', the paper's."""
-    from .extractor import DEFAULT_TILE_SIZE
-    from .weights import DEFAULT_MODEL, MODELS
+    """R2D2 options: R2D2Config's fields (create()'s arguments), with its defaults, the paper's."""
+    from .weights import MODELS
 
+    defaults = R2D2Config()
     group = parser.add_argument_group("R2D2 (defaults: the paper's)")
-    group.add_argument("--model", default=DEFAULT_MODEL,
+    group.add_argument("--model", default=defaults.model,
                        help=f"{', '.join(MODELS)}, or a checkpoint / .onnx path "
                             f"(default: %(default)s)")
-    group.add_argument("--backend", default="torch", choices=BACKENDS,
+    group.add_argument("--backend", default=defaults.backend, choices=BACKENDS,
                        help="torch; onnxruntime or opencv run an exported .onnx model; "
                             "reference runs the network as the original code (default: "
                             "%(default)s)")
@@ -77,13 +75,13 @@ def _add_feature_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--subpixel", action="store_true",
                        help="refine keypoint positions to sub-pixel accuracy")
     group.add_argument("--half", action="store_true", help="float16 network (CUDA only)")
-    group.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE,
+    group.add_argument("--tile-size", type=int, default=defaults.tile_size,
                        help="run pyramid levels larger than this squared on tiles, "
                             "bounding memory (0: never; default: %(default)s)")
-    for f in fields(ExtractionParams):
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
-                           default=f.default,
-                           help=f"{_PARAM_HELP.get(f.name, f.name)} (default: %(default)s)")
+    for name, default in defaults.params.as_dict().items():
+        group.add_argument("--" + name.replace("_", "-"), dest=name, type=type(default),
+                           default=default,
+                           help=f"{_PARAM_HELP.get(name, name)} (default: %(default)s)")
 
 
 def _add_matching_options(parser: argparse.ArgumentParser, pairs_required: bool) -> None:
@@ -131,10 +129,11 @@ def _add_ray_options(parser: argparse.ArgumentParser, actors: bool) -> None:
 
 
 def _feature_options(args: argparse.Namespace) -> dict:
-    """Keyword arguments of R2D2Feature.create from the R2D2 options."""
-    params = {f.name: getattr(args, f.name) for f in fields(ExtractionParams)}
-    return dict(model=args.model, device=args.device, backend=args.backend,
-                subpixel=args.subpixel, half=args.half, tile_size=args.tile_size, **params)
+    """Keyword arguments of R2D2Feature.create from the R2D2 options (those not on the
+    command line keep R2D2Config's defaults)."""
+    return R2D2Config.from_arguments(**{
+        name: getattr(args, name) for name in R2D2Config.argument_names() if hasattr(args, name)
+    }).arguments()
 
 
 def _create_feature(args: argparse.Namespace) -> Any:

@@ -1,18 +1,27 @@
-"""What an ``R2D2Feature`` is configured with: the backends and the checks of the options.
+"""What an ``R2D2Feature`` is configured with: :class:`R2D2Config`, one object for every
+argument of ``R2D2Feature.create``.
 
-The extraction parameters (the paper's settings) are :class:`~cv2r2d2.extractor.ExtractionParams`;
-the options here say how the network runs (backend, threads, tiles, precision). Each is
-validated here and nowhere else, with an error that names the option, the value and
-what is expected.
+It holds the extraction parameters (the paper's settings,
+:class:`~cv2r2d2.extractor.ExtractionParams`), the model, and how the network runs
+(device, backend, tiles, precision, threads). ``create()``, ``write``/``read`` (OpenCV's
+FileStorage), ``repr``, the command line's R2D2 options and the Ray workers all derive
+from it. Each option is validated here and nowhere else, with an error that names the
+option, the value and what is expected.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional, Tuple
 
+import cv2
 import numpy as np
 
+from .extractor import DEFAULT_TILE_SIZE, ExtractionParams
+from .weights import DEFAULT_MODEL
+
 __all__ = [
+    "R2D2Config",
     "BACKENDS",
     "TORCH_BACKENDS",
     "ONNX_BACKENDS",
@@ -78,3 +87,134 @@ def thread_count(num_threads: Optional[int]) -> int:
         except ValueError:
             raise ValueError(f"{NUM_THREADS_ENV} must be an integer >= 0, got {text!r}") from None
     return check_num_threads(num_threads, source)
+
+
+# write() stores num_threads=None as -1 (FileStorage has no null).
+_NO_THREADS = -1
+_FLAGS = ("half", "subpixel")
+
+
+@dataclass(frozen=True)
+class R2D2Config:
+    """Every argument of ``R2D2Feature.create``, validated; the defaults are the paper's.
+
+    Attributes:
+        model: an official model name or a checkpoint / ``.onnx`` path.
+        params: the extraction parameters (``nfeatures``, ``scale_f``... see
+            :class:`~cv2r2d2.extractor.ExtractionParams`).
+        device: torch device; None: CUDA when available, else the CPU. Machine-specific:
+            not stored by :meth:`write`.
+        backend: one of :data:`BACKENDS`.
+        tile_size: pyramid levels over ``tile_size ** 2`` pixels run on tiles (0: never).
+        half: float16 network (torch backend on CUDA).
+        subpixel: sub-pixel keypoint positions (not the original's output).
+        num_threads: CPU threads of the network (None: not set; 0: the runtime's default).
+    """
+
+    model: str = DEFAULT_MODEL
+    params: ExtractionParams = field(default_factory=ExtractionParams)
+    device: Optional[str] = None
+    backend: str = "torch"
+    tile_size: int = DEFAULT_TILE_SIZE
+    half: bool = False
+    subpixel: bool = False
+    num_threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, (str, os.PathLike)):
+            raise TypeError(
+                f"model must be a model name or a checkpoint path, got {self.model!r} "
+                "(for the number of keypoints use nfeatures=...)"
+            )
+        if not isinstance(self.params, ExtractionParams):
+            raise TypeError(f"params must be an ExtractionParams, got {type(self.params).__name__}")
+        if self.device is not None and not isinstance(self.device, str):
+            raise TypeError(f"device must be None or a string such as 'cpu' or 'cuda:0', "
+                            f"got {self.device!r}")
+        object.__setattr__(self, "model", os.fspath(self.model))
+        check_backend(self.backend)
+        object.__setattr__(self, "tile_size", check_tile_size(self.tile_size))
+        for name in _FLAGS:
+            object.__setattr__(self, name, check_flag(getattr(self, name), name))
+        if self.num_threads is not None:
+            object.__setattr__(self, "num_threads", check_num_threads(self.num_threads))
+        if self.half and self.backend != "torch":
+            raise ValueError(f"half=True needs the torch backend on CUDA, got backend={self.backend!r}")
+
+    # --- the flat form: create()'s keyword arguments --------------------------------
+
+    @staticmethod
+    def argument_names() -> Tuple[str, ...]:
+        """The names of ``create()``'s arguments, in its order."""
+        own = [f.name for f in fields(R2D2Config) if f.name != "params"]
+        return (own[0], *(f.name for f in fields(ExtractionParams)), *own[1:])
+
+    @classmethod
+    def from_arguments(cls, **arguments: Any) -> "R2D2Config":
+        """A configuration from ``create()``'s keyword arguments (absent ones: defaults)."""
+        names = {f.name for f in fields(ExtractionParams)}
+        unknown = set(arguments) - set(cls.argument_names())
+        if unknown:
+            raise TypeError(f"unknown R2D2 option(s): {', '.join(sorted(unknown))} "
+                            f"(known: {', '.join(cls.argument_names())})")
+        params = ExtractionParams(**{k: v for k, v in arguments.items() if k in names})
+        return cls(params=params, **{k: v for k, v in arguments.items() if k not in names})
+
+    def arguments(self) -> Dict[str, Any]:
+        """``create()``'s keyword arguments that give this configuration, in its order."""
+        flat = dict(self.params.as_dict(), **{f.name: getattr(self, f.name)
+                                             for f in fields(self) if f.name != "params"})
+        return {name: flat[name] for name in self.argument_names()}
+
+    def replace(self, **arguments: Any) -> "R2D2Config":
+        """A copy with some of ``create()``'s arguments changed (validated)."""
+        return self.from_arguments(**dict(self.arguments(), **arguments))
+
+    # --- cv2.FileStorage ------------------------------------------------------------
+
+    def write(self, fs: cv2.FileStorage) -> None:
+        """Write every argument but ``device`` (it names this machine's hardware: a file
+        written on a GPU machine must load on a laptop) into an open FileStorage node."""
+        for name, value in self.arguments().items():
+            if name == "device":
+                continue
+            if isinstance(value, str):
+                fs.write(name, value)
+            elif value is None:
+                fs.write(name, _NO_THREADS)
+            elif isinstance(value, (bool, int)) or name in _integer_fields():
+                fs.write(name, int(value))
+            else:
+                fs.write(name, float(value))
+
+    def read(self, node: cv2.FileNode) -> "R2D2Config":
+        """This configuration with the values stored in ``node`` by :meth:`write` (absent
+        keys keep theirs; the device always does). A stored value that is refused raises
+        ``ValueError``/``TypeError`` naming it."""
+        changes: Dict[str, Any] = {}
+        for name, current in self.arguments().items():
+            item = node.getNode(name)
+            if name == "device" or item.empty():
+                continue
+            if name in ("model", "backend"):
+                changes[name] = item.string()
+                continue
+            number = item.real()
+            if name in _FLAGS:
+                if number not in (0, 1):
+                    raise ValueError(f"the stored {name} must be 0 or 1, got {number!r}")
+                changes[name] = bool(number)
+            elif name in _integer_fields() or name in ("tile_size", "num_threads"):
+                if number != int(number):
+                    raise ValueError(f"the stored {name} must be an integer, got {number!r}")
+                changes[name] = int(number)
+            else:
+                changes[name] = number
+        if changes.get("num_threads") == _NO_THREADS:
+            changes["num_threads"] = None
+        return self.replace(**changes)
+
+
+def _integer_fields() -> Tuple[str, ...]:
+    """The ExtractionParams fields that are integers (stored and read as such)."""
+    return tuple(f.name for f in fields(ExtractionParams) if f.type in ("int", int))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from dataclasses import fields, replace
+from dataclasses import replace
 from typing import Any, ContextManager, List, Optional, Sequence, Tuple, Union
 
 import cv2
@@ -16,9 +16,8 @@ import numpy as np
 
 from .backends import make_runner as _make_runner  # a module name: tests replace it
 from .backends import torch_threads
-from .config import TORCH_BACKENDS, check_flag, check_num_threads, check_tile_size
+from .config import TORCH_BACKENDS, R2D2Config
 from .extractor import (
-    DEFAULT_TILE_SIZE,
     ExtractionParams,
     Features,
     NetworkRunner,
@@ -34,21 +33,24 @@ from .image import check_mask, normalize_image
 from .steerers import (
     DEFAULT_ROTATIONS, FitSettings, Steerers, check_angle, load_steerers, rotation_angles,
 )
-from .weights import DEFAULT_MODEL, find_onnx_model, resolve_weights
+from .weights import find_onnx_model, resolve_weights
 
 __all__ = ["R2D2Feature", "R2D2_create"]
 
 logger = logging.getLogger(__name__)
 
-_DEFAULTS = ExtractionParams()
+_CONFIG = R2D2Config()
+_DEFAULTS = _CONFIG.params
 KeyPoints = Tuple[cv2.KeyPoint, ...]
 
 
-# write() stores every create() argument (R2D2Feature._settings and the
-# ExtractionParams) but the device, which names this machine's hardware: a file written on
-# a GPU machine must load on a laptop (device=None picks CUDA wherever there is one).
-# num_threads=None is stored as -1.
-_NO_THREADS = -1
+# The options whose change needs another network runner.
+_NETWORK = ("model", "device", "backend", "half", "num_threads")
+
+
+def _runner_of(config: R2D2Config) -> NetworkRunner:
+    return _make_runner(config.model, config.device, config.backend, config.half,
+                        config.num_threads)
 
 
 def _to_keypoints(features: Features) -> KeyPoints:
@@ -104,38 +106,23 @@ class R2D2Feature:
     are float32 N x 128, L2-normalised, to be matched with ``cv2.NORM_L2``.
     """
 
-    def __init__(
-        self,
-        model: Union[str, os.PathLike] = DEFAULT_MODEL,
-        params: Optional[ExtractionParams] = None,
-        device: Optional[str] = None,
-        backend: str = "torch",
-        tile_size: int = DEFAULT_TILE_SIZE,
-        half: bool = False,
-        subpixel: bool = False,
-        num_threads: Optional[int] = None,
-    ) -> None:
-        if not isinstance(model, (str, os.PathLike)):
-            raise TypeError(
-                f"model must be a model name or a checkpoint path, got {model!r} "
-                "(for the number of keypoints use nfeatures=...)"
-            )
-        self._model = os.fspath(model)
-        self._device = device
-        self._backend = backend
-        self._half = check_flag(half, "half")
-        self._num_threads = None if num_threads is None else check_num_threads(num_threads)
+    def __init__(self, config: Optional[R2D2Config] = None) -> None:
+        """An extractor of ``config`` (None: the paper's); :meth:`create` builds one from
+        keyword arguments."""
+        if config is None:
+            config = R2D2Config()
+        if not isinstance(config, R2D2Config):
+            raise TypeError(f"config must be an R2D2Config (or use R2D2Feature.create(...)), "
+                            f"got {type(config).__name__}")
+        self._config = config
         self._told_own_size = False
-        self._subpixel = check_flag(subpixel, "subpixel")
-        self._params = params if params is not None else ExtractionParams()
-        self._tile_size = check_tile_size(tile_size)
-        self._runner = _make_runner(self._model, device, backend, self._half, self._num_threads)
+        self._runner = _runner_of(config)
         self._steerers: Optional[Steerers] = None
 
     @classmethod
     def create(
         cls,
-        model: Union[str, os.PathLike] = DEFAULT_MODEL,
+        model: Union[str, os.PathLike] = _CONFIG.model,
         nfeatures: int = _DEFAULTS.nfeatures,
         scale_f: float = _DEFAULTS.scale_f,
         min_size: int = _DEFAULTS.min_size,
@@ -145,12 +132,12 @@ class R2D2Feature:
         reliability_thr: float = _DEFAULTS.reliability_thr,
         repeatability_thr: float = _DEFAULTS.repeatability_thr,
         unique_radius: float = _DEFAULTS.unique_radius,
-        device: Optional[str] = None,
-        backend: str = "torch",
-        tile_size: int = DEFAULT_TILE_SIZE,
-        half: bool = False,
-        subpixel: bool = False,
-        num_threads: Optional[int] = None,
+        device: Optional[str] = _CONFIG.device,
+        backend: str = _CONFIG.backend,
+        tile_size: int = _CONFIG.tile_size,
+        half: bool = _CONFIG.half,
+        subpixel: bool = _CONFIG.subpixel,
+        num_threads: Optional[int] = _CONFIG.num_threads,
     ) -> "R2D2Feature":
         """Create an R2D2 feature extractor (defaults: the paper's settings).
 
@@ -185,14 +172,13 @@ class R2D2Feature:
                 as it is. Calls from several Python threads with different counts
                 then race for that one setting.
         """
-        params = ExtractionParams(
-            scale_f=scale_f, min_size=min_size, max_size=max_size, min_scale=min_scale,
-            max_scale=max_scale, reliability_thr=reliability_thr,
-            repeatability_thr=repeatability_thr, nfeatures=nfeatures,
-            unique_radius=unique_radius,
-        )
-        return cls(model=model, params=params, device=device, backend=backend,
-                   tile_size=tile_size, half=half, subpixel=subpixel, num_threads=num_threads)
+        return cls(R2D2Config.from_arguments(
+            model=model, nfeatures=nfeatures, scale_f=scale_f, min_size=min_size,
+            max_size=max_size, min_scale=min_scale, max_scale=max_scale,
+            reliability_thr=reliability_thr, repeatability_thr=repeatability_thr,
+            unique_radius=unique_radius, device=device, backend=backend, tile_size=tile_size,
+            half=half, subpixel=subpixel, num_threads=num_threads,
+        ))
 
     # --- detection and description -------------------------------------------------
 
@@ -200,8 +186,8 @@ class R2D2Feature:
         normalised = normalize_image(image, name)
         if pyramid_input and not self._told_own_size:
             height, width = normalised.shape[1:]
-            if not reference_pyramid(height, width, self._params) and \
-                    pyramid(height, width, self._params):
+            if not reference_pyramid(height, width, self._config.params) and \
+                    pyramid(height, width, self._config.params):
                 # Once per extractor: a collection of small images would repeat it per image.
                 self._told_own_size = True
                 logger.info(
@@ -209,19 +195,19 @@ class R2D2Feature:
                     "of %d to %d px), where the original R2D2 finds nothing: it is processed "
                     "at its own size, scale 1, as such images will be from now on (lower "
                     "min_size to choose the levels yourself)", width, height,
-                    self._params.min_size, self._params.max_size)
+                    self._config.params.min_size, self._config.params.max_size)
         return normalised
 
     def _threads(self) -> ContextManager[None]:
         """torch's process-wide thread count set to ``num_threads`` while the runner works."""
-        return torch_threads(self._num_threads, self._backend)
+        return torch_threads(self._config.num_threads, self._config.backend)
 
     def _detect_one(self, image: Any, mask: Any, name: str = "image") -> Features:
         normalised = self._prepare(image, name)
         mask = check_mask(mask, normalised.shape[1:], "mask")
         with self._threads():
-            return extract(self._runner, normalised, self._params, mask=mask,
-                           tile_size=self._tile_size, subpixel=self._subpixel)
+            return extract(self._runner, normalised, self._config.params, mask=mask,
+                           tile_size=self._config.tile_size, subpixel=self._config.subpixel)
 
     def detect(self, image: Any, mask: Any = None) -> Union[KeyPoints, Tuple[KeyPoints, ...]]:
         """Detect keypoints.
@@ -261,8 +247,8 @@ class R2D2Feature:
         xy = np.array([kp.pt for kp in keypoints], np.float32).reshape(-1, 2)
         sizes = np.array([kp.size for kp in keypoints], np.float32)
         with self._threads():
-            descriptors, kept = describe(self._runner, normalised, xy, sizes, self._params,
-                                         tile_size=self._tile_size)
+            descriptors, kept = describe(self._runner, normalised, xy, sizes, self._config.params,
+                                         tile_size=self._config.tile_size)
         if not len(kept):
             return (), None
         return tuple(keypoints[i] for i in kept.tolist()), descriptors
@@ -373,8 +359,8 @@ class R2D2Feature:
         sizes = np.array([kp.size for kp in chosen], np.float32)
         with self._threads():
             return refine_matches(self._runner, normalised, xy, sizes, descriptors1[pairs[:, 0]],
-                                  self._params, radius=float(radius),
-                                  temperature=float(temperature), tile_size=self._tile_size)
+                                  self._config.params, radius=float(radius),
+                                  temperature=float(temperature), tile_size=self._config.tile_size)
 
     def computeDescriptorWindows(
         self,
@@ -426,7 +412,7 @@ class R2D2Feature:
             raise TypeError(f"dtype must be np.float32 or np.float16, got {dtype!r}")
         with self._threads():
             return descriptor_windows(self._runner, normalised, points, sizes, offsets,
-                                      self._params, self._tile_size, np.dtype(dtype))
+                                      self._config.params, self._config.tile_size, np.dtype(dtype))
 
     def computeDenseMaps(self, image: Any, scale: float = 1.0) -> dict:
         """Dense network outputs on the image resized by ``scale`` (0 < scale <= 1).
@@ -484,9 +470,9 @@ class R2D2Feature:
 
     def _model_file(self) -> Path:
         """The file the network's weights come from (the steerers' cache key)."""
-        if self._backend in TORCH_BACKENDS:
-            return resolve_weights(self._model)
-        return find_onnx_model(self._model)
+        if self._config.backend in TORCH_BACKENDS:
+            return resolve_weights(self._config.model)
+        return find_onnx_model(self._config.model)
 
     # --- cv2.Feature2D / cv2.Algorithm information ---------------------------------
 
@@ -511,108 +497,112 @@ class R2D2Feature:
         return self._runner
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self._params.as_dict().items())
-        return (f"R2D2Feature(model={self._model!r}, {params}, device={self._device!r}, "
-                f"backend={self._backend!r}, tile_size={self._tile_size!r}, half={self._half!r}, "
-                f"subpixel={self._subpixel!r}, num_threads={self._num_threads!r})")
+        arguments = ", ".join(f"{k}={v!r}" for k, v in self._config.arguments().items())
+        return f"R2D2Feature({arguments})"
 
     # --- parameters ----------------------------------------------------------------
 
     def _set(self, **changes: Any) -> None:
-        self._params = replace(self._params, **changes)
+        """Change create() arguments that need no new network (validated first)."""
+        self._config = self._config.replace(**changes)
+
+    def getConfig(self) -> R2D2Config:
+        """The configuration: every argument of :meth:`create` (``getConfig().arguments()``
+        creates the same extractor)."""
+        return self._config
 
     def getParams(self) -> ExtractionParams:
         """A copy of the extraction parameters."""
-        return replace(self._params)
+        return replace(self._config.params)
 
     def getModel(self) -> str:
-        return self._model
+        return self._config.model
 
     def setModel(self, model: Union[str, os.PathLike]) -> None:
         """Load another model (name or checkpoint path)."""
-        model = os.fspath(model) if isinstance(model, os.PathLike) else model
-        self._runner = _make_runner(model, self._device, self._backend, self._half, self._num_threads)
-        self._model = model
+        config = self._config.replace(model=model)
+        self._runner = _runner_of(config)
+        self._config = config
         self._steerers = None
 
     def getDevice(self) -> Optional[str]:
-        return self._device
+        return self._config.device
 
     def getBackend(self) -> str:
-        return self._backend
+        return self._config.backend
 
     def getNumThreads(self) -> Optional[int]:
         """The ``num_threads`` given at creation (None: not set)."""
-        return self._num_threads
+        return self._config.num_threads
 
     def getHalf(self) -> bool:
         """Whether the network runs in float16 (``half=True``)."""
-        return self._half
+        return self._config.half
 
     def getSubpixel(self) -> bool:
-        return self._subpixel
+        return self._config.subpixel
 
     def setSubpixel(self, subpixel: bool) -> None:
         """Refine keypoint positions by a quadratic fit to the repeatability peak."""
-        self._subpixel = check_flag(subpixel, "subpixel")
+        self._set(subpixel=subpixel)
 
     def getTileSize(self) -> int:
-        return self._tile_size
+        return self._config.tile_size
 
     def setTileSize(self, tile_size: int) -> None:
         """Tile side in pixels for large pyramid levels (0: never tile)."""
-        self._tile_size = check_tile_size(tile_size)
+        self._set(tile_size=tile_size)
 
     def getNFeatures(self) -> int:
-        return int(self._params.nfeatures)
+        return int(self._config.params.nfeatures)
 
     def setNFeatures(self, nfeatures: int) -> None:
         self._set(nfeatures=nfeatures)
 
     def getScaleFactor(self) -> float:
-        return float(self._params.scale_f)
+        return float(self._config.params.scale_f)
 
     def setScaleFactor(self, scale_f: float) -> None:
         self._set(scale_f=scale_f)
 
     def getMinSize(self) -> int:
-        return int(self._params.min_size)
+        return int(self._config.params.min_size)
 
     def setMinSize(self, min_size: int) -> None:
         self._set(min_size=min_size)
 
     def getMaxSize(self) -> int:
-        return int(self._params.max_size)
+        return int(self._config.params.max_size)
 
     def setMaxSize(self, max_size: int) -> None:
         self._set(max_size=max_size)
 
     def getMinScale(self) -> float:
-        return float(self._params.min_scale)
+        return float(self._config.params.min_scale)
 
     def setMinScale(self, min_scale: float) -> None:
         self._set(min_scale=min_scale)
 
     def getMaxScale(self) -> float:
-        return float(self._params.max_scale)
+        return float(self._config.params.max_scale)
 
     def setMaxScale(self, max_scale: float) -> None:
         self._set(max_scale=max_scale)
 
     def getReliabilityThreshold(self) -> float:
-        return float(self._params.reliability_thr)
+        return float(self._config.params.reliability_thr)
 
     def setReliabilityThreshold(self, reliability_thr: float) -> None:
         self._set(reliability_thr=reliability_thr)
 
     def getRepeatabilityThreshold(self) -> float:
-        return float(self._params.repeatability_thr)
+        return float(self._config.params.repeatability_thr)
 
     def setRepeatabilityThreshold(self, repeatability_thr: float) -> None:
         self._set(repeatability_thr=repeatability_thr)
 
     def getUniqueRadius(self) -> float:
-        return float(self._params.unique_radius)
+        return float(self._config.params.unique_radius)
 
     def setUniqueRadius(self, unique_radius: float) -> None:
         """Suppress cross-level duplicates within this many pixels (0: off)."""
@@ -651,18 +641,7 @@ class R2D2Feature:
 
     def _write_fields(self, fs: cv2.FileStorage) -> None:
         fs.write("name", self.getDefaultName())
-        for f in fields(ExtractionParams):
-            value = getattr(self._params, f.name)
-            fs.write(f.name, int(value) if f.type in ("int", int) else float(value))
-        for key, value in self._settings().items():
-            fs.write(key, value if isinstance(value, str) else
-                     _NO_THREADS if value is None else int(value))
-
-    def _settings(self) -> dict:
-        """What write() stores besides the ExtractionParams: the other create() arguments
-        but the device."""
-        return dict(model=self._model, backend=self._backend, tile_size=self._tile_size,
-                    half=self._half, subpixel=self._subpixel, num_threads=self._num_threads)
+        self._config.write(fs)
 
     def read(self, fn: Union[str, os.PathLike, cv2.FileStorage, cv2.FileNode]) -> None:
         """Load settings stored by :meth:`write` (a file name, FileStorage or FileNode).
@@ -697,47 +676,12 @@ class R2D2Feature:
             raise ValueError(
                 f"the file holds {stored_name.string()!r} parameters, not {self.getDefaultName()!r}"
             )
-        changes = {}
-        for f in fields(ExtractionParams):
-            item = node.getNode(f.name)
-            if not item.empty():
-                value = item.real()
-                if f.type in ("int", int):
-                    if value != int(value):
-                        raise ValueError(f"the stored {f.name} must be an integer, got {value!r}")
-                    value = int(value)
-                changes[f.name] = value
-        params = replace(self._params, **changes)
-        current = self._settings()
-        stored = dict(current)
-        for key in current:
-            item = node.getNode(key)
-            if item.empty():
-                continue
-            if key in ("model", "backend"):
-                stored[key] = item.string()
-                continue
-            number = item.real()
-            if number != int(number) or (key in ("half", "subpixel") and number not in (0, 1)):
-                raise ValueError(f"the stored {key} must be "
-                                 f"{'0 or 1' if key in ('half', 'subpixel') else 'an integer'}, "
-                                 f"got {number!r}")
-            stored[key] = bool(number) if key in ("half", "subpixel") else int(number)
-        if stored["num_threads"] == _NO_THREADS:
-            stored["num_threads"] = None
-        elif stored["num_threads"] is not None:
-            stored["num_threads"] = check_num_threads(stored["num_threads"])
-        stored["tile_size"] = check_tile_size(stored["tile_size"])
+        config = self._config.read(node)
         runner = self._runner
-        network = ("model", "backend", "half", "num_threads")
-        if any(stored[key] != current[key] for key in network):
-            runner = _make_runner(stored["model"], self._device, stored["backend"],
-                                  stored["half"], stored["num_threads"])
-        self._runner = runner
-        self._params = params
-        self._model, self._backend = stored["model"], stored["backend"]
-        self._tile_size, self._half = stored["tile_size"], stored["half"]
-        self._subpixel, self._num_threads = stored["subpixel"], stored["num_threads"]
+        if any(getattr(config, key) != getattr(self._config, key) for key in _NETWORK):
+            runner = _runner_of(config)
+            self._steerers = None
+        self._runner, self._config = runner, config
 
 
 def R2D2_create(nfeatures: int = _DEFAULTS.nfeatures, **kwargs: Any) -> R2D2Feature:

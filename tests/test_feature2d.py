@@ -291,7 +291,7 @@ def test_write_read_round_trip(r2d2, tmp_path, suffix):
 
 # A value other than the default for every argument of R2D2Feature.create.
 CHANGED = dict(model="r2d2_WAF_N16", nfeatures=123, scale_f=2**0.5, min_size=200, max_size=800,
-               min_scale=0.1, max_scale=0.9, reliability_thr=0.6, repeatability_thr=0.65,
+               min_scale=0.1, max_scale=0.9, reliability_thr=0.6, repeatability_thr=0.65, unique_radius=2.5,
                device="cpu", backend="reference", tile_size=0, half=True, subpixel=True,
                num_threads=1)
 
