@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -20,14 +19,10 @@ import onnx
 
 from .evaluation import homography_matching_accuracy
 from .extractor import ExtractionParams, Features, NetworkRunner, describe, extract
-from .image import normalize_image
-from .image import IMAGE_SUFFIXES, is_image_file, read_image
-from .nets import fold_batchnorm
-from .onnx_export import check_opset, export_fp32, graph_metadata, max_abs_error, write_graph, \
-    write_metadata
+from .image import IMAGE_SUFFIXES, is_image_file, normalize_image, read_image
+from .onnx_export import check_opset, export_fp32, exporting, max_abs_error, write_metadata
 from .onnx_runner import INPUT_NAME, OUTPUT_NAMES, OnnxRuntimeRunner
-from .utils import atomic_path, progress
-from .weights import load_model
+from .utils import progress
 
 __all__ = ["export_onnx", "read_images", "held_out", "keypoint_agreement", "homography_mma",
            "HOMOGRAPHIES"]
@@ -90,28 +85,16 @@ def export_onnx(
     if not int8:
         return export_fp32(model, output, opset)
     calibrate, evaluate = held_out(read_images(calibration))
-    text = os.fspath(model)
-    net = load_model(text, device="cpu")
-    metadata = graph_metadata(net, text, "int8")
-    folded = fold_batchnorm(net)
-    report = {"output": str(output), "model": metadata["cv2r2d2.model"], "precision": "int8",
-              "opset": opset}
-    with tempfile.TemporaryDirectory(prefix="cv2r2d2-export-") as folder, \
-            atomic_path(output) as final:
-        fp32_path = Path(folder) / "fp32.onnx"
-        write_graph(folded, fp32_path, opset)
-        write_metadata(fp32_path, fp32_path, dict(metadata, **{"cv2r2d2.precision": "fp32"}))
-        quantised = Path(folder) / "int8.onnx"
+    with exporting(model, output, opset, "int8") as job:
+        quantised = job.fp32.with_name("int8.onnx")
         logger.info("calibrating the int8 ranges on %d image(s)", len(calibrate))
-        _quantize(fp32_path, quantised, calibrate, show_progress)
-        write_metadata(quantised, final, metadata)
-        report["fp32_max_abs_error"] = max_abs_error(folded, fp32_path)
-        report.update(_int8_report(OnnxRuntimeRunner(fp32_path), OnnxRuntimeRunner(final),
-                                   evaluate, show_progress))
-        report["calibration_images"] = len(calibrate)
-        report["bytes"] = final.stat().st_size
-    logger.debug("exported %s to %s: %s", text, output, report)
-    return report
+        _quantize(job.fp32, quantised, calibrate, show_progress)
+        write_metadata(quantised, job.final, job.metadata)
+        job.report["fp32_max_abs_error"] = max_abs_error(job.folded, job.fp32)
+        job.report.update(_int8_report(OnnxRuntimeRunner(job.fp32), OnnxRuntimeRunner(job.final),
+                                       evaluate, show_progress))
+        job.report["calibration_images"] = len(calibrate)
+    return job.report
 
 
 def read_images(folder: Union[str, os.PathLike], max_side: int = CALIBRATION_SIDE) -> List[np.ndarray]:

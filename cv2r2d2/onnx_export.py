@@ -12,13 +12,16 @@ report are built on this in :mod:`cv2r2d2.export`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Any, Dict, Iterator, Tuple, Union
 
 import numpy as np
 import onnx
@@ -31,7 +34,7 @@ from .torch_runner import receptive_halo
 from .utils import atomic_path
 from .weights import MODELS, load_model
 
-__all__ = ["export_fp32", "check_opset", "graph_metadata", "write_graph", "write_metadata",
+__all__ = ["export_fp32", "exporting", "Export", "check_opset", "graph_metadata", "write_graph", "write_metadata",
            "max_abs_error"]
 
 logger = logging.getLogger(__name__)
@@ -119,6 +122,42 @@ def max_abs_error(folded: FoldedNet, path: Path) -> float:
     return float(max(np.abs(a - e).max() for a, e in zip(actual, expected)))
 
 
+@dataclass
+class Export:
+    """An export in progress (see :func:`exporting`): the folded network, the metadata of
+    the final file, the fp32 graph written (with fp32 metadata) in a temporary folder,
+    the temporary file that becomes the output, and the report so far."""
+
+    folded: FoldedNet
+    metadata: Dict[str, str]
+    fp32: Path
+    final: Path
+    report: Dict[str, Any]
+
+
+@contextlib.contextmanager
+def exporting(model: str, output: Union[str, os.PathLike], opset: int,
+              precision: str) -> Iterator[Export]:
+    """Load ``model``, write its fp32 graph, and yield the :class:`Export`; what the
+    block writes to ``final`` replaces ``output`` at its end (nothing on an error)."""
+    check_opset(opset)
+    text = os.fspath(model)
+    net = load_model(text, device="cpu")
+    metadata = graph_metadata(net, text, precision)
+    folded = fold_batchnorm(net)
+    report = {"output": str(output), "model": metadata["cv2r2d2.model"], "precision": precision,
+              "opset": opset}
+    with tempfile.TemporaryDirectory(prefix="cv2r2d2-export-") as folder, \
+            atomic_path(output) as final:
+        fp32 = Path(folder) / "fp32.onnx"
+        write_graph(folded, fp32, opset)
+        write_metadata(fp32, fp32, dict(metadata, **{"cv2r2d2.precision": "fp32"}))
+        job = Export(folded, metadata, fp32, final, report)
+        yield job
+        report["bytes"] = final.stat().st_size
+    logger.debug("exported %s to %s: %s", text, output, report)
+
+
 def export_fp32(model: str, output: Union[str, os.PathLike], opset: int = 17) -> dict:
     """Export a model's fp32 graph to ``output``, written whole or not at all.
 
@@ -131,19 +170,7 @@ def export_fp32(model: str, output: Union[str, os.PathLike], opset: int = 17) ->
         ``output``, ``model``, ``precision`` ("fp32"), ``opset``, ``max_abs_error`` (the
         graph's outputs vs torch's on a test input) and ``bytes``.
     """
-    check_opset(opset)
-    text = os.fspath(model)
-    net = load_model(text, device="cpu")
-    metadata = graph_metadata(net, text, "fp32")
-    folded = fold_batchnorm(net)
-    report = {"output": str(output), "model": metadata["cv2r2d2.model"], "precision": "fp32",
-              "opset": opset}
-    with tempfile.TemporaryDirectory(prefix="cv2r2d2-export-") as folder, \
-            atomic_path(output) as final:
-        raw = Path(folder) / "fp32.onnx"
-        write_graph(folded, raw, opset)
-        write_metadata(raw, final, metadata)
-        report["max_abs_error"] = max_abs_error(folded, final)
-        report["bytes"] = final.stat().st_size
-    logger.debug("exported %s to %s: %s", text, output, report)
-    return report
+    with exporting(model, output, opset, "fp32") as job:
+        shutil.copyfile(job.fp32, job.final)
+        job.report["max_abs_error"] = max_abs_error(job.folded, job.final)
+    return job.report
