@@ -32,6 +32,8 @@ _PARAM_HELP = {
     "reliability_thr": "minimum keypoint reliability, in [0, 1]",
     "repeatability_thr": "minimum keypoint repeatability, in [0, 1]",
     "nfeatures": "keypoints kept per image, best first (0: all)",
+    "unique_radius": "keep one keypoint of those from different pyramid levels within this "
+                     "many pixels, the best (set it for a ratio test; 0: off)",
 }
 METHODS = ("r2d2", "sift", "orb")
 

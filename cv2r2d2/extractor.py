@@ -51,6 +51,9 @@ class ExtractionParams:
         reliability_thr, repeatability_thr: a keypoint's minimum reliability and
             repeatability, in [0, 1].
         nfeatures: the number of best-scoring keypoints kept (0 keeps all).
+        unique_radius: image pixels; when > 0, of keypoints from different levels
+            within this distance of each other only the best-scoring one is kept
+            (before the top ``nfeatures``). 0, the paper's: no such suppression.
     """
 
     scale_f: float = 2**0.25
@@ -61,6 +64,7 @@ class ExtractionParams:
     reliability_thr: float = 0.7
     repeatability_thr: float = 0.7
     nfeatures: int = 5000
+    unique_radius: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,6 +93,8 @@ class ExtractionParams:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
         if int(self.nfeatures) != self.nfeatures or self.nfeatures < 0:
             raise ValueError(f"nfeatures must be an integer >= 0, got {self.nfeatures!r}")
+        if self.unique_radius < 0:
+            raise ValueError(f"unique_radius must be >= 0 pixels, got {self.unique_radius!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -390,6 +396,74 @@ class _TopK:
         return tuple(c[order] for c in columns)
 
 
+def close_pairs(xy: np.ndarray, radius: float) -> Tuple[np.ndarray, np.ndarray]:
+    """All pairs of points within ``radius`` of each other, found on a grid of cells.
+
+    Args:
+        xy: (N, 2) positions; radius: > 0, same unit.
+
+    Returns:
+        (i, j), (M,) int64 each with i < j and ``|xy[i] - xy[j]| <= radius``, in no
+        particular order. Each point is compared with those of its own and the 8
+        neighbouring cells of side ``radius`` only, so the cost grows with N and the
+        local density, not with N ** 2.
+    """
+    xy = np.asarray(xy, np.float64).reshape(-1, 2)
+    if len(xy) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    cells = np.floor((xy - xy.min(axis=0)) / radius).astype(np.int64) + 1
+    stride = int(cells[:, 1].max()) + 2
+    order = np.argsort(cells[:, 0] * stride + cells[:, 1], kind="stable")
+    keys = cells[order, 0] * stride + cells[order, 1]  # sorted
+    firsts, seconds = [], []
+    # The 4 cells ahead of a point's own in key order, and its own: each close pair once.
+    for offset in (0, 1, stride - 1, stride, stride + 1):
+        begin = np.searchsorted(keys, keys + offset, "left")
+        count = np.searchsorted(keys, keys + offset, "right") - begin
+        if offset == 0:  # within the own cell, only the points after this one
+            count -= np.arange(len(keys)) + 1 - begin
+            begin = np.arange(len(keys)) + 1
+        first = np.repeat(np.arange(len(keys)), count)
+        # Positions begin[p], ..., begin[p] + count[p] - 1 for each point p, flattened.
+        within = np.arange(len(first)) - np.repeat(np.cumsum(count) - count, count)
+        firsts.append(first)
+        seconds.append(np.repeat(begin, count) + within)
+    i, j = np.sort([order[np.concatenate(firsts)], order[np.concatenate(seconds)]], axis=0)
+    close = ((xy[i] - xy[j]) ** 2).sum(axis=1) <= radius * radius
+    return i[close], j[close]
+
+
+def unique_across_levels(xy: np.ndarray, octaves: np.ndarray, radius: float) -> np.ndarray:
+    """Greedy suppression of the same place found on several pyramid levels.
+
+    Args:
+        xy: (N, 2) keypoint positions in image pixels, best-ranked first.
+        octaves: (N,) their pyramid levels; radius: pixels, > 0.
+
+    Returns:
+        (N,) bool, the keypoints kept: in rank order, a keypoint is kept unless a kept
+        better-ranked keypoint of another level lies within ``radius`` (keypoints of
+        one level never suppress each other: their level's 3x3 non-maximum
+        suppression already separates them).
+    """
+    i, j = close_pairs(xy, radius)
+    other = octaves[i] != octaves[j]
+    better, worse = i[other], j[other]  # i < j: i ranks better
+    undecided, kept = np.ones(len(xy), bool), np.zeros(len(xy), bool)
+    # Each pass settles every keypoint whose better neighbours are settled, among them
+    # the best undecided one, so it ends; real images need a handful of passes.
+    while undecided.any():
+        beaten = np.zeros(len(xy), bool)
+        beaten[worse[kept[better]]] = True
+        waiting = np.zeros(len(xy), bool)
+        waiting[worse[undecided[better]]] = True
+        kept |= undecided & ~beaten & ~waiting
+        undecided &= ~beaten & waiting
+        live = undecided[worse]
+        better, worse = better[live], worse[live]
+    return kept
+
+
 def extract(
     runner: NetworkRunner,
     image: np.ndarray,
@@ -413,10 +487,13 @@ def extract(
 
     Returns:
         The ``nfeatures`` best keypoints over all levels, sorted by decreasing score
-        (equal scores in level, then row-major order).
+        (equal scores in level, then row-major order), after the suppression of
+        cross-level duplicates when ``params.unique_radius`` > 0.
     """
     height, width = image.shape[1:]
-    best = _TopK(params.nfeatures)
+    # Suppression can drop any keypoint, so every candidate must reach it.
+    budget = 0 if params.unique_radius > 0 else params.nfeatures
+    best = _TopK(budget)
     for level, handle in _walk(runner, image, pyramid(height, width, params)):
         map_h, map_w = runner.output_size(level.height, level.width)
         for core in _level_tiles(runner, map_h, map_w, tile_size):
@@ -434,8 +511,8 @@ def extract(
             wy, wx = y - window[0], x - window[2]
             scores = output.reliability[wy, wx] * output.repeatability[wy, wx]
             keep = np.ones(len(scores), bool) if mask is None else _in_mask(mask, px, py)
-            # Only the window's own best nfeatures can make the global top-k.
-            chosen = np.flatnonzero(keep)[_top(scores[keep], params.nfeatures)]
+            # Without suppression only the window's own best nfeatures can make the top-k.
+            chosen = np.flatnonzero(keep)[_top(scores[keep], budget)]
             chosen.sort()
             sample_x, sample_y = wx[chosen].astype(np.float32), wy[chosen].astype(np.float32)
             if subpixel:
@@ -457,7 +534,13 @@ def extract(
             del output  # free this tile's maps before the next tile runs
     if not best.parts:
         return _empty_features(runner.descriptor_size)
-    scores, octaves, _, px, py, sizes, descriptors = best.result()
+    columns = best.result()
+    if params.unique_radius > 0:
+        _, octaves, _, px, py = columns[:5]
+        kept = unique_across_levels(np.stack([px, py], axis=1), octaves, params.unique_radius)
+        chosen = np.flatnonzero(kept)[:params.nfeatures or None]
+        columns = tuple(c[chosen] for c in columns)
+    scores, octaves, _, px, py, sizes, descriptors = columns
     return Features(
         xy=np.stack([px, py], axis=1), sizes=sizes, scores=scores, octaves=octaves,
         descriptors=descriptors,

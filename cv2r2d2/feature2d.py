@@ -147,6 +147,7 @@ class R2D2Feature:
         max_scale: float = _DEFAULTS.max_scale,
         reliability_thr: float = _DEFAULTS.reliability_thr,
         repeatability_thr: float = _DEFAULTS.repeatability_thr,
+        unique_radius: float = _DEFAULTS.unique_radius,
         device: Optional[str] = None,
         backend: str = "torch",
         tile_size: int = DEFAULT_TILE_SIZE,
@@ -164,6 +165,11 @@ class R2D2Feature:
             min_size, max_size: longer image side range of the pyramid, pixels.
             min_scale, max_scale: scale range of the pyramid (max_scale <= 1).
             reliability_thr, repeatability_thr: detection thresholds in [0, 1].
+            unique_radius: pixels; > 0 keeps, of keypoints from different pyramid
+                levels within this distance of each other, only the best-scoring
+                one, before the top ``nfeatures`` (the same place is otherwise found
+                on several levels). Set it for Lowe's ratio test (see the README);
+                0, the default, keeps the original's output.
             device: torch device (``"cpu"``, ``"cuda"``...); None: CUDA if available.
             backend: ``"torch"``; ``"onnxruntime"`` or ``"opencv"`` run an exported
                 ONNX model (a ``.onnx`` path or a registry name) without torch;
@@ -186,6 +192,7 @@ class R2D2Feature:
             scale_f=scale_f, min_size=min_size, max_size=max_size, min_scale=min_scale,
             max_scale=max_scale, reliability_thr=reliability_thr,
             repeatability_thr=repeatability_thr, nfeatures=nfeatures,
+            unique_radius=unique_radius,
         )
         return cls(model=model, params=params, device=device, backend=backend,
                    tile_size=tile_size, half=half, subpixel=subpixel, num_threads=num_threads)
@@ -550,6 +557,13 @@ class R2D2Feature:
 
     def setRepeatabilityThreshold(self, repeatability_thr: float) -> None:
         self._set(repeatability_thr=repeatability_thr)
+
+    def getUniqueRadius(self) -> float:
+        return float(self._params.unique_radius)
+
+    def setUniqueRadius(self, unique_radius: float) -> None:
+        """Suppress cross-level duplicates within this many pixels (0: off)."""
+        self._set(unique_radius=unique_radius)
 
     # --- persistence (cv2.FileStorage) ---------------------------------------------
 

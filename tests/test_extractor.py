@@ -1,10 +1,14 @@
 """The pyramid, NMS, top-k and descriptor sampling of the extractor."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
-from cv2r2d2.extractor import ExtractionParams, describe, extract, peak_offsets, pyramid, tiles
+from cv2r2d2.extractor import (
+    ExtractionParams, close_pairs, describe, extract, peak_offsets, pyramid, tiles,
+    unique_across_levels,
+)
 
 
 def test_paper_pyramid_of_brooklyn():
@@ -38,6 +42,7 @@ def test_fullres_pyramid_and_tiny_images():
         (dict(nfeatures=2.5), "nfeatures"),
         (dict(max_size=0), "max_size"),
         (dict(scale_f=float("nan")), "finite"),
+        (dict(unique_radius=-1.0), "unique_radius"),
     ],
 )
 def test_params_are_validated(kwargs, message):
@@ -176,3 +181,90 @@ def test_peak_offsets_recover_a_parabola_vertex():
     assert dy[1] == 0  # on the border: no neighbour on one side, no refinement
     flat = np.ones((3, 3), np.float32)
     assert peak_offsets(flat, np.array([1]), np.array([1])) == (0, 0)
+
+
+def test_close_pairs_are_all_pairs_within_the_radius():
+    rng = np.random.default_rng(2)
+    xy = rng.uniform(0, 60, (400, 2)).astype(np.float32)
+    xy[:100] = xy[:100].round()  # exact distances on the radius, and repeated points
+    xy[100:110] = xy[0]
+    for radius in (0.5, 2.0, 7.5):
+        i, j = close_pairs(xy, radius)
+        distances = np.linalg.norm(xy[:, None].astype(np.float64) - xy[None], axis=2)
+        expected = set(zip(*np.nonzero(np.triu(distances <= radius, 1))))
+        assert len(i) == len(expected) and set(zip(i.tolist(), j.tolist())) == expected
+    assert [len(a) for a in close_pairs(xy[:1], 1.0)] == [0, 0]
+
+
+def test_unique_across_levels_is_greedy_over_levels():
+    xy = np.array([[0, 0], [1.5, 0], [3, 0], [0, 1], [10, 10]], np.float32)
+    octaves = np.array([0, 1, 0, 0, 2])
+    # 1 is within 2 px of 0 (another level, better): dropped; 2 is within 2 px of 1
+    # only, which is dropped, so 2 stays; 3 shares 0's level and stays.
+    assert unique_across_levels(xy, octaves, 2.0).tolist() == [True, False, True, True, True]
+    assert unique_across_levels(xy, octaves, 0.5).all()
+
+
+class PyramidRunner:
+    """A backend whose network returns the image's first channel as repeatability, on
+    every level: a blob is then found again on several levels."""
+
+    descriptor_size = 2
+    halo = 0  # each map pixel depends on its own input pixel only
+
+    def prepare(self, image):
+        return image[0]
+
+    def resize(self, image, height, width):
+        return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+
+    def output_size(self, height, width):
+        return height, width
+
+    def run(self, image, box=None):
+        y0, y1, x0, x1 = box or (0, image.shape[0], 0, image.shape[1])
+
+        class Output:
+            repeatability = np.ascontiguousarray(image[y0:y1, x0:x1])
+            reliability = np.ones_like(repeatability)
+
+            @staticmethod
+            def descriptors_at(x, y):
+                d = np.stack([x + x0 + 1, y + y0 + 1], axis=1).astype(np.float32)
+                return d / np.linalg.norm(d, axis=1, keepdims=True)
+
+        return Output()
+
+
+def test_unique_radius_is_exact_and_independent_of_tiles():
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:150, 0:200].astype(np.float32)
+    blobs = np.zeros((150, 200), np.float32)
+    for (cx, cy), sigma in zip(rng.uniform(0, 200, (60, 2)), rng.uniform(2, 6, 60)):
+        blobs += np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2))
+    # Coarse values: many equal scores, whose order must not depend on tiling either.
+    blobs = (blobs / blobs.max()).round(2)
+    image = np.repeat(blobs[None], 3, axis=0)
+    runner = PyramidRunner()
+
+    def run(**kwargs):
+        params = dict(min_size=0, max_size=9999, min_scale=0.3, repeatability_thr=0.2,
+                      reliability_thr=0.5, nfeatures=60)
+        params.update(kwargs.pop("params", {}))
+        return extract(runner, image, ExtractionParams(**params), **kwargs)
+
+    radius = 3.0
+    everything = run(params=dict(nfeatures=0), tile_size=0)
+    i, j = close_pairs(everything.xy, radius)
+    assert (everything.octaves[i] != everything.octaves[j]).sum() > 20  # duplicates exist
+    expected = np.flatnonzero(unique_across_levels(everything.xy, everything.octaves, radius))[:60]
+    for subpixel in (False, True):
+        whole = run(params=dict(unique_radius=radius), tile_size=0, subpixel=subpixel)
+        tiled = run(params=dict(unique_radius=radius), tile_size=64, subpixel=subpixel)
+        for name in ("xy", "scores", "octaves", "descriptors"):
+            np.testing.assert_array_equal(getattr(whole, name), getattr(tiled, name))
+        i, j = close_pairs(whole.xy, radius)
+        assert not (whole.octaves[i] != whole.octaves[j]).any()
+    whole = run(params=dict(unique_radius=radius), tile_size=0)
+    np.testing.assert_array_equal(whole.xy, everything.xy[expected])
+    np.testing.assert_array_equal(whole.scores, everything.scores[expected])
