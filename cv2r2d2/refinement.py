@@ -66,8 +66,8 @@ class RefinementParams:
         half: keep the windows in float16 (half the memory).
     """
 
-    window_radius: int = 3
-    max_displacement: float = 2.5
+    window_radius: int = 2
+    max_displacement: float = 1.5
     iterations: int = 3
     loss_scale: float = 0.25
     min_inliers: int = 15

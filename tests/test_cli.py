@@ -206,9 +206,12 @@ def test_sfm_database_only(photos, features, tmp_path, capsys):
     output.mkdir()
     (output / "features.h5").write_bytes(features.read_bytes())  # resumed, not redone
     assert main(["sfm", str(photos), str(output), "--database-only", "--camera-mode",
-                 "single", "-q", *FAST]) == 0
+                 "single", "--refine", "-q", *FAST]) == 0
     captured = capsys.readouterr()
     assert "images:                4 (1 unreadable)" in captured.out
+    assert "verified image pairs:  3 / 3" in captured.out
+    assert "refined keypoints:     " in captured.out and "tracks" in captured.out
+    assert (output / "refined_keypoints.npz").is_file()
     assert "corrupt.jpg" in captured.err
     database = pycolmap.Database.open(str(output / "database.db"))
     try:

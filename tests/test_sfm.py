@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -173,3 +174,133 @@ def test_write_database_refuses_an_existing_file(tmp_path):
     (tmp_path / "database.db").write_bytes(b"SQLite format 3")
     with pytest.raises(FileExistsError):
         write_database(tmp_path / "database.db", tmp_path, None, None, [])
+
+
+def _resumed_copy(output: Path, folder: Path) -> Path:
+    """A new output folder holding the features and matches of ``output``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("features.h5", "matches.h5"):
+        shutil.copyfile(output / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def refined(scene, feature, reconstruction, tmp_path_factory):
+    from cv2r2d2.sfm import reconstruct
+
+    output = _resumed_copy(reconstruction[1], tmp_path_factory.mktemp("refined"))
+    return reconstruct(scene[0], output, feature=feature, camera_mode="single", refine=True), output
+
+
+def test_refinement_lowers_the_reprojection_error(scene, reconstruction, refined):
+    plain, _ = reconstruction
+    result, output = refined
+    assert plain.refinement is None and "refine" not in plain.seconds
+    assert result.num_registered == NUM_VIEWS
+    assert result.num_points3D >= 0.9 * plain.num_points3D
+    assert result.mean_reprojection_error < 0.85 * plain.mean_reprojection_error, \
+        (plain.mean_reprojection_error, result.mean_reprojection_error)
+    report = result.refinement
+    assert not report.cached and report.num_tracks > 200 and report.num_observations > 600
+    assert 0 < report.median_displacement < 1.5
+    assert set(result.seconds) == {"extract", "match", "database", "verify", "refine", "map"}
+    assert "refined keypoints:     " in result.summary()
+    # The database holds the refined keypoints; the feature file keeps the detected ones.
+    from cv2r2d2.io import H5Features
+
+    with H5Features(output / "features.h5") as store:
+        detected = store.read("view0.png").keypoints
+    database = pycolmap.Database.open(str(result.database))
+    try:
+        image = database.read_image_with_name("view0.png")
+        stored = database.read_keypoints(image.image_id)[:, :2] - 0.5
+    finally:
+        database.close()
+    moved = np.linalg.norm(stored - detected, axis=1)
+    assert 0.1 * len(moved) < (moved > 0).sum() < len(moved) and moved.max() <= 1.5 + 1e-4
+    assert not list(output.rglob("*.tmp"))
+
+
+def test_without_refinement_the_database_is_the_features(reconstruction, tmp_path):
+    """refine=False writes what it always wrote: the detected keypoints, no cache."""
+    from cv2r2d2.io import H5Features
+
+    result, output = reconstruction
+    assert not (output / "refined_keypoints.npz").exists()
+    database = pycolmap.Database.open(str(result.database))
+    try:
+        with H5Features(output / "features.h5") as store:
+            for image in database.read_all_images():
+                stored = database.read_keypoints(image.image_id)
+                assert stored.shape[1] == 2
+                np.testing.assert_array_equal(stored, store.read(image.name).keypoints + 0.5)
+    finally:
+        database.close()
+
+
+def test_refinement_resumes_and_writes_nothing_partial(scene, feature, refined, tmp_path,
+                                                       monkeypatch):
+    import cv2r2d2.refinement
+    from cv2r2d2.feature2d import R2D2Feature
+    from cv2r2d2.sfm import reconstruct
+
+    _, done = refined
+    output = _resumed_copy(done, tmp_path / "out")
+    calls = []
+    windows = R2D2Feature.computeDescriptorWindows
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return windows(self, *args, **kwargs)
+
+    monkeypatch.setattr(R2D2Feature, "computeDescriptorWindows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct(scene[0], output, feature=feature, camera_mode="single", refine=True)
+    assert sorted(p.name for p in output.iterdir()) == ["features.h5", "matches.h5"]
+    monkeypatch.undo()
+    # A rerun of the same inputs finds the refined keypoints and runs no network.
+    shutil.copyfile(done / "refined_keypoints.npz", output / "refined_keypoints.npz")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the refinement ran again")
+
+    monkeypatch.setattr(cv2r2d2.refinement, "refine_keypoints", no_network)
+    monkeypatch.setattr("cv2r2d2.sfm.refine_keypoints", no_network)
+    result = reconstruct(scene[0], output, feature=feature, camera_mode="single", refine=True,
+                         database_only=True)
+    assert result.refinement.cached
+    database = pycolmap.Database.open(str(result.database))
+    reference = pycolmap.Database.open(str(done / "database.db"))
+    try:
+        for image in database.read_all_images():
+            np.testing.assert_array_equal(
+                database.read_keypoints(image.image_id),
+                reference.read_keypoints(reference.read_image_with_name(image.name).image_id))
+    finally:
+        database.close()
+        reference.close()
+
+
+def test_shared_camera_needs_one_image_size(scene, reconstruction, tmp_path):
+    from cv2r2d2.sfm import reconstruct
+
+    folder = tmp_path / "photos"
+    shutil.copytree(scene[0], folder)
+    image = cv2.imread(str(folder / "view0.png"))
+    cv2.imwrite(str(folder / "view0.png"), cv2.resize(image, (WIDTH // 2, HEIGHT // 2)))
+    output = _resumed_copy(reconstruction[1], tmp_path / "out")
+    from cv2r2d2.io import H5Features
+
+    with H5Features(output / "features.h5", writable=True) as store:
+        small = store.read("view0.png")
+        small.image_size = (WIDTH // 2, HEIGHT // 2)
+        store.write("view0.png", small)
+    with pytest.raises(ValueError, match=r"one size, but view0.png is 160x120 and view1.png "
+                                         r"is 320x240.*camera_mode='auto' or 'per_image'"):
+        reconstruct(folder, output, feature=object(), camera_mode="single", database_only=True)
+    assert not (output / "database.db").exists()
+    result = reconstruct(folder, output, feature=object(), camera_mode="per_image",
+                         database_only=True)
+    assert result.num_verified_pairs > 0
