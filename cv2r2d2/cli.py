@@ -619,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cv2r2d2",
         description="R2D2 local features for photo collections: extraction, matching, "
-                    "COLMAP reconstruction, HPatches evaluation, heatmaps.",
+                    "COLMAP reconstruction, HPatches evaluation, heatmaps, rotation steerers.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
