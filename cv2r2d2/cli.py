@@ -68,6 +68,9 @@ def _add_feature_options(parser: argparse.ArgumentParser) -> None:
     _add_device_option(group)
     group.add_argument("--subpixel", action="store_true",
                        help="refine keypoint positions to sub-pixel accuracy")
+    group.add_argument("--subpixel-descriptor", action="store_true",
+                       help="refine them further by a mean-shift on the descriptor map "
+                            "(implies --subpixel)")
     group.add_argument("--half", action="store_true", help="float16 network (CUDA only)")
     group.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE,
                        help="run pyramid levels larger than this squared on tiles, "
@@ -116,7 +119,8 @@ def _feature_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of R2D2Feature.create from the R2D2 options."""
     params = {f.name: getattr(args, f.name) for f in fields(ExtractionParams)}
     return dict(model=args.model, device=args.device, backend=args.backend,
-                subpixel=args.subpixel, half=args.half, tile_size=args.tile_size, **params)
+                subpixel="descriptor" if args.subpixel_descriptor else args.subpixel,
+                half=args.half, tile_size=args.tile_size, **params)
 
 
 def _create_feature(args: argparse.Namespace) -> Any:

@@ -19,6 +19,7 @@ from .extractor import (
     ExtractionParams,
     Features,
     NetworkRunner,
+    check_subpixel,
     describe,
     dense_maps,
     extract,
@@ -116,7 +117,7 @@ class R2D2Feature:
         backend: str = "torch",
         tile_size: int = DEFAULT_TILE_SIZE,
         half: bool = False,
-        subpixel: bool = False,
+        subpixel: Union[bool, str] = False,
         num_threads: Optional[int] = None,
     ) -> None:
         if not isinstance(model, (str, os.PathLike)):
@@ -151,7 +152,7 @@ class R2D2Feature:
         backend: str = "torch",
         tile_size: int = DEFAULT_TILE_SIZE,
         half: bool = False,
-        subpixel: bool = False,
+        subpixel: Union[bool, str] = False,
         num_threads: Optional[int] = None,
     ) -> "R2D2Feature":
         """Create an R2D2 feature extractor (defaults: the paper's settings).
@@ -177,7 +178,9 @@ class R2D2Feature:
                 tiles, with the same output, to bound memory; 0 never tiles.
             half: float16 network on CUDA (faster, not bit-exact).
             subpixel: refine keypoint positions to sub-pixel accuracy (not the
-                original's output; see the README).
+                original's output; see the README): True, by a parabola on the
+                repeatability peak; ``"descriptor"``, then by a mean-shift on the
+                descriptor map (better at 1 px, 10-20% more extraction time).
             num_threads: CPU threads of the network, an integer >= 0. ONNX backends:
                 the session's intra-op threads (``cv2.dnn``: set around each forward
                 pass); None reads ``$CV2R2D2_NUM_THREADS``, 0 keeps the runtime's
@@ -437,14 +440,12 @@ class R2D2Feature:
         """The ``num_threads`` given at creation (None: not set)."""
         return self._num_threads
 
-    def getSubpixel(self) -> bool:
+    def getSubpixel(self) -> Union[bool, str]:
         return self._subpixel
 
-    def setSubpixel(self, subpixel: bool) -> None:
-        """Refine keypoint positions by a quadratic fit to the repeatability peak."""
-        if not isinstance(subpixel, (bool, np.bool_)):
-            raise TypeError(f"subpixel must be True or False, got {subpixel!r}")
-        self._subpixel = bool(subpixel)
+    def setSubpixel(self, subpixel: Union[bool, str]) -> None:
+        """Sub-pixel keypoint positions: False, True (parabola) or "descriptor"."""
+        self._subpixel = check_subpixel(subpixel)
 
     def getTileSize(self) -> int:
         return self._tile_size
