@@ -74,6 +74,9 @@ def _add_feature_options(parser: argparse.ArgumentParser) -> None:
     _add_device_option(group)
     group.add_argument("--subpixel", action="store_true",
                        help="refine keypoint positions to sub-pixel accuracy")
+    group.add_argument("--subpixel-descriptor", action="store_true",
+                       help="refine them further by a mean-shift on the descriptor map "
+                            "(implies --subpixel)")
     group.add_argument("--half", action="store_true", help="float16 network (CUDA only)")
     group.add_argument("--tile-size", type=int, default=defaults.tile_size,
                        help="run pyramid levels larger than this squared on tiles, "
@@ -131,9 +134,11 @@ def _add_ray_options(parser: argparse.ArgumentParser, actors: bool) -> None:
 def _feature_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of R2D2Feature.create from the R2D2 options (those not on the
     command line keep R2D2Config's defaults)."""
-    return R2D2Config.from_arguments(**{
-        name: getattr(args, name) for name in R2D2Config.argument_names() if hasattr(args, name)
-    }).arguments()
+    options = {name: getattr(args, name) for name in R2D2Config.argument_names()
+               if hasattr(args, name)}
+    if getattr(args, "subpixel_descriptor", False):
+        options["subpixel"] = "descriptor"
+    return R2D2Config.from_arguments(**options).arguments()
 
 
 def _create_feature(args: argparse.Namespace) -> Any:

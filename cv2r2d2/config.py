@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import cv2
 import numpy as np
 
-from .extractor import DEFAULT_TILE_SIZE, ExtractionParams
+from .extractor import DEFAULT_TILE_SIZE, ExtractionParams, check_subpixel
 from .weights import DEFAULT_MODEL
 
 __all__ = [
@@ -91,7 +91,7 @@ def thread_count(num_threads: Optional[int]) -> int:
 
 # write() stores num_threads=None as -1 (FileStorage has no null).
 _NO_THREADS = -1
-_FLAGS = ("half", "subpixel")
+_FLAGS = ("half",)
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,9 @@ class R2D2Config:
         backend: one of :data:`BACKENDS`.
         tile_size: pyramid levels over ``tile_size ** 2`` pixels run on tiles (0: never).
         half: float16 network (torch backend on CUDA).
-        subpixel: sub-pixel keypoint positions (not the original's output).
+        subpixel: sub-pixel keypoint positions (not the original's output): True (a
+            parabola on the repeatability peak) or ``"descriptor"`` (then a mean-shift on
+            the descriptor map).
         num_threads: CPU threads of the network (None: not set; 0: the runtime's default).
     """
 
@@ -117,7 +119,7 @@ class R2D2Config:
     backend: str = "torch"
     tile_size: int = DEFAULT_TILE_SIZE
     half: bool = False
-    subpixel: bool = False
+    subpixel: Union[bool, str] = False
     num_threads: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -136,6 +138,7 @@ class R2D2Config:
         object.__setattr__(self, "tile_size", check_tile_size(self.tile_size))
         for name in _FLAGS:
             object.__setattr__(self, name, check_flag(getattr(self, name), name))
+        object.__setattr__(self, "subpixel", check_subpixel(self.subpixel))
         if self.num_threads is not None:
             object.__setattr__(self, "num_threads", check_num_threads(self.num_threads))
         if self.half and self.backend != "torch":
@@ -196,11 +199,11 @@ class R2D2Config:
             item = node.getNode(name)
             if name == "device" or item.empty():
                 continue
-            if name in ("model", "backend"):
+            if name in ("model", "backend") or item.isString():
                 changes[name] = item.string()
                 continue
             number = item.real()
-            if name in _FLAGS:
+            if name in _FLAGS or name == "subpixel":
                 if number not in (0, 1):
                     raise ValueError(f"the stored {name} must be 0 or 1, got {number!r}")
                 changes[name] = bool(number)

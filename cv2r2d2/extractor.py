@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterator, List, Optional, Protocol, Tuple
+from typing import Any, Iterator, List, Optional, Protocol, Tuple, Union
 
 import cv2
 import numpy as np
@@ -39,6 +39,16 @@ MIN_SIDE = 2
 DEFAULT_TILE_SIZE = 416
 
 Box = Tuple[int, int, int, int]
+
+# The subpixel="descriptor" mean-shift, as measured best by benchmarks/bench_accuracy.py: softmax
+# weights (temperature) of the cosine similarity between a keypoint's descriptor and the
+# map's on a grid of +-radius level pixels (spacing step), a few iterations, the whole move
+# kept within reach level pixels of the parabola's position.
+SHIFT_ITERATIONS = 3
+SHIFT_RADIUS = 1.5
+SHIFT_STEP = 0.5
+SHIFT_TEMPERATURE = 0.05
+SHIFT_REACH = 1.0
 
 
 @dataclass
@@ -417,6 +427,66 @@ class _TopK:
         return tuple(c[order] for c in columns)
 
 
+def check_subpixel(subpixel: Any) -> Union[bool, str]:
+    """``subpixel`` as extract() takes it: True/False, or "descriptor"."""
+    if isinstance(subpixel, (bool, np.bool_)):
+        return bool(subpixel)
+    if not isinstance(subpixel, str):
+        raise TypeError(f"subpixel must be True, False or 'descriptor', got {subpixel!r}")
+    if subpixel != "descriptor":
+        raise ValueError(f"subpixel must be True, False or 'descriptor', got {subpixel!r}")
+    return subpixel
+
+
+def descriptor_shift(
+    output: LevelOutput, x: np.ndarray, y: np.ndarray, origin: Tuple[int, int] = (0, 0),
+    iterations: int = SHIFT_ITERATIONS, radius: float = SHIFT_RADIUS, step: float = SHIFT_STEP,
+    temperature: float = SHIFT_TEMPERATURE, reach: float = SHIFT_REACH,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Move keypoints to the centre of the map region their descriptor resembles.
+
+    Each iteration samples the descriptor at the current position and the map on a grid
+    of +-``radius`` pixels around it (spacing ``step``), and moves to the soft-argmax of
+    their cosine similarities (softmax at ``temperature``): a mean-shift on the
+    descriptor's self-similarity, a smooth function of the map, so the same place in two
+    images lands on the same point more often than the repeatability peak alone does.
+
+    Args:
+        output: the network output of a level, or of the window of it that begins at
+            ``origin`` = (x0, y0) map pixels.
+        x, y: (n,) positions in the level's map pixels. Computing in the level's
+            coordinates, not the window's, keeps the float32 rounding, and so the
+            result, the same however the level is tiled.
+
+    Returns:
+        (x, y), (n,) float32 level map positions, each within ``reach`` pixels of its
+        start (per axis).
+    """
+    offsets = np.arange(-radius, radius + step / 2, step, dtype=np.float32)
+    grid_y, grid_x = (g.reshape(-1) for g in np.meshgrid(offsets, offsets, indexing="ij"))
+    x0, y0 = np.float32(origin[0]), np.float32(origin[1])
+    x, y = np.array(x, np.float32), np.array(y, np.float32)
+    # At most 2 ** 15 samples at a time (16 MB of 128-d descriptors), however many keypoints.
+    chunk = max(1, 2**15 // len(grid_x))
+    for part in range(0, len(x), chunk):
+        rows = slice(part, part + chunk)
+        px, py = x[rows], y[rows]
+        low_x, high_x, low_y, high_y = px - reach, px + reach, py - reach, py + reach
+        for _ in range(iterations):
+            own = output.descriptors_at(px - x0, py - y0)
+            samples = output.descriptors_at(((px[:, None] + grid_x) - x0).reshape(-1),
+                                            ((py[:, None] + grid_y) - y0).reshape(-1))
+            # Row-wise sums rather than BLAS products: each keypoint's result must not
+            # depend on which others share its chunk (tiles group them differently).
+            similarity = (samples.reshape(len(px), len(grid_x), -1) * own[:, None]).sum(axis=2)
+            weights = np.exp((similarity - similarity.max(axis=1, keepdims=True)) / temperature)
+            weights /= weights.sum(axis=1, keepdims=True)
+            px = np.clip(px + (weights * grid_x).sum(axis=1), low_x, high_x)
+            py = np.clip(py + (weights * grid_y).sum(axis=1), low_y, high_y)
+        x[rows], y[rows] = px, py
+    return x, y
+
+
 def close_pairs(xy: np.ndarray, radius: float) -> Tuple[np.ndarray, np.ndarray]:
     """All pairs of points within ``radius`` of each other, found on a grid of cells.
 
@@ -491,7 +561,7 @@ def extract(
     params: ExtractionParams,
     mask: Optional[np.ndarray] = None,
     tile_size: int = DEFAULT_TILE_SIZE,
-    subpixel: bool = False,
+    subpixel: Union[bool, str] = False,
 ) -> Features:
     """Detect and describe R2D2 keypoints over the image pyramid.
 
@@ -502,24 +572,30 @@ def extract(
         mask: optional (H, W) uint8; keypoints are kept where it is non-zero.
         tile_size: levels larger than tile_size**2 pixels run on overlapping tiles
             (same output, bounded memory); 0 never tiles.
-        subpixel: refine each position by a quadratic fit to its repeatability peak
-            and sample its descriptor there (the reference's integer positions when
-            False).
+        subpixel: True refines each position by a quadratic fit to its repeatability
+            peak; ``"descriptor"`` then moves it further by :func:`descriptor_shift` on
+            its level's descriptor map; each keypoint is described where it ends. False:
+            the reference's integer positions.
 
     Returns:
         The ``nfeatures`` best keypoints over all levels, sorted by decreasing score
         (equal scores in level, then row-major order), after the suppression of
         cross-level duplicates when ``params.unique_radius`` > 0.
     """
+    check_subpixel(subpixel)
     height, width = image.shape[1:]
+    # Map pixels a tile's window reaches beyond it: the 3x3 NMS needs 1, the shift's
+    # samples its reach, grid radius and the bilinear neighbour.
+    margin = 1 + math.ceil(SHIFT_REACH + SHIFT_RADIUS) if subpixel == "descriptor" else 1
     # Suppression can drop any keypoint, so every candidate must reach it.
     budget = 0 if params.unique_radius > 0 else params.nfeatures
     best = _TopK(budget)
     for level, handle in _walk(runner, image, pyramid(height, width, params)):
         map_h, map_w = runner.output_size(level.height, level.width)
         for core in _level_tiles(runner, map_h, map_w, tile_size):
-            # One pixel more than the core: the 3x3 NMS of a core pixel sees true neighbours.
-            window = _grow(core, map_h, map_w)
+            # Beyond the core: the 3x3 NMS of a core pixel sees true neighbours (and the
+            # descriptor shift true samples).
+            window = _grow(core, map_h, map_w, margin)
             output = runner.run(handle, window)
             y, x = _nms(output, params)
             y += window[0]
@@ -538,6 +614,11 @@ def extract(
             sample_x, sample_y = wx[chosen].astype(np.float32), wy[chosen].astype(np.float32)
             if subpixel:
                 dy, dx = peak_offsets(output.repeatability, wy[chosen], wx[chosen])
+                if subpixel == "descriptor":
+                    shifted_x, shifted_y = descriptor_shift(
+                        output, (x[chosen] + dx).astype(np.float32),
+                        (y[chosen] + dy).astype(np.float32), origin=(window[2], window[0]))
+                    dx, dy = shifted_x - x[chosen], shifted_y - y[chosen]  # exact
                 # Pixel centres kept consistent between the level and the image.
                 px[chosen] = (x[chosen] + dx + 0.5) * np.float32(width / level.width) - 0.5
                 py[chosen] = (y[chosen] + dy + 0.5) * np.float32(height / level.height) - 0.5

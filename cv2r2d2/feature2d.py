@@ -136,7 +136,7 @@ class R2D2Feature:
         backend: str = _CONFIG.backend,
         tile_size: int = _CONFIG.tile_size,
         half: bool = _CONFIG.half,
-        subpixel: bool = _CONFIG.subpixel,
+        subpixel: Union[bool, str] = _CONFIG.subpixel,
         num_threads: Optional[int] = _CONFIG.num_threads,
     ) -> "R2D2Feature":
         """Create an R2D2 feature extractor (defaults: the paper's settings).
@@ -162,7 +162,9 @@ class R2D2Feature:
                 tiles, with the same output, to bound memory; 0 never tiles.
             half: float16 network on CUDA (faster, not bit-exact).
             subpixel: refine keypoint positions to sub-pixel accuracy (not the
-                original's output; see the README).
+                original's output; see the README): True, by a parabola on the
+                repeatability peak; ``"descriptor"``, then by a mean-shift on the
+                descriptor map (better at 1 px, 10-20% more extraction time).
             num_threads: CPU threads of the network, an integer >= 0. ONNX backends:
                 the session's intra-op threads (``cv2.dnn``: set around each forward
                 pass); None reads ``$CV2R2D2_NUM_THREADS``, 0 keeps the runtime's
@@ -539,11 +541,11 @@ class R2D2Feature:
         """Whether the network runs in float16 (``half=True``)."""
         return self._config.half
 
-    def getSubpixel(self) -> bool:
+    def getSubpixel(self) -> Union[bool, str]:
         return self._config.subpixel
 
-    def setSubpixel(self, subpixel: bool) -> None:
-        """Refine keypoint positions by a quadratic fit to the repeatability peak."""
+    def setSubpixel(self, subpixel: Union[bool, str]) -> None:
+        """Sub-pixel keypoint positions: False, True (parabola) or "descriptor"."""
         self._set(subpixel=subpixel)
 
     def getTileSize(self) -> int:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cv2r2d2.extractor import (
-    ExtractionParams, Level, close_pairs, describe, extract, peak_offsets, pyramid,
-    reference_pyramid, tiles, unique_across_levels,
+    ExtractionParams, Level, close_pairs, describe, descriptor_shift, extract, peak_offsets,
+    pyramid, reference_pyramid, tiles, unique_across_levels,
 )
 
 
@@ -267,7 +267,7 @@ def test_unique_radius_is_exact_and_independent_of_tiles():
     i, j = close_pairs(everything.xy, radius)
     assert (everything.octaves[i] != everything.octaves[j]).sum() > 20  # duplicates exist
     expected = np.flatnonzero(unique_across_levels(everything.xy, everything.octaves, radius))[:60]
-    for subpixel in (False, True):
+    for subpixel in (False, True, "descriptor"):
         whole = run(params=dict(unique_radius=radius), tile_size=0, subpixel=subpixel)
         tiled = run(params=dict(unique_radius=radius), tile_size=64, subpixel=subpixel)
         for name in ("xy", "scores", "octaves", "descriptors"):
@@ -277,3 +277,28 @@ def test_unique_radius_is_exact_and_independent_of_tiles():
     whole = run(params=dict(unique_radius=radius), tile_size=0)
     np.testing.assert_array_equal(whole.xy, everything.xy[expected])
     np.testing.assert_array_equal(whole.scores, everything.scores[expected])
+
+
+def test_descriptor_shift_moves_towards_the_centre_of_similar_descriptors():
+    class Field:
+        """Descriptors constant on x <= 10, turning fast beyond: a plateau to the left."""
+
+        @staticmethod
+        def descriptors_at(x, y):
+            angle = np.maximum(x - 10, 0) * 0.5
+            d = np.stack([np.cos(angle), np.sin(angle), 0 * y], axis=1).astype(np.float32)
+            return d / np.linalg.norm(d, axis=1, keepdims=True)
+
+    x, y = descriptor_shift(Field(), np.array([10.0, 4.0], np.float32),
+                            np.array([5.0, 5.0], np.float32), origin=(0, 0))
+    assert -1.0 <= x[0] - 10 < -0.2  # left, into the plateau, within the reach
+    assert x[1] == 4.0 and (y == 5.0).all()  # inside the plateau nothing pulls
+    # The same in a window's coordinates.
+    class Window(Field):
+        @staticmethod
+        def descriptors_at(x, y):
+            return Field.descriptors_at(x + 3, y + 2)
+
+    shifted, _ = descriptor_shift(Window(), np.array([10.0], np.float32),
+                                  np.array([5.0], np.float32), origin=(3, 2))
+    assert shifted[0] == x[0]
