@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, ContextManager, List, Optional, Sequence, Tuple, Union
 
 import cv2

@@ -16,7 +16,8 @@ Angles are in degrees, counter-clockwise in the displayed image as
 
 Steerers depend on the model: they are fitted on first use per model file and cached
 beside it (``<weights stem>.steerers-<sha256[:16]>.npz``; in the user cache folder of
-the weights when the weights' folder is not writable), keyed by the file's sha256.
+the weights when the weights' folder is not writable, and read from either), keyed by
+the file's sha256.
 """
 from __future__ import annotations
 
@@ -486,19 +487,28 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK) and bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
 
 
-def cache_file(model_file: PathLike, sha256: str, for_writing: bool = False) -> Path:
-    """Where the steerers of a model file are cached.
+def _cache_name(model_file: Path, sha256: str) -> str:
+    return f"{model_file.stem}.steerers-{sha256[:16]}.npz"
 
-    Beside the model file when its folder is writable (or, for reading, when the file
-    is there), else in the user cache folder of the weights
-    (``torch.hub.get_dir()/checkpoints``).
-    """
+
+def cache_file(model_file: PathLike, sha256: str) -> Path:
+    """Where the steerers of a model file are cached: beside it when its folder is
+    writable, else in the user cache folder of the weights
+    (``torch.hub.get_dir()/checkpoints``)."""
     model_file = Path(model_file)
-    name = f"{model_file.stem}.steerers-{sha256[:16]}.npz"
-    beside = model_file.parent / name
-    if _writable(model_file.parent) or (not for_writing and beside.is_file()):
-        return beside
-    return cache_dir() / name
+    if _writable(model_file.parent):
+        return model_file.parent / _cache_name(model_file, sha256)
+    return cache_dir() / _cache_name(model_file, sha256)
+
+
+def _read_any_cache(model_file: Path, sha256: str, descriptor_size: int) -> Optional[Steerers]:
+    """The cached steerers beside the model file (a read-only folder may hold them too),
+    else those in the user cache folder."""
+    for folder in (model_file.parent, cache_dir()):
+        steerers = read_cache(folder / _cache_name(model_file, sha256), sha256, descriptor_size)
+        if steerers is not None:
+            return steerers
+    return None
 
 
 def _write_cache(path: Path, steerers: Steerers) -> None:
@@ -571,7 +581,7 @@ def load_steerers(
         if known is not None and known.sha256 == sha256:
             steerers = known
         else:
-            steerers = read_cache(cache_file(model_file, sha256), sha256, dim)
+            steerers = _read_any_cache(model_file, sha256, dim)
         settings = _settings_like(steerers)
         if steerers is not None and asdict(settings) != steerers.settings:
             steerers = None  # their images are gone: fit all alike
@@ -589,7 +599,7 @@ def load_steerers(
     start = time.perf_counter()
     new = fit_steerers(feature, wanted, settings, show_progress=show_progress)
     steerers = steerers.merged(replace(new, sha256=sha256))
-    target = cache_file(model_file, sha256, for_writing=True)
+    target = cache_file(model_file, sha256)
     try:
         _write_cache(target, steerers)
     except OSError as exc:

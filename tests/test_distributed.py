@@ -350,21 +350,22 @@ assert not any(name == "ray" or name.startswith("ray.") for name in sys.modules)
     assert sorted(os.listdir(tmp_path)) == ["g.h5"]  # nothing written
 
 
-def test_matching_with_rotations_gives_the_single_machine_file(cluster, reference, r2d2,
-                                                               tmp_path):
+def test_matching_with_rotations_gives_the_single_machine_file(cluster, reference,
+                                                               quarter_steerers, tmp_path):
     from cv2r2d2.distributed import match_collection_ray
-    from cv2r2d2.matching import match_collection, parse_pairs
-    from cv2r2d2.steerers import FitSettings, fit_steerers
+    from cv2r2d2.matching import estimate_rotation, match_collection, parse_pairs
 
-    # Some photos are rotated by 90 degrees: their pairs are matched under a steerer.
-    steerers = fit_steerers(r2d2, [90, 180], FitSettings(image_size=64, num_images=1, margin=8),
-                            show_progress=False)
     single = tmp_path / "single.h5"
     with open_features(reference) as store, H5Matches(single, writable=True) as matches:
         pairs = parse_pairs("exhaustive", store.names())
-        match_collection(store, pairs, matches, device="cpu", rotations=4, steerers=steerers)
+        match_collection(store, pairs, matches, device="cpu", rotations=4,
+                         steerers=quarter_steerers)
+        descriptors = {name: store.read(name).descriptors for name in store.names()}
+    # Some photos are rotated by 90 degrees: their pairs are matched under a steerer.
+    assert any(estimate_rotation([(descriptors[a], descriptors[b]) for a, b in pairs],
+                                 quarter_steerers.for_rotations(4), device="cpu"))
     output = tmp_path / "matches.h5"
     report = match_collection_ray(reference, pairs, output, device="cpu", rotations=4,
-                                  steerers=steerers, block_size=40)
+                                  steerers=quarter_steerers, block_size=40)
     assert len(report.matched) == len(pairs) and not report.failed
     _assert_same_file(output, single)

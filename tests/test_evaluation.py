@@ -138,7 +138,7 @@ def test_r2d2_is_at_least_as_accurate_as_sift_at_3px(hpatches, r2d2, tmp_path):
 
 
 class SteeredR2D2:
-    """The session's R2D2 with steerers of its own (fitted small, not cached)."""
+    """The session's R2D2 with steerers of its own (not cached)."""
 
     def __init__(self, r2d2, steerers) -> None:
         self._r2d2, self._steerers = r2d2, steerers
@@ -153,11 +153,9 @@ class SteeredR2D2:
         return self._steerers
 
 
-def test_r2d2_with_rotations_matches_rotated_views(r2d2, tmp_path):
-    from cv2r2d2.steerers import FitSettings, fit_steerers, rotate_image
+def test_r2d2_with_rotations_matches_rotated_views(r2d2, quarter_steerers, tmp_path):
+    from cv2r2d2.steerers import rotate_image
 
-    steerers = fit_steerers(r2d2, [90, 180], FitSettings(image_size=128, num_images=2),
-                            show_progress=False)
     folder = tmp_path / "v_turns"
     folder.mkdir()
     image = _photo("boat.png")
@@ -166,7 +164,7 @@ def test_r2d2_with_rotations_matches_rotated_views(r2d2, tmp_path):
         rotated, homography = rotate_image(image, angle)
         cv2.imwrite(str(folder / f"{k}.ppm"), rotated)
         np.savetxt(folder / f"H_1_{k}", homography)
-    methods = {"r2d2": SteeredR2D2(r2d2, steerers), "sift": cv2.SIFT_create()}
+    methods = {"r2d2": SteeredR2D2(r2d2, quarter_steerers), "sift": cv2.SIFT_create()}
     results = evaluate_hpatches(tmp_path, methods, metrics=["mma"], device="cpu", rotations=4)
     assert results["rotations"] == 4
     assert results["methods"]["r2d2"]["mma"]["v"][2] > 0.9  # plain matching: ~0.05

@@ -11,7 +11,7 @@ from cv2r2d2.matching import (
     SteeredMatcher, estimate_rotation, exhaustive_pairs, match_batch, match_collection,
     match_rotated, mutual_nearest_neighbours, parse_pairs, sequential_pairs,
 )
-from cv2r2d2.steerers import FitSettings, fit_steerers, rotate_image
+from cv2r2d2.steerers import rotate_image
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -170,14 +170,6 @@ def test_match_collection_writes_and_resumes(r2d2_descriptors, tmp_path):
 
 
 # --- rotated views -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def quarter_steerers(r2d2):
-    """Steerers for 90, 180 (and so 270) degrees, fitted on two 128 px procedural images
-    (not cached)."""
-    return fit_steerers(r2d2, [90, 180], FitSettings(image_size=128, num_images=2),
-                        show_progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -152,7 +152,8 @@ def test_a_read_only_weights_folder_caches_in_the_user_cache_folder(r2d2, model_
                                                                     monkeypatch, count_fits):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
     folder = model_copy.parent
-    folder.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP)
+    read_only = stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP
+    folder.chmod(read_only)
     try:
         fitted = load_steerers(r2d2, model_copy, [90], SMALL, show_progress=False)
         assert sorted(p.name for p in folder.iterdir()) == ["mine.pt"]
@@ -160,6 +161,20 @@ def test_a_read_only_weights_folder_caches_in_the_user_cache_folder(r2d2, model_
         assert path.parent == tmp_path / "home" / "hub" / "checkpoints" and path.is_file()
         assert load_steerers(r2d2, model_copy, [90], show_progress=False).matrix(90).tobytes() \
             == fitted.matrix(90).tobytes() and len(count_fits) == 1
+        # Steerers placed beside read-only weights are read; a broken one there is passed
+        # over for the user cache's (not refitted at every call).
+        folder.chmod(stat.S_IRWXU)
+        beside = folder / path.name
+        shutil.move(path, beside)
+        folder.chmod(read_only)
+        assert load_steerers(r2d2, model_copy, [90], show_progress=False).matrix(90).tobytes() \
+            == fitted.matrix(90).tobytes() and len(count_fits) == 1
+        folder.chmod(stat.S_IRWXU)
+        shutil.copyfile(beside, path)
+        beside.write_bytes(b"broken")
+        folder.chmod(read_only)
+        load_steerers(r2d2, model_copy, [90], show_progress=False)
+        assert len(count_fits) == 1
     finally:
         folder.chmod(stat.S_IRWXU)
 
