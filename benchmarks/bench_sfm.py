@@ -11,8 +11,8 @@ with pycolmap's incremental mapping (a camera per image, COLMAP's "auto" mode):
 Printed per pipeline: registered images, 3-D points, mean track length, mean
 reprojection error, camera agreement with the SIFT model (camera centres after a
 similarity fit, median, in % of the scene radius: the median distance of the SIFT model's
-3-D points from their median point; rotation error, median, degrees), and the time of each
-stage. Configurations with the same extraction settings share one extraction and one
+cameras from the median of its 3-D points; rotation error, median, degrees), and the time of
+each stage. Configurations with the same extraction settings share one extraction and one
 matching (their ``extract`` and ``match`` times are those of the first), so the ``refine``
 stage can be set against the extraction of the same images.
 
@@ -114,8 +114,11 @@ def r2d2(name: str, images: Path, work: Path, repeats: int, shared: Dict[str, Pa
 
 
 def scene_radius(model: Any) -> float:
-    points = np.array([point.xyz for point in model.points3D.values()])
-    return float(np.median(np.linalg.norm(points - np.median(points, axis=0), axis=1)))
+    """Median distance of the cameras from the scene's centre (the 3-D points' median)."""
+    centre = np.median(np.array([point.xyz for point in model.points3D.values()]), axis=0)
+    cameras = np.array([image.projection_center() for image in model.images.values()
+                        if image.has_pose])
+    return float(np.median(np.linalg.norm(cameras - centre, axis=1)))
 
 
 def rotation_angle(rotation: np.ndarray) -> float:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from .extractor import peak_offsets, pyramid
+from .extractor import pyramid
 from .image import read_image
 from .utils import progress
 
@@ -262,6 +262,32 @@ def _interpolate(windows: np.ndarray, delta: np.ndarray) -> np.ndarray:
     return _normalise(top * (1 - fy) + bottom * fy)
 
 
+# Least squares of a 2-D quadratic (1, x, y, x^2, xy, y^2) through the 3 x 3 samples
+# around a grid maximum, (dy, dx) row-major.
+_NEIGHBOURS = np.array([(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], np.float64)
+_QUADRATIC = np.linalg.pinv(np.column_stack([
+    np.ones(9), _NEIGHBOURS[:, 0], _NEIGHBOURS[:, 1], _NEIGHBOURS[:, 0] ** 2,
+    _NEIGHBOURS[:, 0] * _NEIGHBOURS[:, 1], _NEIGHBOURS[:, 1] ** 2]))
+
+
+def _quadratic_peaks(maps: np.ndarray, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
+    """(M, 2) sub-sample (dx, dy) of the maxima of (M, h, w) maps at interior grid
+    maxima (iy, ix): the top of a 2-D quadratic fitted to their 3 x 3 neighbourhoods
+    (all 9 samples: steadier than a parabola per axis), within +-0.5; 0 where the fit
+    has no maximum."""
+    rows = np.arange(len(maps))
+    samples = np.stack([maps[rows, iy + dy, ix + dx]
+                        for dx, dy in _NEIGHBOURS.astype(int).tolist()], axis=1)
+    _, bx, by, cxx, cxy, cyy = (samples.astype(np.float64) @ _QUADRATIC.T).T
+    det = 4 * cxx * cyy - cxy**2
+    peak = (cxx < 0) & (det > 1e-12)
+    safe = np.where(peak, det, 1)
+    dx = (cxy * by - 2 * cyy * bx) / safe
+    dy = (cxy * bx - 2 * cxx * by) / safe
+    offsets = np.stack([dx, dy], axis=1)
+    return np.where(peak[:, None], np.clip(offsets, -0.5, 0.5), 0).astype(np.float32)
+
+
 def _similarities(windows: np.ndarray, targets: np.ndarray, chunk: int = 2048) -> np.ndarray:
     """(M, K) cosine similarity of each window sample with its row's target."""
     flat = windows.reshape(len(windows), -1, windows.shape[-1])
@@ -288,9 +314,9 @@ def adjust_windows(
 
     Each round takes every track's robust mean descriptor (Cauchy weights of the
     members' distances to the previous mean) as its target, then moves every member to
-    the best cosine similarity with that target on its window's integer grid, refined by
-    a parabola through the neighbours on each axis, within ``max_displacement`` of the
-    centre. The members converge on a common place: the features' consensus, with no
+    the best cosine similarity with that target on its window's integer grid, refined to
+    the top of a quadratic fitted to the 3 x 3 samples around it, within
+    ``max_displacement`` of the centre. The members converge on a common place: the features' consensus, with no
     keypoint singled out as reference.
 
     Args:
@@ -325,14 +351,12 @@ def adjust_windows(
     descriptors = _interpolate(square, delta)
     weights = np.ones(count, np.float32)
     targets = _track_means(descriptors, weights, starts)
-    rows = np.arange(count)
     for _ in range(params.iterations):
         similarity = _similarities(windows, targets)
         best = np.where(allowed, similarity, -np.inf).argmax(axis=1)
         iy, ix = np.divmod(best, side)
-        # One tall map of all windows: the candidates' neighbours stay in their window.
-        dy, dx = peak_offsets(similarity.reshape(count * side, side), rows * side + iy, ix)
-        moved = np.stack([ix - params.window_radius + dx, iy - params.window_radius + dy], axis=1)
+        moved = np.stack([ix, iy], axis=1) - params.window_radius + _quadratic_peaks(
+            similarity.reshape(count, side, side), iy, ix)
         length = np.hypot(moved[:, 0], moved[:, 1])
         moved *= np.minimum(1, params.max_displacement / np.maximum(length, 1e-12))[:, None]
         delta = np.where(movable[:, None], moved, 0).astype(np.float32)
@@ -458,8 +482,8 @@ def refine_keypoints(
             raise ValueError("image_sizes (width, height per image) are needed with sizes")
         sizes = _per_image("sizes", sizes, [(len(points),) for points in keypoints])
         image_sizes = _per_image("image_sizes", image_sizes, [(2,)] * len(images), np.int64)
-        detected = np.array([sizes[i][k] for i, k in zip(tracks.images.tolist(),
-                                                          tracks.keypoints.tolist())], np.float32)
+        first = np.cumsum([0] + [len(points) for points in keypoints])
+        detected = np.concatenate(sizes)[first[tracks.images] + tracks.keypoints]
         finest = _finest_sizes(feature, image_sizes)[tracks.images]
         level_sizes = scale_matched_sizes(detected, finest, tracks.starts)
     offsets = window_offsets(params.window_radius)
@@ -469,9 +493,11 @@ def refine_keypoints(
     steps = np.ones((len(tracks.images), 2), np.float32)
     movable = np.zeros(len(tracks.images), bool)
     start = time.perf_counter()
-    for i in progress(np.unique(tracks.images).tolist(), len(np.unique(tracks.images)),
-                      show_progress, "refine", "image"):
-        rows = np.flatnonzero(tracks.images == i)
+    by_image = np.argsort(tracks.images, kind="stable")
+    used, bounds = np.unique(tracks.images[by_image], return_index=True)
+    groups = np.split(by_image, bounds[1:]) if len(by_image) else []
+    for i, rows in progress(list(zip(used.tolist(), groups)), len(groups), show_progress,
+                            "refine", "image"):
         image = read_image(images[i])
         points = keypoints[i][tracks.keypoints[rows]]
         windows[rows], steps[rows] = feature.computeDescriptorWindows(
@@ -487,8 +513,7 @@ def refine_keypoints(
     start = time.perf_counter()
     delta, _ = adjust_windows(windows, tracks.starts, params, movable)
     shift = delta * steps
-    for i in np.unique(tracks.images).tolist():
-        rows = tracks.images == i
+    for i, rows in zip(used.tolist(), groups):
         refined[i][tracks.keypoints[rows]] += shift[rows]
     moved = np.hypot(shift[:, 0], shift[:, 1])[movable]
     report.seconds["adjust"] = time.perf_counter() - start
