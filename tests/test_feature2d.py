@@ -373,8 +373,10 @@ def test_subpixel_keypoints_localise_better(warped_pair, boat):
     assert np.median(sub[sub < 5]) < 0.8 * np.median(plain[plain < 5])
     assert (sub <= 1).mean() >= (plain <= 1).mean() + 0.1
     assert (sub <= 3).mean() >= (plain <= 3).mean() - 0.005
-    with pytest.raises(TypeError, match="subpixel"):
+    with pytest.raises(ValueError, match="subpixel"):
         refined.setSubpixel("yes")
+    with pytest.raises(TypeError, match="subpixel"):
+        refined.setSubpixel(1.5)
 
     # Match refinement moves image 2's matched keypoints closer still.
     matches = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True).match(rd1, rd2)
