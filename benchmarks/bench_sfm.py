@@ -5,8 +5,9 @@ with pycolmap's incremental mapping (a camera per image, COLMAP's "auto" mode):
 
 - ``sift``: pycolmap's own extract_features, match_exhaustive, incremental_mapping;
 - R2D2 configurations through :func:`cv2r2d2.sfm.reconstruct`: ``default``,
-  ``subpixel``, ``refine``, ``subpixel+refine``, and ``unique`` / ``unique+refine``
-  where ``R2D2Feature.create`` has the cross-scale duplicate option.
+  ``subpixel`` (``subpixel=True``), ``descriptor`` (``subpixel="descriptor"``), ``unique``
+  (``unique_radius=1``: one keypoint per place across levels), each with and without
+  ``+refine`` (``reconstruct(refine=True)``).
 
 Printed per pipeline: registered images, 3-D points, mean track length, mean
 reprojection error, camera agreement with the SIFT model (camera centres after a
@@ -24,7 +25,6 @@ the median of each figure. Expect about 4 minutes per extraction setting on 2 co
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import os
 import shutil
@@ -45,14 +45,12 @@ CONFIGS: Dict[str, tuple] = {
     "subpixel": ({"subpixel": True}, False),
     "refine": ({}, True),
     "subpixel+refine": ({"subpixel": True}, True),
+    "descriptor": ({"subpixel": "descriptor"}, False),
+    "descriptor+refine": ({"subpixel": "descriptor"}, True),
+    "unique": ({"unique_radius": 1.0}, False),
+    "unique+refine": ({"unique_radius": 1.0}, True),
+    "subpixel+unique+refine": ({"subpixel": True, "unique_radius": 1.0}, True),
 }
-UNIQUE = "unique_radius"
-UNIQUE_RADIUS = 1.0
-if UNIQUE in inspect.signature(cv2r2d2.R2D2Feature.create).parameters:
-    CONFIGS["unique"] = ({UNIQUE: UNIQUE_RADIUS}, False)
-    CONFIGS["unique+refine"] = ({UNIQUE: UNIQUE_RADIUS}, True)
-    CONFIGS["subpixel+unique+refine"] = ({"subpixel": True, UNIQUE: UNIQUE_RADIUS}, True)
-
 
 def largest(models: Dict[int, Any]) -> Any:
     return max(models.values(), key=lambda model: model.num_reg_images()) if models else None
