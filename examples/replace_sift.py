@@ -4,8 +4,9 @@
 
 Both of OpenCV's usual matching recipes run unchanged on R2D2: cross-checked nearest
 neighbours, and the tutorials' two nearest neighbours with Lowe's ratio test (0.75).
-The second needs ``unique_radius``: R2D2 finds a place on several pyramid levels, and the
-same place's other keypoint would be every match's second nearest neighbour.
+The swap sets ``unique_radius`` for the second: R2D2 finds a place on two or three
+pyramid levels, so the same place's keypoint on another level can be a match's second
+nearest neighbour, and takes a share of the keypoint budget (see the README's Usage).
 Without arguments the pair is a sample image and a known warp of it, and the correct
 matches (within 3 px of the truth) are counted too.
 """
