@@ -1,6 +1,7 @@
 """Localisation accuracy of R2D2's settings against cv2.SIFT.
 
-    python benchmarks/bench_accuracy.py [--per-image 5] [--threads 2] [--methods ...]
+    python benchmarks/bench_accuracy.py [--per-image 5] [--threads 2] [--nfeatures 5000]
+        [--methods ...]
 
 On homography pairs made from ../shared/images (benchmarks/homography_pairs.py: per
 image and kind, ``--per-image`` viewpoint and illumination pairs), prints for each
@@ -36,15 +37,15 @@ REFINED = "R2D2 subpixel=True + refineMatches"
 KINDS = ("overall", "illumination", "viewpoint")
 RATIO = 0.75
 UNIQUE_RADIUS = 2.0
-# --methods name: (printed name, factory)
-METHODS: Dict[str, Tuple[str, Callable[[], Any]]] = {
-    "default": (DEFAULT, lambda: cv2r2d2.R2D2_create(device="cpu")),
-    "subpixel": (REFINED_FROM, lambda: cv2r2d2.R2D2_create(device="cpu", subpixel=True)),
+# --methods name: (printed name, factory of nfeatures)
+METHODS: Dict[str, Tuple[str, Callable[[int], Any]]] = {
+    "default": (DEFAULT, lambda n: cv2r2d2.R2D2_create(n, device="cpu")),
+    "subpixel": (REFINED_FROM, lambda n: cv2r2d2.R2D2_create(n, device="cpu", subpixel=True)),
     "descriptor": ('R2D2 subpixel="descriptor"',
-                   lambda: cv2r2d2.R2D2_create(device="cpu", subpixel="descriptor")),
+                   lambda n: cv2r2d2.R2D2_create(n, device="cpu", subpixel="descriptor")),
     "unique": (f"R2D2 unique_radius={UNIQUE_RADIUS:g}",
-               lambda: cv2r2d2.R2D2_create(device="cpu", unique_radius=UNIQUE_RADIUS)),
-    "sift": ("cv2.SIFT(5000)", lambda: cv2.SIFT_create(5000)),
+               lambda n: cv2r2d2.R2D2_create(n, device="cpu", unique_radius=UNIQUE_RADIUS)),
+    "sift": ("cv2.SIFT", lambda n: cv2.SIFT_create(n)),
 }
 
 
@@ -67,16 +68,16 @@ def homography_correct(pair: PairData, max_corner_error: float = 3.0) -> bool:
     return bool(error.mean() <= max_corner_error)
 
 
-def ratio_test_correct(pair: PairData, desc_a: np.ndarray, desc_b: np.ndarray,
+def ratio_test_correct(xy_a: np.ndarray, desc_a: np.ndarray, xy_b: np.ndarray,
+                       desc_b: np.ndarray, homography: np.ndarray, norm: int,
                        max_error: float = 3.0) -> int:
     """Correct matches (<= max_error px) kept by knnMatch(k=2) and Lowe's ratio test."""
     if len(desc_a) < 2 or len(desc_b) < 2:
         return 0
-    knn = cv2.BFMatcher(cv2.NORM_L2).knnMatch(desc_a, desc_b, k=2)
+    knn = cv2.BFMatcher(norm).knnMatch(desc_a, desc_b, k=2)
     good = np.array([(m.queryIdx, m.trainIdx) for m, n in knn if m.distance < RATIO * n.distance],
                     np.int64).reshape(-1, 2)
-    error = np.linalg.norm(project(pair.keypoints_a[good[:, 0]], pair.homography)
-                           - pair.keypoints_b[good[:, 1]], axis=1)
+    error = np.linalg.norm(project(xy_a[good[:, 0]], homography) - xy_b[good[:, 1]], axis=1)
     return int((error <= max_error).sum())
 
 
@@ -84,6 +85,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-image", type=int, default=5, help="pairs per image and kind")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--nfeatures", type=int, default=5000,
+                        help="keypoints per image, every method (default: %(default)s)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated, of {', '.join(METHODS)} (default: all)")
     args = parser.parse_args()
@@ -93,7 +96,8 @@ def main() -> None:
         parser.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     torch.set_num_threads(args.threads)
 
-    methods: Dict[str, Any] = {METHODS[m][0]: METHODS[m][1]() for m in chosen_methods}
+    methods: Dict[str, Any] = {METHODS[m][0]: METHODS[m][1](args.nfeatures)
+                              for m in chosen_methods}
     pairs = make_pairs(args.per_image)
     rows: Dict[str, List[Tuple[str, np.ndarray, bool, int, int, int]]] = {
         m: [] for m in [*methods, *([REFINED] if REFINED_FROM in methods else [])]}
@@ -119,9 +123,8 @@ def main() -> None:
                     refine_seconds.append(time.perf_counter() - start)
                     # One point per match: the refined positions replace image b's.
                     variants[REFINED] = (xy_a, moved, np.c_[matches[:, 0], np.arange(len(moved))])
-                ratio_correct = ratio_test_correct(
-                    PairData(xy_a, xy_b, matches, pair.homography, image_a.shape[1::-1],
-                             pair.image_b.shape[1::-1]), desc_a, desc_b)
+                ratio_correct = ratio_test_correct(xy_a, desc_a, xy_b, desc_b, pair.homography,
+                                                   feature.defaultNorm())
                 for variant, (p_a, p_b, m) in variants.items():
                     data = PairData(p_a, p_b, m, pair.homography,
                                     image_a.shape[1::-1], pair.image_b.shape[1::-1])
@@ -132,7 +135,8 @@ def main() -> None:
 
     n_kinds = {kind: sum(p.kind == kind for p in pairs) for kind in KINDS[1:]}
     print(f"\n{len(pairs)} pairs ({n_kinds['viewpoint']} viewpoint, {n_kinds['illumination']} "
-          f"illumination) from {', '.join(sorted({p.name for p in pairs}))}")
+          f"illumination) from {', '.join(sorted({p.name for p in pairs}))}; "
+          f"nfeatures {args.nfeatures}")
     print("| method | pairs | " + " | ".join(f"MMA@{t}" for t in THRESHOLDS)
           + f" | homography correct | keypoints | matches | correct after ratio {RATIO} |")
     print("| --- " * (len(THRESHOLDS) + 7) + "|")
