@@ -77,6 +77,8 @@ def report(name: str, detector: Any, image1: np.ndarray, image2: np.ndarray,
 
 
 def main() -> None:
+    if len(sys.argv) not in (1, 3):
+        sys.exit(f"usage: {sys.argv[0]} [IMAGE1 IMAGE2]")
     if len(sys.argv) == 3:
         image1, image2 = cv2.imread(sys.argv[1]), cv2.imread(sys.argv[2])
         if image1 is None or image2 is None:

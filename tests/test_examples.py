@@ -48,3 +48,13 @@ def test_replace_sift_ratio_test_finds_as_many_correct_matches(monkeypatch, caps
         points = example.ratio_test_matches(detector.defaultNorm(), *features)
         correct[radius] = example.correct_matches(points, example.H_SAMPLE)
     assert correct[2.0] >= 1.03 * correct[0.0], correct
+
+
+def test_replace_sift_says_what_is_wrong_with_its_arguments(tmp_path):
+    import subprocess
+
+    script = str(ROOT / "examples" / "replace_sift.py")
+    for args, message in ((["a.png"], "usage:"), ([str(tmp_path / "a.png"), str(tmp_path / "b.png")],
+                                                  f"cannot read {tmp_path / 'a.png'}")):
+        run = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+        assert run.returncode == 1 and message in run.stderr, run.stderr
