@@ -7,7 +7,10 @@ with pycolmap's incremental mapping (a camera per image, COLMAP's "auto" mode):
 - R2D2 configurations through :func:`cv2r2d2.sfm.reconstruct`: ``default``,
   ``subpixel`` (``subpixel=True``), ``descriptor`` (``subpixel="descriptor"``), ``unique``
   (``unique_radius=1``: one keypoint per place across levels), each with and without
-  ``+refine`` (``reconstruct(refine=True)``).
+  ``+refine`` (``reconstruct(refine=True)``); ``+refine-int8`` refines with an int8 ONNX
+  export of the model (``refine_feature``; exported once into the working folder,
+  calibrated on ../shared/images, not on the photos), ``+refine-x2`` on levels up to twice
+  finer (``RefinementParams.upsampled(2)``), ``+refine-x2-int8`` both.
 
 Printed per pipeline: registered images, 3-D points, mean track length, mean
 reprojection error, camera agreement with the SIFT model (camera centres after a
@@ -35,22 +38,40 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 import cv2r2d2
+from cv2r2d2.refinement import RefinementParams
 from cv2r2d2.sfm import import_pycolmap, incremental_mapping, reconstruct
 
 IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "images" / "sacre_coeur"
 
-# name: (R2D2Feature.create keyword arguments, refine)
+# name: (R2D2Feature.create keyword arguments, refine, refinement upsample, int8 refinement)
 CONFIGS: Dict[str, tuple] = {
-    "default": ({}, False),
-    "subpixel": ({"subpixel": True}, False),
-    "refine": ({}, True),
-    "subpixel+refine": ({"subpixel": True}, True),
-    "descriptor": ({"subpixel": "descriptor"}, False),
-    "descriptor+refine": ({"subpixel": "descriptor"}, True),
-    "unique": ({"unique_radius": 1.0}, False),
-    "unique+refine": ({"unique_radius": 1.0}, True),
-    "subpixel+unique+refine": ({"subpixel": True, "unique_radius": 1.0}, True),
+    "default": ({}, False, 1.0, False),
+    "subpixel": ({"subpixel": True}, False, 1.0, False),
+    "refine": ({}, True, 1.0, False),
+    "refine-int8": ({}, True, 1.0, True),
+    "refine-x2-int8": ({}, True, 2.0, True),
+    "subpixel+refine": ({"subpixel": True}, True, 1.0, False),
+    "descriptor": ({"subpixel": "descriptor"}, False, 1.0, False),
+    "descriptor+refine": ({"subpixel": "descriptor"}, True, 1.0, False),
+    "descriptor+refine-int8": ({"subpixel": "descriptor"}, True, 1.0, True),
+    "descriptor+refine-x2": ({"subpixel": "descriptor"}, True, 2.0, False),
+    "descriptor+refine-x2-int8": ({"subpixel": "descriptor"}, True, 2.0, True),
+    "unique": ({"unique_radius": 1.0}, False, 1.0, False),
+    "unique+refine": ({"unique_radius": 1.0}, True, 1.0, False),
+    "subpixel+unique+refine": ({"subpixel": True, "unique_radius": 1.0}, True, 1.0, False),
 }
+CALIBRATION = IMAGES.parent  # the sample photos, not the reconstructed ones
+
+
+def int8_model(work: Path) -> Path:
+    """The int8 ONNX export of the default model, made once in ``work``."""
+    from cv2r2d2.export import export_onnx
+
+    path = work / "r2d2_WASF_N16_int8.onnx"
+    if not path.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        export_onnx("r2d2_WASF_N16", path, int8=True, calibration=CALIBRATION)
+    return path
 
 def largest(models: Dict[int, Any]) -> Any:
     return max(models.values(), key=lambda model: model.num_reg_images()) if models else None
@@ -80,7 +101,7 @@ def sift(images: Path, work: Path, repeats: int) -> dict:
 
 
 def r2d2(name: str, images: Path, work: Path, repeats: int, shared: Dict[str, Path]) -> dict:
-    options, refine = CONFIGS[name]
+    options, refine, upsample, int8 = CONFIGS[name]
     key = ",".join(f"{k}={v}" for k, v in sorted(options.items())) or "paper"
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -92,7 +113,11 @@ def r2d2(name: str, images: Path, work: Path, repeats: int, shared: Dict[str, Pa
     # Timed afresh: an earlier run's refined keypoints are not reused.
     (folder / "refined_keypoints.npz").unlink(missing_ok=True)
     feature = cv2r2d2.R2D2Feature.create(**options)
-    result = reconstruct(images, folder, feature=feature, refine=refine)
+    refiner = cv2r2d2.R2D2Feature.create(**options, model=str(int8_model(work)),
+                                         backend="onnxruntime") if int8 else None
+    params = RefinementParams.upsampled(upsample) if upsample != 1 else None
+    result = reconstruct(images, folder, feature=feature, refine=refine, refine_params=params,
+                         refine_feature=refiner)
     seconds = dict(result.seconds)
     if key in shared:
         seconds.update({stage: shared[key + ":" + stage] for stage in ("extract", "match")})

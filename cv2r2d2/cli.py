@@ -324,22 +324,56 @@ def _add_sfm(subparsers: Any) -> None:
                         help="before mapping, move the keypoints of each verified track to "
                              "where R2D2's dense descriptors agree across it (featuremetric "
                              "keypoint refinement; cached in refined_keypoints.npz)")
+    parser.add_argument("--refine-upsample", type=float, default=1.0, metavar="U",
+                        help="with --refine: refine on levels up to U times finer than the "
+                             "extraction's finest (the image upsampled; window and move "
+                             "bound scaled alike); 2 gives the README's lowest reprojection "
+                             "error for about 4 times the refinement's time (default: "
+                             "%(default)s)")
+    parser.add_argument("--refine-model", default=None, metavar="MODEL",
+                        help="with --refine: the network computing the refinement's "
+                             "descriptors, e.g. an int8 export of --model from "
+                             "'cv2r2d2 export-onnx --int8' (.onnx runs on onnxruntime); "
+                             "default: the extraction's")
     _add_matching_options(parser, pairs_required=False)
     _add_feature_options(parser)
     _add_output_options(parser, colmap=True)
     parser.set_defaults(run=_run_sfm)
 
 
+def _refinement(args: argparse.Namespace) -> Tuple[Any, Any]:
+    """(refine_params, refine_feature) of the sfm options."""
+    from .feature2d import R2D2Feature
+    from .refinement import RefinementParams
+
+    if not args.refine and (args.refine_upsample != 1.0 or args.refine_model is not None):
+        raise ValueError("--refine-upsample and --refine-model go with --refine")
+    upsample = args.refine_upsample
+    params = RefinementParams.upsampled(upsample) if upsample != 1.0 else None
+    feature = None
+    if args.refine_model is not None:
+        options = _feature_options(args)
+        options["model"] = args.refine_model
+        if str(args.refine_model).endswith(".onnx"):
+            options["backend"] = "onnxruntime"
+        elif options.get("backend") not in (None, "torch", "reference"):
+            options["backend"] = "torch"  # a checkpoint or a registry name
+        feature = R2D2Feature.create(**options)
+    return params, feature
+
+
 def _run_sfm(args: argparse.Namespace) -> int:
     from .sfm import import_pycolmap, reconstruct
 
     import_pycolmap()  # before the long extraction, not after it
+    refine_params, refine_feature = _refinement(args)
     result = reconstruct(
         args.image_dir, args.output_dir, feature=_create_feature(args), pairs=args.pairs,
         camera_model=args.camera_model, camera_mode=args.camera_mode,
         max_distance=args.max_distance, ratio=args.ratio, device=args.device,
         rotations=args.rotations, database_only=args.database_only, overwrite=args.overwrite,
         show_progress=not args.quiet, verbose=args.verbose, refine=args.refine,
+        refine_params=refine_params, refine_feature=refine_feature,
     )
     print(result.summary())
     _report_failed(result.failed)

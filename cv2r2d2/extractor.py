@@ -7,7 +7,7 @@ any backend able to resize an image and run the network (torch now) reuses them.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterator, List, Optional, Protocol, Tuple, Union
 
 import cv2
@@ -21,6 +21,8 @@ __all__ = [
     "Features",
     "pyramid",
     "reference_pyramid",
+    "upsampled_pyramid",
+    "check_upsample",
     "extract",
     "describe",
     "dense_maps",
@@ -241,6 +243,8 @@ def _walk(runner: NetworkRunner, image: np.ndarray, steps: List[Level]) -> Itera
     for level in steps:
         if handle is None:
             handle = runner.prepare(image)
+            if (level.height, level.width) != tuple(image.shape[1:]):  # an upsampled pyramid
+                handle = runner.resize(handle, level.height, level.width)
         else:
             # The reference resizes from the previous step, not from the original
             # image, at every step (processed or not); keep it for parity.
@@ -667,6 +671,30 @@ def _level_choice(sizes: np.ndarray, levels: List[Level]) -> np.ndarray:
     return np.abs(log_sizes[:, None] - level_sizes[None, :]).argmin(axis=1)
 
 
+def upsampled_pyramid(height: int, width: int, params: ExtractionParams,
+                      upsample: float = 1.0) -> List[Level]:
+    """The extraction's pyramid extended by finer levels: that of the image upsampled by
+    ``upsample`` with ``max_size`` scaled alike, so its finest level has ``upsample``
+    times the resolution of the extraction's finest (2: twice) and its coarsest is
+    about the extraction's. Level sizes and scales are those of the upsampled image: a
+    level's keypoint size in original-image pixels is ``level.size / upsample``.
+    ``upsample`` 1: the extraction's pyramid."""
+    if upsample == 1:
+        return pyramid(height, width, params)
+    scaled = replace(params, max_size=params.max_size * upsample)
+    return pyramid(round(height * upsample), round(width * upsample), scaled)
+
+
+def check_upsample(upsample: Any) -> float:
+    """``upsample`` as :func:`descriptor_windows` takes it: a finite number > 0."""
+    if isinstance(upsample, (bool, np.bool_)) \
+            or not isinstance(upsample, (int, float, np.integer, np.floating)):
+        raise TypeError(f"upsample must be a number, got {upsample!r}")
+    if not (math.isfinite(upsample) and upsample > 0):
+        raise ValueError(f"upsample must be a finite number > 0, got {upsample!r}")
+    return float(upsample)
+
+
 def _at_levels(
     runner: NetworkRunner,
     image: np.ndarray,
@@ -676,6 +704,7 @@ def _at_levels(
     tile_size: int,
     centred: bool = False,
     margin: int = 1,
+    upsample: float = 1.0,
 ) -> Iterator[Tuple[np.ndarray, Level, LevelOutput, np.ndarray, np.ndarray, Box]]:
     """Network outputs around points, each on the level its size picks.
 
@@ -684,13 +713,14 @@ def _at_levels(
     window reaches ``margin`` map pixels beyond its tile. ``centred`` maps image to
     map pixels with consistent pixel centres, (x + 0.5) w / W - 0.5, as sub-pixel
     keypoints are mapped; else as x w / W, the inverse of the reference's mapping.
+    ``upsample`` > 1 walks :func:`upsampled_pyramid` (sizes stay in image pixels).
     """
     height, width = image.shape[1:]
-    steps = pyramid(height, width, params)
+    steps = upsampled_pyramid(height, width, params, upsample)
     levels = [level for level in steps if level.processed]
     if not len(xy) or not levels:
         return
-    choice = _level_choice(sizes, levels)
+    choice = _level_choice(sizes * np.float32(upsample), levels)
     shift = np.float32(0.5 if centred else 0)
     for index, (level, handle) in enumerate(_walk(runner, image, steps)):
         rows = np.flatnonzero(choice == index)
@@ -822,6 +852,7 @@ def descriptor_windows(
     params: ExtractionParams,
     tile_size: int = DEFAULT_TILE_SIZE,
     dtype: Any = np.float32,
+    upsample: float = 1.0,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Descriptors on a grid of offsets around points, each point on the level its size picks.
 
@@ -837,6 +868,8 @@ def descriptor_windows(
             the finest processed level).
         offsets: (K, 2) (dx, dy) in map pixels of each point's level.
         dtype: of the returned windows (float16 halves their memory).
+        upsample: the levels are those of :func:`upsampled_pyramid` (2: down to twice
+            the finest level's resolution, the image upsampled bilinearly).
 
     Returns:
         (N, K, dim) descriptors and (N, 2) float32 image pixels per map pixel (x, y) of
@@ -852,7 +885,8 @@ def descriptor_windows(
     margin = int(np.ceil(np.abs(offsets).max(initial=0))) + 1
     chunk = max(1, 2**22 // (max(len(offsets), 1) * runner.descriptor_size))  # ~16 MB of samples
     for rows, level, output, x, y, _ in _at_levels(
-        runner, image, xy, sizes, params, tile_size, centred=True, margin=margin
+        runner, image, xy, sizes, params, tile_size, centred=True, margin=margin,
+        upsample=check_upsample(upsample),
     ):
         for part in range(0, len(rows), chunk):
             r = rows[part:part + chunk]

@@ -21,6 +21,7 @@ from .extractor import (
     ExtractionParams,
     Features,
     NetworkRunner,
+    check_upsample,
     describe,
     dense_maps,
     descriptor_windows,
@@ -371,6 +372,7 @@ class R2D2Feature:
         offsets: np.ndarray,
         sizes: Optional[np.ndarray] = None,
         dtype: Any = np.float32,
+        upsample: float = 1.0,
     ) -> Tuple[np.ndarray, np.ndarray]:
         """Dense descriptors on a small grid around each point, without a whole dense map.
 
@@ -385,6 +387,9 @@ class R2D2Feature:
             sizes: (N,) keypoint diameters choosing each point's level as
                 :meth:`compute` does; None: the finest processed level for all.
             dtype: ``np.float32`` or ``np.float16`` (half the memory).
+            upsample: > 1 adds levels finer than the pyramid's finest (2: down to twice
+                its resolution; the image is upsampled bilinearly, each level grows by
+                this factor and ``sizes`` pick among them as before).
 
         Returns:
             (N, K, 128) windows and (N, 2) float32 image pixels per level pixel (x, y).
@@ -412,9 +417,11 @@ class R2D2Feature:
             raise ValueError(f"sizes must hold one size per point ({len(points)}), got {len(sizes)}")
         if np.dtype(dtype) not in (np.float16, np.float32):
             raise TypeError(f"dtype must be np.float32 or np.float16, got {dtype!r}")
+        upsample = check_upsample(upsample)
         with self._threads():
             return descriptor_windows(self._runner, normalised, points, sizes, offsets,
-                                      self._config.params, self._config.tile_size, np.dtype(dtype))
+                                      self._config.params, self._config.tile_size, np.dtype(dtype),
+                                      upsample=upsample)
 
     def computeDenseMaps(self, image: Any, scale: float = 1.0) -> dict:
         """Dense network outputs on the image resized by ``scale`` (0 < scale <= 1).

@@ -358,3 +358,17 @@ def test_sfm_and_eval_hpatches_check_rotations_first(photos, tmp_path, capsys):
     assert not (tmp_path / "sfm" / "features.h5").exists()  # refused before extracting
     assert main(["eval-hpatches", str(tmp_path), "--rotations", "7", "--no-plot"]) == 1
     assert "divisor of 360" in capsys.readouterr().err
+
+
+def test_sfm_refinement_options_need_refine_and_a_readable_model(photos, tmp_path, capsys):
+    pytest.importorskip("pycolmap")
+    output = tmp_path / "sfm"
+    assert main(["sfm", str(photos), str(output), "--refine-upsample", "2", *FAST]) == 1
+    assert "go with --refine" in capsys.readouterr().err
+    missing = tmp_path / "int8.onnx"
+    assert main(["sfm", str(photos), str(output), "--refine", "--refine-model", str(missing),
+                 *FAST]) == 1
+    assert "int8.onnx" in capsys.readouterr().err
+    assert main(["sfm", str(photos), str(output), "--refine", "--refine-upsample", "0", *FAST]) == 1
+    assert "upsample" in capsys.readouterr().err
+    assert not (output / "features.h5").exists()  # all refused before extracting

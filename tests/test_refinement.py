@@ -114,9 +114,14 @@ def _transfer(H: np.ndarray, points: np.ndarray) -> np.ndarray:
     return projected[:, :2] / projected[:, 2:]
 
 
-def test_refined_keypoints_lie_closer_to_the_truth(r2d2, boat, tmp_path):
+@pytest.mark.parametrize("params", [
+    RefinementParams(),
+    RefinementParams(upsample=2.0, window_radius=3, max_displacement=2.5),
+], ids=["pyramid", "upsampled"])
+def test_refined_keypoints_lie_closer_to_the_truth(r2d2, boat, tmp_path, params):
     """boat and two warps of it with known homographies: the tracks' keypoints, refined,
-    agree with the geometry better than as detected (paper settings, 5 pyramid levels)."""
+    agree with the geometry better than as detected (paper settings, 5 pyramid levels;
+    and on the pyramid upsampled twice, 4 levels finer)."""
     import cv2
 
     from cv2r2d2.matching import mutual_nearest_neighbours
@@ -143,7 +148,7 @@ def test_refined_keypoints_lie_closer_to_the_truth(r2d2, boat, tmp_path):
     keypoints = [f.xy for f in found]
     refined, report = refine_keypoints(r2d2, paths, keypoints, edges,
                                        sizes=[f.sizes for f in found],
-                                       image_sizes=[(512, 512)] * 3)
+                                       image_sizes=[(512, 512)] * 3, params=params)
     assert isinstance(report, RefinementReport) and report.num_tracks > 500
 
     def errors(points):
@@ -156,3 +161,57 @@ def test_refined_keypoints_lie_closer_to_the_truth(r2d2, boat, tmp_path):
         assert moved.shape == points.shape and moved.dtype == np.float32
         shift = np.linalg.norm(moved - points, axis=1)
         assert (shift > 0).any() and (shift == 0).any()
+
+
+def test_upsampled_windows_are_those_of_the_upsampled_image(r2d2, boat):
+    """upsample=2 samples the levels of the image upsampled twice: on its finest level,
+    windows match those of a 2x bilinear resize of the image at the same places (the
+    pixel-centre mapping kept), with half a pixel of the image per map pixel."""
+    import cv2
+
+    import cv2r2d2
+
+    rng = np.random.default_rng(0)
+    points = rng.uniform(40, 470, (200, 2)).astype(np.float32)
+    offsets = window_offsets(2)
+    plain, plain_steps = r2d2.computeDescriptorWindows(boat, points, offsets)
+    same, same_steps = r2d2.computeDescriptorWindows(boat, points, offsets, upsample=1.0)
+    np.testing.assert_array_equal(plain, same)
+    np.testing.assert_array_equal(plain_steps, same_steps)
+    np.testing.assert_array_equal(plain_steps, np.ones_like(plain_steps))
+
+    windows, steps = r2d2.computeDescriptorWindows(boat, points, offsets, upsample=2.0)
+    np.testing.assert_allclose(steps, 0.5)
+    large = cv2.resize(boat, (1024, 1024), interpolation=cv2.INTER_LINEAR)
+    wide = cv2r2d2.R2D2Feature.create(device="cpu", max_size=2048)
+    expected, _ = wide.computeDescriptorWindows(large, (points + 0.5) * 2 - 0.5, offsets)
+    cosine = (windows * expected).sum(axis=2)
+    assert np.median(cosine) > 0.99 and np.percentile(cosine, 5) > 0.95, \
+        np.percentile(cosine, [5, 50])
+    # and not those of the unscaled image's finest level, nor shifted by a pixel
+    assert np.median((windows * plain).sum(axis=2)) < np.median(cosine) - 0.02
+    shifted, _ = wide.computeDescriptorWindows(large, (points + 0.5) * 2 + 0.5, offsets)
+    assert np.median((windows * shifted).sum(axis=2)) < np.median(cosine) - 0.005
+
+
+def test_upsampled_levels_follow_sizes(r2d2, boat):
+    """With sizes, upsample=2 picks the level of the same keypoint size (image pixels)
+    among the extraction's levels and finer ones: size 16 (the patch of 32 level pixels
+    at scale 2) on the 2x level, 32 on the image's resolution, 64 on the extraction's
+    coarsest level (boat: 256 pixels, min_size)."""
+    points = np.array([[100.0, 120.0], [300.0, 250.0], [200.0, 400.0]], np.float32)
+    _, steps = r2d2.computeDescriptorWindows(boat, points, window_offsets(1),
+                                             sizes=np.array([16.0, 32.0, 64.0]), upsample=2.0)
+    np.testing.assert_allclose(steps[:, 0], [0.5, 1.0, 2.0], rtol=1e-3)
+
+
+@pytest.mark.parametrize("upsample, error", [
+    (0.0, ValueError), (-1.0, ValueError), (float("nan"), ValueError), ("2", TypeError),
+    (True, TypeError),
+])
+def test_upsample_is_checked(r2d2, boat, upsample, error):
+    with pytest.raises(error, match="upsample"):
+        r2d2.computeDescriptorWindows(boat, np.zeros((1, 2), np.float32), window_offsets(1),
+                                      upsample=upsample)
+    with pytest.raises(error, match="upsample"):
+        RefinementParams(upsample=upsample)

@@ -221,6 +221,41 @@ def test_refinement_lowers_the_reprojection_error(scene, reconstruction, refined
     assert not list(output.rglob("*.tmp"))
 
 
+def test_refinement_on_finer_levels_with_another_network(scene, feature, reconstruction, refined,
+                                                        tmp_path):
+    """refine_feature's network computes the windows (not the extractor's), and
+    RefinementParams.upsampled(2) refines on levels twice finer: the error drops below
+    that of the plain reconstruction, and the cache is keyed to the settings."""
+    import cv2r2d2
+    from cv2r2d2.refinement import RefinementParams
+    from cv2r2d2.sfm import reconstruct
+
+    plain, _ = reconstruction
+    refiner = cv2r2d2.R2D2Feature.create(device="cpu", min_size=WIDTH, max_size=WIDTH)
+    calls = {"refiner": 0}
+    windows = refiner.computeDescriptorWindows
+
+    def counted(*args, **kwargs):
+        calls["refiner"] += 1
+        assert kwargs["upsample"] == 2.0
+        return windows(*args, **kwargs)
+
+    refiner.computeDescriptorWindows = counted
+    output = _resumed_copy(refined[1], tmp_path / "out")
+    shutil.copyfile(refined[1] / "refined_keypoints.npz", output / "refined_keypoints.npz")
+    params = RefinementParams.upsampled(2)
+    assert (params.window_radius, params.max_displacement, params.upsample) == (4, 3.5, 2.0)
+    result = reconstruct(scene[0], output, feature=feature, camera_mode="single", refine=True,
+                         refine_params=params, refine_feature=refiner)
+    # The default settings' cached keypoints are not taken for these.
+    assert not result.refinement.cached and calls["refiner"] == NUM_VIEWS
+    assert result.num_registered == NUM_VIEWS
+    assert result.mean_reprojection_error < 0.85 * plain.mean_reprojection_error, \
+        (plain.mean_reprojection_error, result.mean_reprojection_error)
+    with pytest.raises(TypeError, match="refine_feature"):
+        reconstruct(scene[0], output, feature=feature, refine=True, refine_feature="int8.onnx")
+
+
 def test_without_refinement_the_database_is_the_features(reconstruction, tmp_path):
     """refine=False writes what it always wrote: the detected keypoints, no cache."""
     from cv2r2d2.io import H5Features
