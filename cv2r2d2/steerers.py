@@ -249,8 +249,14 @@ def check_descriptors(descriptors: Any, size: int, name: str = "descriptors") ->
 
 
 def steer_descriptors(descriptors: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """(N, D) descriptors times a (D, D) steerer, rows L2-normalised (float32)."""
-    steered = descriptors @ matrix.T
+    """(N, D) descriptors times a (D, D) steerer, rows L2-normalised (float32).
+
+    The product is numpy's own loop (``einsum`` without BLAS): each row's result is then
+    the same however many rows are steered together and on any thread count (OpenBLAS's
+    float32 GEMM rounds differently with 1 and 2 threads), so a collection matched on
+    Ray workers gives the single machine's file bit for bit.
+    """
+    steered = np.einsum("nk,jk->nj", descriptors, matrix, optimize=False)
     norms = np.linalg.norm(steered, axis=1, keepdims=True)
     return (steered / np.maximum(norms, np.float32(1e-12))).astype(np.float32, copy=False)
 
