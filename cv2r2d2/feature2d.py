@@ -388,8 +388,8 @@ class R2D2Feature:
                 :meth:`compute` does; None: the finest processed level for all.
             dtype: ``np.float32`` or ``np.float16`` (half the memory).
             upsample: > 1 adds levels finer than the pyramid's finest (2: down to twice
-                its resolution; the image is upsampled bilinearly, each level grows by
-                this factor and ``sizes`` pick among them as before).
+                its resolution; the image is upsampled bilinearly), among which ``sizes``
+                pick as before (``extractor.upsampled_pyramid``).
 
         Returns:
             (N, K, 128) windows and (N, 2) float32 image pixels per level pixel (x, y).

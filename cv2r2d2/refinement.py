@@ -66,9 +66,10 @@ class RefinementParams:
         min_inliers: image pairs with fewer verified matches give no tracks (COLMAP's
             mapper leaves such pairs out too).
         half: keep the windows in float16 (half the memory).
-        upsample: the refinement's pyramid is the extraction's with every level this
-            factor larger (:func:`cv2r2d2.extractor.upsampled_pyramid`): 2 refines the
-            tracks' finest members at twice the finest level's resolution.
+        upsample: the refinement's pyramid is the extraction's extended by finer levels,
+            down to this factor times the finest's resolution
+            (:func:`cv2r2d2.extractor.upsampled_pyramid`): 2 refines the tracks' finest
+            members at twice it. Use :meth:`upsampled` to scale the window with it.
     """
 
     window_radius: int = 2
