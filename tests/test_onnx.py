@@ -383,3 +383,24 @@ def test_int8_export_keeps_first_conv_and_heads_fp32_and_reports_its_accuracy(ex
     np.testing.assert_allclose(np.linalg.norm(descriptors, axis=1), 1.0, atol=1e-5)
     # The quantised graph crops as exactly: its quantisation steps are per-pixel.
     _assert_tiles_equal_whole(r2d2._runner, crop, monkeypatch)
+
+
+def test_sfm_refine_model_runs_an_onnx_export_on_onnxruntime(exported):
+    """`cv2r2d2 sfm --refine --refine-model x.onnx`: the refinement's extractor runs that
+    file on onnxruntime with the extraction's settings; a checkpoint or registry name on
+    torch; --refine-upsample 2 gives RefinementParams.upsampled(2)."""
+    from cv2r2d2.cli import _refinement, build_parser
+    from cv2r2d2.refinement import RefinementParams
+
+    path = exported()["output"]
+    args = build_parser().parse_args(
+        ["sfm", "photos", "out", "--refine", "--refine-model", str(path), "--refine-upsample",
+         "2", "--max-size", "640", "--backend", "torch", "--device", "cpu"])
+    params, feature = _refinement(args)
+    assert params == RefinementParams.upsampled(2)
+    assert feature.getModel() == str(path) and feature.getBackend() == "onnxruntime"
+    assert feature.getParams().max_size == 640
+    args = build_parser().parse_args(["sfm", "photos", "out", "--refine", "--device", "cpu",
+                                      "--refine-model", MODEL, "--backend", "onnxruntime"])
+    params, feature = _refinement(args)
+    assert params is None and feature.getBackend() == "torch" and feature.getModel() == MODEL
