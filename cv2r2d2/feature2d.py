@@ -21,7 +21,6 @@ from .extractor import (
     ExtractionParams,
     Features,
     NetworkRunner,
-    check_upsample,
     describe,
     dense_maps,
     descriptor_windows,
@@ -417,7 +416,6 @@ class R2D2Feature:
             raise ValueError(f"sizes must hold one size per point ({len(points)}), got {len(sizes)}")
         if np.dtype(dtype) not in (np.float16, np.float32):
             raise TypeError(f"dtype must be np.float32 or np.float16, got {dtype!r}")
-        upsample = check_upsample(upsample)
         with self._threads():
             return descriptor_windows(self._runner, normalised, points, sizes, offsets,
                                       self._config.params, self._config.tile_size, np.dtype(dtype),
