@@ -215,3 +215,39 @@ def test_upsample_is_checked(r2d2, boat, upsample, error):
                                       upsample=upsample)
     with pytest.raises(error, match="upsample"):
         RefinementParams(upsample=upsample)
+
+
+def test_windows_run_the_network_only_around_their_points(r2d2, boat, monkeypatch):
+    """Each tile runs on the box of its points grown by the windows' reach, not on the
+    whole tile: for two small clusters of points the network sees a small share of the
+    level, and the windows are still those of the whole level's dense map."""
+    from cv2r2d2.extractor import dense_maps
+
+    runner = r2d2.getRunner()
+    image = r2d2._prepare(boat)
+    full = dense_maps(runner, image)["descriptors"]  # (128, 512, 512), unit vectors
+    rng = np.random.default_rng(3)
+    points = np.concatenate([rng.integers(60, 90, (30, 2)), rng.integers(400, 440, (30, 2))])
+    points = points.astype(np.float32)
+    offsets = window_offsets(2)
+    boxes = []
+    run = runner.run
+
+    def counting(handle, box=None):
+        boxes.append(box)
+        return run(handle, box)
+
+    monkeypatch.setattr(runner, "run", counting)
+    windows, steps = r2d2.computeDescriptorWindows(boat, points, offsets)
+    np.testing.assert_array_equal(steps, 1)
+    area = sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in boxes)
+    assert len(boxes) == 2 and area < 0.05 * 512 * 512, boxes
+    for y0, y1, x0, x1 in boxes:  # each box: its cluster, reach 2 + 1 (bilinear) around
+        inside = points[(points[:, 0] >= x0) & (points[:, 0] < x1)
+                        & (points[:, 1] >= y0) & (points[:, 1] < y1)]
+        assert len(inside) == 30
+        assert (x0, y0) == tuple((inside.min(axis=0) - 3).astype(int).tolist())
+        assert (x1, y1) == tuple((inside.max(axis=0) + 4).astype(int).tolist())
+    x = points[:, None, 0].astype(int) + offsets[None, :, 0].astype(int)
+    y = points[:, None, 1].astype(int) + offsets[None, :, 1].astype(int)
+    np.testing.assert_allclose(windows, full[:, y, x].transpose(1, 2, 0), atol=2e-5)
