@@ -10,7 +10,8 @@ with pycolmap's incremental mapping (a camera per image, COLMAP's "auto" mode):
   ``+refine`` (``reconstruct(refine=True)``); ``+refine-int8`` refines with an int8 ONNX
   export of the model (``refine_feature``; exported once into the working folder,
   calibrated on ../shared/images, not on the photos), ``+refine-x2`` on levels up to twice
-  finer (``RefinementParams.upsampled(2)``), ``+refine-x2-int8`` both.
+  finer (``RefinementParams.upsampled(2)``), ``+refine-x2-int8`` both, ``+refine-x2.5-int8``
+  at 2.5 times.
 
 Printed per pipeline: registered images, 3-D points, mean track length, mean
 reprojection error, camera agreement with the SIFT model (camera centres after a
@@ -56,6 +57,7 @@ CONFIGS: Dict[str, tuple] = {
     "descriptor+refine-int8": ({"subpixel": "descriptor"}, True, 1.0, True),
     "descriptor+refine-x2": ({"subpixel": "descriptor"}, True, 2.0, False),
     "descriptor+refine-x2-int8": ({"subpixel": "descriptor"}, True, 2.0, True),
+    "descriptor+refine-x2.5-int8": ({"subpixel": "descriptor"}, True, 2.5, True),
     "unique": ({"unique_radius": 1.0}, False, 1.0, False),
     "unique+refine": ({"unique_radius": 1.0}, True, 1.0, False),
     "subpixel+unique+refine": ({"subpixel": True, "unique_radius": 1.0}, True, 1.0, False),

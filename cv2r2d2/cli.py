@@ -328,7 +328,8 @@ def _add_sfm(subparsers: Any) -> None:
                         help="with --refine: refine on levels up to U times finer than the "
                              "extraction's finest (the image upsampled; window and move "
                              "bound scaled alike); 2 gives the README's lowest reprojection "
-                             "error for about 3 times the refinement's time (default: "
+                             "error with cameras as SIFT's, for about 2.5 times the "
+                             "refinement's time (default: "
                              "%(default)s)")
     parser.add_argument("--refine-model", default=None, metavar="MODEL",
                         help="with --refine: the network computing the refinement's "
