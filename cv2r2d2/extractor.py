@@ -41,7 +41,7 @@ MIN_SIDE = 2
 DEFAULT_TILE_SIZE = 416
 # Descriptor windows (keypoint refinement) run on tiles of at most this size, each cut to
 # the box of its points: with the Sacre-Coeur tracks at twice the finest resolution, 256
-# took 0.85x the time of 416 with PyTorch fp32 and 0.65x with an int8 ONNX export (192 and
+# took 0.85x the time of 416 with PyTorch fp32 and 0.6x with an int8 ONNX export (192 and
 # 128: no faster), as smaller boxes skip more of a level and fit the CPU's caches.
 WINDOW_TILE_SIZE = 256
 
