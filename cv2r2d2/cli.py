@@ -328,9 +328,8 @@ def _add_sfm(subparsers: Any) -> None:
                         help="with --refine: refine on levels up to U times finer than the "
                              "extraction's finest (the image upsampled; window and move "
                              "bound scaled alike); 2 gives the README's lowest reprojection "
-                             "error with cameras as SIFT's, for about 2.5 times the "
-                             "refinement's time (default: "
-                             "%(default)s)")
+                             "error with cameras within about 1%% of SIFT's, for about 2.5 "
+                             "times the refinement's time (default: %(default)s)")
     parser.add_argument("--refine-model", default=None, metavar="MODEL",
                         help="with --refine: the network computing the refinement's "
                              "descriptors, e.g. an int8 export of --model from "

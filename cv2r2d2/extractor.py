@@ -714,7 +714,7 @@ def _at_levels(
     """Network outputs around points, each on the level its size picks.
 
     Yields, per level and tile holding some points: their indices, the level, the
-    tile's output, their (x, y) in the tile's map pixels, and the tile's window: the
+    window's output, their (x, y) in the window's map pixels, and the window: the
     box of the tile's points (the pixels they and their right and lower neighbours
     lie on) grown by ``margin`` map pixels. ``centred`` maps image to
     map pixels with consistent pixel centres, (x + 0.5) w / W - 0.5, as sub-pixel

@@ -11,8 +11,8 @@ R2D2's own descriptor map as the dense features.
   matches, as matches are joined best first).
 - :func:`adjust_windows`: the optimisation on descriptor windows, in numpy.
 - :func:`refine_keypoints`: windows around each track keypoint (the network runs once
-  per image and pyramid level the tracks call for, on the tiles holding their
-  keypoints; only the windows are kept), then :func:`adjust_windows`. With
+  per image and pyramid level the tracks call for, on the box of their keypoints in
+  each tile; only the windows are kept), then :func:`adjust_windows`. With
   ``RefinementParams.upsample`` > 1 the pyramid reaches levels finer than the
   extraction's; the network may be another than the extractor's (an int8 export).
 - :func:`refine_database`: the same on the verified matches of a COLMAP database, whose
