@@ -70,6 +70,9 @@ class RefinementParams:
             down to this factor times the finest's resolution
             (:func:`cv2r2d2.extractor.upsampled_pyramid`): 2 refines the tracks' finest
             members at twice it. Use :meth:`upsampled` to scale the window with it.
+        subcell_step: a keypoint's position between the window's samples is searched on
+            a grid of this step (window pixels) around its best sample, on the bilinear
+            interpolation of the descriptors.
     """
 
     window_radius: int = 2
@@ -79,6 +82,7 @@ class RefinementParams:
     min_inliers: int = 15
     half: bool = True
     upsample: float = 1.0
+    subcell_step: float = 0.0625
 
     def __post_init__(self) -> None:
         if isinstance(self.window_radius, bool) or not isinstance(self.window_radius, (int, np.integer)) \
@@ -93,6 +97,9 @@ class RefinementParams:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not self.loss_scale > 0:
             raise ValueError(f"loss_scale must be > 0, got {self.loss_scale!r}")
+        if isinstance(self.subcell_step, bool) or not isinstance(self.subcell_step, (int, float, np.number)) \
+                or not 0 < self.subcell_step <= 1:
+            raise ValueError(f"subcell_step must lie in (0, 1], got {self.subcell_step!r}")
         if not isinstance(self.half, (bool, np.bool_)):
             raise TypeError(f"half must be True or False, got {self.half!r}")
         self.upsample = check_upsample(self.upsample)
@@ -282,30 +289,41 @@ def _interpolate(windows: np.ndarray, delta: np.ndarray) -> np.ndarray:
     return _normalise(top * (1 - fy) + bottom * fy)
 
 
-# Least squares of a 2-D quadratic (1, x, y, x^2, xy, y^2) through the 3 x 3 samples
-# around a grid maximum, (dy, dx) row-major.
-_NEIGHBOURS = np.array([(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], np.float64)
-_QUADRATIC = np.linalg.pinv(np.column_stack([
-    np.ones(9), _NEIGHBOURS[:, 0], _NEIGHBOURS[:, 1], _NEIGHBOURS[:, 0] ** 2,
-    _NEIGHBOURS[:, 0] * _NEIGHBOURS[:, 1], _NEIGHBOURS[:, 1] ** 2]))
+def _subcell_peaks(square: np.ndarray, iy: np.ndarray, ix: np.ndarray, targets: np.ndarray,
+                   step: float, chunk: int = 4096) -> np.ndarray:
+    """(M, 2) sub-sample (dx, dy), within [-1, 1]^2, from interior grid maxima (iy, ix)
+    of (M, h, w, D) windows to the best cosine similarity with each row's target of the
+    descriptor as :func:`_interpolate` reads it (bilinear in the four samples around,
+    then normalised), searched on a grid of ``step`` over the four cells around (iy, ix).
 
-
-def _quadratic_peaks(maps: np.ndarray, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
-    """(M, 2) sub-sample (dx, dy) of the maxima of (M, h, w) maps at interior grid
-    maxima (iy, ix): the top of a 2-D quadratic fitted to their 3 x 3 neighbourhoods
-    (all 9 samples: steadier than a parabola per axis), within +-0.5; 0 where the fit
-    has no maximum."""
-    rows = np.arange(len(maps))
-    samples = np.stack([maps[rows, iy + dy, ix + dx]
-                        for dx, dy in _NEIGHBOURS.astype(int).tolist()], axis=1)
-    _, bx, by, cxx, cxy, cyy = (samples.astype(np.float64) @ _QUADRATIC.T).T
-    det = 4 * cxx * cyy - cxy**2
-    peak = (cxx < 0) & (det > 1e-12)
-    safe = np.where(peak, det, 1)
-    dx = (cxy * by - 2 * cyy * bx) / safe
-    dy = (cxy * bx - 2 * cxx * by) / safe
-    offsets = np.stack([dx, dy], axis=1)
-    return np.where(peak[:, None], np.clip(offsets, -0.5, 0.5), 0).astype(np.float32)
+    The similarity of the normalised bilinear mix of samples d_i with weights w_i is
+    (w . s) / sqrt(w^T G w), s_i = d_i . target, G the Gram matrix of the d_i: per
+    cell, 4 similarities and a 4 x 4 Gram matrix give every position's value."""
+    f = np.arange(0, 1 + 1e-6, step, dtype=np.float32)
+    fy, fx = (grid.reshape(-1) for grid in np.meshgrid(f, f, indexing="ij"))
+    # Bilinear weights of the corners (top-left, top-right, bottom-left, bottom-right).
+    weights = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=1)
+    out = np.zeros((len(square), 2), np.float32)
+    for start in range(0, len(square), chunk):
+        rows = np.arange(start, min(start + chunk, len(square)))
+        block = np.stack([np.stack([square[rows, iy[rows] + dy, ix[rows] + dx]
+                                    for dx in (-1, 0, 1)], axis=1)
+                          for dy in (-1, 0, 1)], axis=1).astype(np.float32)  # (m, 3, 3, D)
+        best = np.full(len(rows), -np.inf, np.float32)
+        for cy in (0, 1):
+            for cx in (0, 1):
+                corners = block[:, cy:cy + 2, cx:cx + 2].reshape(len(rows), 4, -1)
+                gram = np.matmul(corners, corners.transpose(0, 2, 1))
+                numerator = np.matmul(corners, targets[rows, :, None])[..., 0] @ weights.T
+                norm2 = np.einsum("pi,mij,pj->mp", weights, gram, weights, optimize=True)
+                value = numerator / np.sqrt(np.maximum(norm2, 1e-12))
+                k = value.argmax(axis=1)
+                top = value[np.arange(len(rows)), k]
+                better = top > best
+                best = np.where(better, top, best)
+                offset = np.stack([fx[k] + cx - 1, fy[k] + cy - 1], axis=1)
+                out[rows] = np.where(better[:, None], offset, out[rows])
+    return out
 
 
 def _similarities(windows: np.ndarray, targets: np.ndarray, chunk: int = 2048) -> np.ndarray:
@@ -335,8 +353,8 @@ def adjust_windows(
     Each round takes every track's robust mean descriptor (Cauchy weights of the
     members' distances to the previous mean) as its target, then moves every member to
     the best cosine similarity with that target on its window's integer grid, refined to
-    the top of a quadratic fitted to the 3 x 3 samples around it, within
-    ``max_displacement`` of the centre. The members converge on a common place: the features' consensus, with no
+    the best similarity of the bilinearly interpolated descriptor within one sample of it
+    (on a grid of ``params.subcell_step``), within ``max_displacement`` of the centre. The members converge on a common place: the features' consensus, with no
     keypoint singled out as reference.
 
     Args:
@@ -364,7 +382,7 @@ def adjust_windows(
     if count == 0:
         return delta, np.zeros(0, np.float32)
     grid = window_offsets(params.window_radius)
-    # Candidates keep a neighbour on every side, for the parabola.
+    # Candidates keep a neighbour on every side, for the sub-sample search.
     inner = (np.abs(grid) <= params.window_radius - 1).all(axis=1)
     allowed = inner & (np.hypot(grid[:, 0], grid[:, 1]) <= params.max_displacement)
     square = windows.reshape(count, side, side, -1)
@@ -375,8 +393,8 @@ def adjust_windows(
         similarity = _similarities(windows, targets)
         best = np.where(allowed, similarity, -np.inf).argmax(axis=1)
         iy, ix = np.divmod(best, side)
-        moved = np.stack([ix, iy], axis=1) - params.window_radius + _quadratic_peaks(
-            similarity.reshape(count, side, side), iy, ix)
+        moved = np.stack([ix, iy], axis=1) - params.window_radius + _subcell_peaks(
+            square, iy, ix, targets, params.subcell_step)
         length = np.hypot(moved[:, 0], moved[:, 1])
         moved *= np.minimum(1, params.max_displacement / np.maximum(length, 1e-12))[:, None]
         delta = np.where(movable[:, None], moved, 0).astype(np.float32)
