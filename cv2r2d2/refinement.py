@@ -97,8 +97,9 @@ class RefinementParams:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not self.loss_scale > 0:
             raise ValueError(f"loss_scale must be > 0, got {self.loss_scale!r}")
-        if isinstance(self.subcell_step, bool) or not isinstance(self.subcell_step, (int, float, np.number)) \
-                or not 0 < self.subcell_step <= 1:
+        if isinstance(self.subcell_step, bool) or not isinstance(self.subcell_step, (int, float, np.number)):
+            raise TypeError(f"subcell_step must be a number, got {self.subcell_step!r}")
+        if not 0 < self.subcell_step <= 1:
             raise ValueError(f"subcell_step must lie in (0, 1], got {self.subcell_step!r}")
         if not isinstance(self.half, (bool, np.bool_)):
             raise TypeError(f"half must be True or False, got {self.half!r}")
@@ -354,8 +355,9 @@ def adjust_windows(
     members' distances to the previous mean) as its target, then moves every member to
     the best cosine similarity with that target on its window's integer grid, refined to
     the best similarity of the bilinearly interpolated descriptor within one sample of it
-    (on a grid of ``params.subcell_step``), within ``max_displacement`` of the centre. The members converge on a common place: the features' consensus, with no
-    keypoint singled out as reference.
+    (on a grid of ``params.subcell_step``), within ``max_displacement`` of the centre.
+    The members converge on a common place: the features' consensus, with no keypoint
+    singled out as reference.
 
     Args:
         windows: (M, K, D) unit descriptors, K = (2 r + 1)^2 in :func:`window_offsets`

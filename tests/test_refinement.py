@@ -108,6 +108,8 @@ def test_adjustment_finds_a_track_point_between_samples():
     assert np.median(error) < 0.06 and np.percentile(error, 90) < 0.1, error
     with pytest.raises(ValueError, match="subcell_step"):
         RefinementParams(subcell_step=0)
+    with pytest.raises(TypeError, match="subcell_step"):
+        RefinementParams(subcell_step="1/16")
 
 
 def test_adjustment_checks_its_input():
