@@ -290,12 +290,13 @@ def _interpolate(windows: np.ndarray, delta: np.ndarray) -> np.ndarray:
     return _normalise(top * (1 - fy) + bottom * fy)
 
 
-def _subcell_peaks(square: np.ndarray, iy: np.ndarray, ix: np.ndarray, targets: np.ndarray,
+def _subcell_peaks(square: np.ndarray, similarity: np.ndarray, iy: np.ndarray, ix: np.ndarray,
                    step: float, chunk: int = 4096) -> np.ndarray:
     """(M, 2) sub-sample (dx, dy), within [-1, 1]^2, from interior grid maxima (iy, ix)
     of (M, h, w, D) windows to the best cosine similarity with each row's target of the
     descriptor as :func:`_interpolate` reads it (bilinear in the four samples around,
     then normalised), searched on a grid of ``step`` over the four cells around (iy, ix).
+    ``similarity`` (M, h, w) holds the samples' similarities with the targets.
 
     The similarity of the normalised bilinear mix of samples d_i with weights w_i is
     (w . s) / sqrt(w^T G w), s_i = d_i . target, G the Gram matrix of the d_i: per
@@ -307,15 +308,16 @@ def _subcell_peaks(square: np.ndarray, iy: np.ndarray, ix: np.ndarray, targets: 
     out = np.zeros((len(square), 2), np.float32)
     for start in range(0, len(square), chunk):
         rows = np.arange(start, min(start + chunk, len(square)))
-        block = np.stack([np.stack([square[rows, iy[rows] + dy, ix[rows] + dx]
-                                    for dx in (-1, 0, 1)], axis=1)
-                          for dy in (-1, 0, 1)], axis=1).astype(np.float32)  # (m, 3, 3, D)
+        ys = iy[rows, None, None] + np.arange(-1, 2)[:, None]
+        xs = ix[rows, None, None] + np.arange(-1, 2)
+        block = square[rows[:, None, None], ys, xs].astype(np.float32)  # (m, 3, 3, D)
+        samples = similarity[rows[:, None, None], ys, xs]  # (m, 3, 3)
         best = np.full(len(rows), -np.inf, np.float32)
         for cy in (0, 1):
             for cx in (0, 1):
                 corners = block[:, cy:cy + 2, cx:cx + 2].reshape(len(rows), 4, -1)
                 gram = np.matmul(corners, corners.transpose(0, 2, 1))
-                numerator = np.matmul(corners, targets[rows, :, None])[..., 0] @ weights.T
+                numerator = samples[:, cy:cy + 2, cx:cx + 2].reshape(len(rows), 4) @ weights.T
                 norm2 = np.einsum("pi,mij,pj->mp", weights, gram, weights, optimize=True)
                 value = numerator / np.sqrt(np.maximum(norm2, 1e-12))
                 k = value.argmax(axis=1)
@@ -396,7 +398,7 @@ def adjust_windows(
         best = np.where(allowed, similarity, -np.inf).argmax(axis=1)
         iy, ix = np.divmod(best, side)
         moved = np.stack([ix, iy], axis=1) - params.window_radius + _subcell_peaks(
-            square, iy, ix, targets, params.subcell_step)
+            square, similarity.reshape(count, side, side), iy, ix, params.subcell_step)
         length = np.hypot(moved[:, 0], moved[:, 1])
         moved *= np.minimum(1, params.max_displacement / np.maximum(length, 1e-12))[:, None]
         delta = np.where(movable[:, None], moved, 0).astype(np.float32)
