@@ -1,13 +1,17 @@
 """Installation of cv2r2d2 (metadata lives here; pyproject.toml only names the backend)."""
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 README = Path(__file__).with_name("README.md")
+# The version is stated once, in cv2r2d2/version.py.
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    Path(__file__).with_name("cv2r2d2").joinpath("version.py").read_text()).group(1)
 
 setup(
     name="cv2r2d2",
-    version="0.1.0",
+    version=VERSION,
     description="R2D2 learned local features as a drop-in cv2.Feature2D (SIFT/ORB replacement)",
     long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",

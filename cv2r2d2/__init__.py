@@ -7,8 +7,7 @@
 from typing import Any
 
 from .feature2d import R2D2_create, R2D2Feature
-
-__version__ = "0.1.0"
+from .version import __version__
 __all__ = ["R2D2Feature", "R2D2_create", "SteeredMatcher", "load_model", "draw_heatmap",
            "__version__"]
 

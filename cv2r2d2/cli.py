@@ -1,7 +1,7 @@
 """The ``cv2r2d2`` command line.
 
 Subcommands: ``extract`` (features of a photo collection), ``match`` (mutual nearest
-neighbours), ``sfm`` (COLMAP reconstruction), ``eval-hpatches`` (the HPatches
+neighbours), ``pairs`` (image retrieval), ``sfm`` (COLMAP reconstruction), ``eval-hpatches`` (the HPatches
 benchmark), ``heatmap`` (a dense map drawn over an image), ``export-onnx``,
 ``fit-steerers`` (rotation steerers of a model). Each is a
 pair of functions, ``_add_<name>(subparsers)`` and ``_run_<name>(args) -> int``, listed
@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from .config import BACKENDS, R2D2Config
+from .presets import DEFAULT_PRESET, SFM_PRESET, preset_names
 from .utils import logging_beside_progress
-from .weights import LICENCE_LOGGER
+from .weights import DEFAULT_MODEL, LICENCE_LOGGER
 
 __all__ = ["main", "build_parser"]
 
@@ -58,33 +59,60 @@ def _add_device_option(parser: argparse.ArgumentParser) -> None:
                         help="torch device, e.g. cpu or cuda:0 (default: CUDA if available)")
 
 
-def _add_feature_options(parser: argparse.ArgumentParser) -> None:
-    """R2D2 options: R2D2Config's fields (create()'s arguments), with its defaults, the paper's."""
+def _add_feature_options(parser: argparse.ArgumentParser, default_preset: str = DEFAULT_PRESET
+                         ) -> None:
+    """R2D2 options: R2D2Config's fields (create()'s arguments). Those not given take the
+    value of --preset; only the options given reach the configuration."""
     from .weights import MODELS
 
-    defaults = R2D2Config()
-    group = parser.add_argument_group("R2D2 (defaults: the paper's)")
-    group.add_argument("--model", default=defaults.model,
+    paper = R2D2Config()
+    group = parser.add_argument_group(
+        f"R2D2 (defaults: the preset's; {default_preset!r} unless --preset names another)",
+        argument_default=argparse.SUPPRESS)
+    group.add_argument("--preset", default=None, choices=preset_names(),
+                       help="named settings, 'cv2r2d2 presets' lists them; the options "
+                            f"below override its values (default: {default_preset})")
+    group.add_argument("--model",
                        help=f"{', '.join(MODELS)}, or a checkpoint / .onnx path "
-                            f"(default: %(default)s)")
-    group.add_argument("--backend", default=defaults.backend, choices=BACKENDS,
+                            f"(paper: {paper.model})")
+    group.add_argument("--backend", choices=BACKENDS,
                        help="torch; onnxruntime or opencv run an exported .onnx model; "
-                            "reference runs the network as the original code (default: "
-                            "%(default)s)")
+                            f"reference runs the network as the original code (paper: "
+                            f"{paper.backend})")
     _add_device_option(group)
-    group.add_argument("--subpixel", action="store_true",
-                       help="refine keypoint positions to sub-pixel accuracy")
-    group.add_argument("--subpixel-descriptor", action="store_true",
-                       help="refine them further by a mean-shift on the descriptor map "
-                            "(implies --subpixel)")
+    subpixel = group.add_mutually_exclusive_group()
+    subpixel.add_argument("--subpixel", action="store_true",
+                          help="refine keypoint positions to sub-pixel accuracy")
+    subpixel.add_argument("--subpixel-descriptor", action="store_true",
+                          help="refine them further by a mean-shift on the descriptor map "
+                               "(implies --subpixel)")
+    subpixel.add_argument("--no-subpixel", action="store_true",
+                          help="the original's keypoint positions (the paper's)")
     group.add_argument("--half", action="store_true", help="float16 network (CUDA only)")
-    group.add_argument("--tile-size", type=int, default=defaults.tile_size,
+    group.add_argument("--tile-size", type=int,
                        help="run pyramid levels larger than this squared on tiles, "
-                            "bounding memory (0: never; default: %(default)s)")
-    for name, default in defaults.params.as_dict().items():
+                            f"bounding memory (0: never; paper: {paper.tile_size})")
+    for name, default in paper.params.as_dict().items():
         group.add_argument("--" + name.replace("_", "-"), dest=name, type=type(default),
-                           default=default,
-                           help=f"{_PARAM_HELP.get(name, name)} (default: %(default)s)")
+                           help=f"{_PARAM_HELP.get(name, name)} (paper: {default})")
+
+
+def _config(args: argparse.Namespace, default_preset: str = DEFAULT_PRESET) -> R2D2Config:
+    """The configuration of the R2D2 options: the preset's values, overridden by the
+    options given on the command line."""
+    given = {name: getattr(args, name) for name in R2D2Config.argument_names()
+             if hasattr(args, name) and name != "preset"}
+    if getattr(args, "subpixel_descriptor", False):
+        given["subpixel"] = "descriptor"
+    if getattr(args, "no_subpixel", False):
+        given["subpixel"] = False
+    return R2D2Config.from_arguments(preset=args.preset or default_preset, **given)
+
+
+def _create_feature(args: argparse.Namespace) -> Any:
+    from .feature2d import R2D2Feature
+
+    return R2D2Feature(_config(args))
 
 
 def _add_matching_options(parser: argparse.ArgumentParser, pairs_required: bool) -> None:
@@ -92,13 +120,26 @@ def _add_matching_options(parser: argparse.ArgumentParser, pairs_required: bool)
     group.add_argument("--pairs", required=pairs_required,
                        default=None if pairs_required else "exhaustive",
                        help="exhaustive, sequential[:k] (each image with the k next ones by "
-                            "name, k=5 by default) or a file of 'name0 name1' lines"
+                            "name, k=5 by default), retrieval:k (each image with its k most "
+                            "similar by a VLAD of its features, as 'cv2r2d2 pairs' gives) or "
+                            "a file of 'name0 name1' lines"
                             + ("" if pairs_required else " (default: %(default)s)"))
-    group.add_argument("--max-distance", type=float, default=None,
-                       help="drop matches farther apart than this L2 distance")
-    group.add_argument("--ratio", type=float, default=None,
-                       help="drop matches failing Lowe's ratio test at this ratio, both ways")
+    group.add_argument("--max-distance", type=float, default=argparse.SUPPRESS,
+                       help="drop matches farther apart than this L2 distance (default: the "
+                            "preset's, none but in --preset ratio's)")
+    group.add_argument("--ratio", type=float, default=argparse.SUPPRESS,
+                       help="drop matches failing Lowe's ratio test at this ratio, both ways "
+                            "(default: the preset's: 0.75 for ratio, none for the others)")
     _add_rotations_option(group)
+
+
+def _matching(args: argparse.Namespace, preset: str) -> dict:
+    """max_distance and ratio: the preset's, overridden by the options given."""
+    from .presets import get_preset
+
+    options = dict(dict(max_distance=None, ratio=None), **get_preset(preset).matching)
+    options.update({name: getattr(args, name) for name in options if hasattr(args, name)})
+    return options
 
 
 def _add_rotations_option(parser: Any) -> None:
@@ -131,22 +172,6 @@ def _add_ray_options(parser: argparse.ArgumentParser, actors: bool) -> None:
                             "the shards")
 
 
-def _feature_options(args: argparse.Namespace) -> dict:
-    """Keyword arguments of R2D2Feature.create from the R2D2 options (those not on the
-    command line keep R2D2Config's defaults)."""
-    options = {name: getattr(args, name) for name in R2D2Config.argument_names()
-               if hasattr(args, name)}
-    if getattr(args, "subpixel_descriptor", False):
-        options["subpixel"] = "descriptor"
-    return R2D2Config.from_arguments(**options).arguments()
-
-
-def _create_feature(args: argparse.Namespace) -> Any:
-    from .feature2d import R2D2Feature
-
-    return R2D2Feature.create(**_feature_options(args))
-
-
 def _check_merge(args: argparse.Namespace) -> None:
     if args.merge and args.ray is None:
         raise ValueError("--merge goes with --ray (without it the output is one file)")
@@ -162,6 +187,37 @@ def _report_failed(failed: Sequence[Tuple[str, str]]) -> None:
         print(f"{len(failed)} image(s) could not be read and were skipped:", file=sys.stderr)
         for name, reason in failed:
             print(f"  {name}: {reason}", file=sys.stderr)
+
+
+# --- presets -------------------------------------------------------------------------
+
+
+def _add_presets(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "presets", help="list the named settings (--preset)",
+        description="The named settings that --preset and R2D2Feature.create(preset=...) "
+                    "take: what each is for, the figures it was chosen on, and what it sets "
+                    "(options given beside --preset override its values).",
+    )
+    parser.set_defaults(run=_run_presets, verbose=False, quiet=False)
+
+
+def _run_presets(args: argparse.Namespace) -> int:
+    from .presets import PRESETS
+
+    for preset in PRESETS.values():
+        used = [command for command, name in (("extract, match, create()", DEFAULT_PRESET),
+                                               ("sfm", SFM_PRESET)) if name == preset.name]
+        print(f"{preset.name}{'  (default of ' + used[0] + ')' if used else ''}")
+        print(f"  for:      {preset.purpose}")
+        print(f"  figures:  {preset.figures}")
+        sets = [f"{k}={v!r}" for k, v in preset.extraction.items()]
+        sets += [f"matching {k}={v!r}" for k, v in preset.matching.items()]
+        if preset.refinement is not None:
+            sets.append("refinement " + ", ".join(
+                f"{k}={v!r}" for k, v in preset.refinement.items()))
+        print(f"  sets:     {'; '.join(sets) if sets else 'nothing (the paper settings)'}")
+    return 0
 
 
 # --- extract -------------------------------------------------------------------------
@@ -194,25 +250,53 @@ def _run_extract(args: argparse.Namespace) -> int:
 
     _check_merge(args)
     images = list_images(args.images)
+    config = _config(args)
+    new_output = _new_paths(args.output)
     if args.ray is not None:
         from .distributed import extract_collection_ray
 
         report = extract_collection_ray(
-            images, args.output, _feature_options(args), format=args.format,
+            images, args.output, config, format=args.format,
             overwrite=args.overwrite, show_progress=not args.quiet, address=args.ray,
             actors=args.actors, threads=args.threads, block_size=args.block_size,
             merge=args.merge)
         _print_throughput(len(report.extracted), "image", report.seconds,
                           f" on {report.actors} actor(s)")
     else:
-        feature = _create_feature(args)
+        from .feature2d import R2D2Feature
+
+        feature = R2D2Feature(config)
         with open_features(args.output, args.format, writable=True) as store:
             report = extract_collection(images, store, feature, args.overwrite,
                                         not args.quiet)
+    if report.failed and not (report.extracted or report.skipped):
+        _remove(new_output)
+        _report_failed(report.failed)
+        print(f"no image could be read: nothing was written to {args.output}", file=sys.stderr)
+        return 1
     print(f"extracted {len(report.extracted)} image(s), {len(report.skipped)} already done, "
           f"into {args.output}")
     _report_failed(report.failed)
-    return 1 if report.failed and not (report.extracted or report.skipped) else 0
+    return 0
+
+
+def _new_paths(output: str) -> List[Path]:
+    """The paths a run writing ``output`` may create that do not exist yet (the output
+    and, for an h5 output on Ray, its shards folder), to remove when it wrote nothing."""
+    from .shards import SHARDS_SUFFIX
+
+    path = Path(output)
+    return [p for p in (path, path.with_name(path.name + SHARDS_SUFFIX)) if not p.exists()]
+
+
+def _remove(paths: Sequence[Path]) -> None:
+    import shutil
+
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 # --- match ---------------------------------------------------------------------------
@@ -230,28 +314,36 @@ def _add_match(subparsers: Any) -> None:
     parser.add_argument("-o", "--output", required=True, help="the matches .h5 file")
     parser.add_argument("--overwrite", action="store_true", help="redo pairs already done")
     _add_matching_options(parser, pairs_required=True)
+    parser.add_argument("--preset", default=None, choices=preset_names(),
+                        help="match as this preset does (its --ratio, --max-distance; "
+                             "default: the preset FEATURES were extracted with, as they "
+                             "record it)")
     _add_model_option(parser, "the model that extracted FEATURES, whose steerers --rotations "
-                              "uses")
+                              "uses", recorded=True)
     _add_device_option(parser)
     _add_ray_options(parser, actors=False)
     _add_output_options(parser)
     parser.set_defaults(run=_run_match)
 
 
-def _add_model_option(parser: Any, purpose: str) -> None:
+def _add_model_option(parser: Any, purpose: str, recorded: bool = False) -> None:
+    """--model; with ``recorded``, its default is the model the features record."""
     from .weights import DEFAULT_MODEL, MODELS
 
-    parser.add_argument("--model", default=DEFAULT_MODEL,
+    default = f"the one FEATURES record, else {DEFAULT_MODEL}" if recorded else "%(default)s"
+    parser.add_argument("--model", default=None if recorded else DEFAULT_MODEL,
                         help=f"{purpose}: {', '.join(MODELS)}, or a checkpoint / .onnx path "
-                             f"(default: %(default)s)")
+                             f"(default: {default})")
 
 
-def _steerers_model(args: argparse.Namespace) -> Any:
-    """The R2D2Feature of --model, on the backend its file needs, for its steerers."""
+def _steerers_model(args: argparse.Namespace, model: Optional[str] = None) -> Any:
+    """The R2D2Feature of ``model`` (None: --model), on the backend its file needs, for
+    its steerers."""
     from .feature2d import R2D2Feature
 
-    backend = "onnxruntime" if str(args.model).lower().endswith(".onnx") else "torch"
-    return R2D2Feature.create(model=args.model, device=args.device, backend=backend)
+    model = model or args.model
+    backend = "onnxruntime" if str(model).lower().endswith(".onnx") else "torch"
+    return R2D2Feature.create(model=model, device=args.device, backend=backend)
 
 
 def _run_match(args: argparse.Namespace) -> int:
@@ -263,17 +355,22 @@ def _run_match(args: argparse.Namespace) -> int:
 
     _check_merge(args)
     rotation_angles(args.rotations)  # a bad value fails before the model loads
-    steerers = _steerers_model(args).getSteerers(args.rotations) if args.rotations > 1 else None
+    with open_features(args.features) as features:
+        recorded = features.settings() or {}
+    model = args.model or recorded.get("model", DEFAULT_MODEL)
+    matching = _matching(args, args.preset or recorded.get("preset", DEFAULT_PRESET))
+    steerers = (_steerers_model(args, model).getSteerers(args.rotations)
+                if args.rotations > 1 else None)
     if args.ray is None:
         from .utils import torch_device
 
         torch_device(args.device)  # before the output is opened: no file on failure
     with open_features(args.features) as features:
-        pairs = parse_pairs(args.pairs, features.names())
+        pairs = parse_pairs(args.pairs, features.names(), features, not args.quiet)
         if args.ray is None:
             with H5Matches(args.output, writable=True) as matches:
-                report = match_collection(features, pairs, matches, args.max_distance,
-                                          args.ratio, args.device, args.overwrite,
+                report = match_collection(features, pairs, matches, matching["max_distance"],
+                                          matching["ratio"], args.device, args.overwrite,
                                           not args.quiet, rotations=args.rotations,
                                           steerers=steerers)
     failed = []
@@ -281,8 +378,8 @@ def _run_match(args: argparse.Namespace) -> int:
         from .distributed import match_collection_ray
 
         report = match_collection_ray(
-            args.features, pairs, args.output, max_distance=args.max_distance,
-            ratio=args.ratio, device=args.device, overwrite=args.overwrite,
+            args.features, pairs, args.output, max_distance=matching["max_distance"],
+            ratio=matching["ratio"], device=args.device, overwrite=args.overwrite,
             show_progress=not args.quiet, address=args.ray, block_size=args.block_size,
             merge=args.merge, rotations=args.rotations, steerers=steerers)
         failed = report.failed
@@ -295,6 +392,46 @@ def _run_match(args: argparse.Namespace) -> int:
         print(f"{len(failed)} pair(s) failed, their workers died: {failed[0][1]}; run the "
               "same command again to retry them", file=sys.stderr)
     return 1 if failed else 0
+
+
+# --- pairs ---------------------------------------------------------------------------
+
+
+def _add_pairs(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "pairs", help="write the image pairs worth matching (image retrieval)",
+        description="Pair each image with its K most similar others, by a VLAD vector of "
+                    "its stored features over a codebook learned on the collection, and "
+                    "write the pairs in hloc's format ('name0 name1' lines, each pair "
+                    "once), for 'cv2r2d2 match --pairs'. The vectors are kept beside "
+                    "FEATURES (<features>.retrieval.h5) and reused by later runs.",
+    )
+    parser.add_argument("features", metavar="FEATURES",
+                        help="a features .h5 file or a folder of .r2d2 files")
+    parser.add_argument("-o", "--output", required=True, help="the pairs .txt file")
+    parser.add_argument("--retrieval", type=int, required=True, metavar="K",
+                        help="pair each image with its K most similar others")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="build the image vectors again instead of reusing them")
+    _add_output_options(parser)
+    parser.set_defaults(run=_run_pairs)
+
+
+def _run_pairs(args: argparse.Namespace) -> int:
+    from .pairs import write_pairs
+    from .retrieval import RetrievalIndex
+    from .stores import open_features
+
+    if args.retrieval < 1:
+        raise ValueError(f"--retrieval must be >= 1, got {args.retrieval}")
+    with open_features(args.features) as features:
+        index = RetrievalIndex.build(features, overwrite=args.overwrite,
+                                     show_progress=not args.quiet)
+    pairs = index.pairs(args.retrieval)
+    write_pairs(args.output, pairs)
+    print(f"wrote {len(pairs)} pair(s) of {len(index)} image(s) to {args.output} (image "
+          f"vectors in {index.path})")
+    return 0
 
 
 # --- sfm -----------------------------------------------------------------------------
@@ -320,46 +457,47 @@ def _add_sfm(subparsers: Any) -> None:
                         help="stop after the verified database (to run COLMAP yourself)")
     parser.add_argument("--overwrite", action="store_true",
                         help="extract and match again instead of reusing earlier results")
-    parser.add_argument("--refine", action="store_true",
+    refine = parser.add_mutually_exclusive_group()
+    refine.add_argument("--refine", action="store_true", default=None,
                         help="before mapping, move the keypoints of each verified track to "
                              "where R2D2's dense descriptors agree across it (featuremetric "
-                             "keypoint refinement; cached in refined_keypoints.npz)")
-    parser.add_argument("--refine-upsample", type=float, default=1.0, metavar="U",
-                        help="with --refine: refine on levels up to U times finer than the "
-                             "extraction's finest (the image upsampled; window and move "
-                             "bound scaled alike); 2, with --subpixel-descriptor and an int8 "
-                             "--refine-model, is the README's SfM setting (0.43-0.44 px on its "
-                             "photos, cameras within 1%% of SIFT's) for about 2.5 times the "
-                             "refinement's time (default: %(default)s)")
+                             "keypoint refinement; cached in refined_keypoints.npz; "
+                             "default: the preset's, on for sfm)")
+    refine.add_argument("--no-refine", dest="refine", action="store_false",
+                        help="no keypoint refinement")
+    parser.add_argument("--refine-upsample", type=float, default=None, metavar="U",
+                        help="refine on levels up to U times finer than the extraction's "
+                             "finest (the image upsampled; window and move bound scaled "
+                             "alike; default: the preset's, 2 for sfm, else 1)")
     parser.add_argument("--refine-model", default=None, metavar="MODEL",
-                        help="with --refine: the network computing the refinement's "
-                             "descriptors, e.g. an int8 export of --model from "
-                             "'cv2r2d2 export-onnx --int8' (.onnx runs on onnxruntime); "
-                             "default: the extraction's")
+                        help="the network computing the refinement's descriptors, a model "
+                             "name, checkpoint or .onnx file (on onnxruntime); default: the "
+                             "preset's (sfm: the extraction's model in int8), else the "
+                             "extraction's")
     _add_matching_options(parser, pairs_required=False)
-    _add_feature_options(parser)
+    _add_feature_options(parser, default_preset=SFM_PRESET)
     _add_output_options(parser, colmap=True)
     parser.set_defaults(run=_run_sfm)
 
 
-def _refinement(args: argparse.Namespace) -> Tuple[Any, Any]:
-    """(refine_params, refine_feature) of the sfm options."""
+def _refinement(args: argparse.Namespace, config: R2D2Config) -> Tuple[Any, Any]:
+    """(refine_params, refine_feature) of the sfm options given (None: the preset's)."""
     from .feature2d import R2D2Feature
     from .refinement import RefinementParams
 
-    if not args.refine and (args.refine_upsample != 1.0 or args.refine_model is not None):
-        raise ValueError("--refine-upsample and --refine-model go with --refine")
-    upsample = args.refine_upsample
-    params = RefinementParams.upsampled(upsample) if upsample != 1.0 else None
+    explicit = args.refine_upsample is not None or args.refine_model is not None
+    if args.refine is False and explicit:
+        raise ValueError("--refine-upsample and --refine-model go with the refinement, "
+                         "which --no-refine turns off")
+    params = None
+    if args.refine_upsample is not None:
+        params = RefinementParams.upsampled(args.refine_upsample)
     feature = None
     if args.refine_model is not None:
-        options = _feature_options(args)
-        options["model"] = args.refine_model
-        if str(args.refine_model).endswith(".onnx"):
-            options["backend"] = "onnxruntime"
-        elif options.get("backend") not in (None, "torch", "reference"):
-            options["backend"] = "torch"  # a checkpoint or a registry name
-        feature = R2D2Feature.create(**options)
+        model = args.refine_model
+        backend = "onnxruntime" if str(model).lower().endswith(".onnx") else (
+            config.backend if config.backend in ("torch", "reference") else "torch")
+        feature = R2D2Feature(config.replace(model=model, backend=backend))
     return params, feature
 
 
@@ -367,17 +505,24 @@ def _run_sfm(args: argparse.Namespace) -> int:
     from .sfm import import_pycolmap, reconstruct
 
     import_pycolmap()  # before the long extraction, not after it
-    refine_params, refine_feature = _refinement(args)
+    from .feature2d import R2D2Feature
+
+    config = _config(args, SFM_PRESET)
+    refine_params, refine_feature = _refinement(args, config)
+    matching = _matching(args, config.preset)
     result = reconstruct(
-        args.image_dir, args.output_dir, feature=_create_feature(args), pairs=args.pairs,
+        args.image_dir, args.output_dir, feature=R2D2Feature(config), pairs=args.pairs,
         camera_model=args.camera_model, camera_mode=args.camera_mode,
-        max_distance=args.max_distance, ratio=args.ratio, device=args.device,
+        max_distance=matching["max_distance"], ratio=matching["ratio"], device=args.device,
         rotations=args.rotations, database_only=args.database_only, overwrite=args.overwrite,
         show_progress=not args.quiet, verbose=args.verbose, refine=args.refine,
         refine_params=refine_params, refine_feature=refine_feature,
     )
     print(result.summary())
     _report_failed(result.failed)
+    if result.failure is not None:
+        print(f"cv2r2d2 sfm: error: {result.failure}", file=sys.stderr)
+        return 1
     return 0 if args.database_only or result.num_registered else 1
 
 
@@ -444,7 +589,8 @@ def _run_eval_hpatches(args: argparse.Namespace) -> int:
         args.plot = str(plot if plot != output else output.with_name(output.name + ".png"))
     if args.plot:
         import_optional("matplotlib", "the HPatches plot (or pass --no-plot)")
-    methods = {m: _create_feature(args) if m == "r2d2" else _baseline(m, args.nfeatures)
+    nfeatures = _config(args).params.nfeatures
+    methods = {m: _create_feature(args) if m == "r2d2" else _baseline(m, nfeatures)
                for m in args.methods}
     results = evaluate_hpatches(args.root, methods, device=args.device,
                                 show_progress=not args.quiet, rotations=args.rotations)
@@ -646,7 +792,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 COMMANDS: Tuple[Callable[[Any], None], ...] = (
-    _add_extract, _add_match, _add_sfm, _add_eval_hpatches, _add_heatmap, _add_export_onnx,
+    _add_presets, _add_extract, _add_match, _add_pairs, _add_sfm, _add_eval_hpatches, _add_heatmap, _add_export_onnx,
     _add_train,
     _add_fit_steerers,
 )

@@ -3,14 +3,16 @@
 :func:`extract_collection` writes the features of many images into a feature store,
 :func:`match_collection` the mutual nearest-neighbour matches of many image pairs into a
 match file (stores: :mod:`cv2r2d2.stores`); both skip what is already done unless told
-to overwrite, and show a progress bar when asked (on a terminal).
+to overwrite, and show a progress bar when asked (on a terminal). Both record the
+settings they write with in the output and never add to an output of other settings
+(:mod:`cv2r2d2.provenance`).
 """
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -18,6 +20,7 @@ import numpy as np
 from .extractor import Features
 from .image import read_image
 from .matching import DEFAULT_MAX_ELEMENTS, match_batch
+from .provenance import check_reuse, features_record, matches_record
 from .steerers import as_steerers, rotation_angles
 from .stores import FeatureStore, H5Matches, ImageFeatures
 from .utils import PathLike, progress, torch_device
@@ -31,6 +34,8 @@ __all__ = [
     "extract_collection",
     "MatchingReport",
     "match_collection",
+    "matching_record",
+    "prepare_output",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,13 +70,17 @@ def extract_collection(
     """Extract and store the features of many images, resuming a previous run.
 
     Images already in ``store`` are skipped unless ``overwrite``; images that cannot
-    be read are logged, skipped and listed in the report's ``failed``.
+    be read are logged, skipped and listed in the report's ``failed``. The store keeps
+    the settings record of ``feature``: features of other settings in it raise
+    :class:`~cv2r2d2.provenance.SettingsMismatchError`, or with ``overwrite`` are
+    deleted first.
 
     Args:
         images: (name, path) pairs, e.g. from :func:`list_images`.
         store: where to write (:func:`open_features` with ``writable=True``).
         feature: the extractor, e.g. ``R2D2Feature.create(...)``.
     """
+    prepare_output(store, features_record(feature.getConfig()), overwrite)
     report = ExtractionReport()
     for name, path in progress(images, len(images), show_progress, "extract", unit="image"):
         if not overwrite and name in store:
@@ -88,6 +97,25 @@ def extract_collection(
         logger.debug("wrote %d features of %s", len(features), name)
         report.extracted.append(name)
     return report
+
+
+def prepare_output(store: Any, record: Dict[str, Any], overwrite: bool) -> None:
+    """Make ``store`` (a feature store or a match file) ready for results of ``record``:
+    reused when its results are of the same settings, cleared first with ``overwrite``
+    when not, refused otherwise (:func:`cv2r2d2.provenance.check_reuse`)."""
+    entries = store.keys() if isinstance(store, H5Matches) else store.names()
+    if check_reuse(store.settings(), record, bool(entries), store.path, overwrite):
+        store.clear()
+    if store.settings() != record:
+        store.set_settings(record)
+
+
+def matching_record(features: Optional[Dict[str, Any]], max_distance: Optional[float],
+                    ratio: Optional[float], rotations: int) -> Dict[str, Any]:
+    """The settings record of matches of features recorded as ``features`` (see
+    :func:`cv2r2d2.provenance.matches_record`)."""
+    return matches_record(features, dict(max_distance=max_distance, ratio=ratio,
+                                         rotations=int(rotations)))
 
 
 @dataclass
@@ -148,6 +176,8 @@ def match_collection(
     torch_device(device)  # before anything is written
     if rotation_angles(rotations) != (0,):
         steerers = as_steerers(steerers, rotations)  # fitted once, before any pair
+    prepare_output(matches, matching_record(features.settings(), max_distance, ratio,
+                                            rotations), overwrite)
     report = MatchingReport()
     todo = []
     for pair in pairs:

@@ -1,11 +1,12 @@
 """What an ``R2D2Feature`` is configured with: :class:`R2D2Config`, one object for every
 argument of ``R2D2Feature.create``.
 
-It holds the extraction parameters (the paper's settings,
-:class:`~cv2r2d2.extractor.ExtractionParams`), the model, and how the network runs
+It holds the preset it starts from (:mod:`cv2r2d2.presets`), the extraction parameters
+(:class:`~cv2r2d2.extractor.ExtractionParams`), the model, and how the network runs
 (device, backend, tiles, precision, threads). ``create()``, ``write``/``read`` (OpenCV's
 FileStorage), ``repr``, the command line's R2D2 options and the Ray workers all derive
-from it. Each option is validated here and nowhere else, with an error that names the
+from it; :meth:`R2D2Config.from_arguments` applies a preset and the arguments that
+override it. Each option is validated here and nowhere else, with an error that names the
 option, the value and what is expected.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import cv2
 import numpy as np
 
 from .extractor import DEFAULT_TILE_SIZE, ExtractionParams, check_subpixel
+from .presets import DEFAULT_PRESET, get_preset
 from .weights import DEFAULT_MODEL
 
 __all__ = [
@@ -98,7 +100,12 @@ _FLAGS = ("half",)
 class R2D2Config:
     """Every argument of ``R2D2Feature.create``, validated; the defaults are the paper's.
 
+    Build it with :meth:`from_arguments` to start from a preset other than ``"paper"``
+    (the fields then hold the preset's values, and the arguments that override them).
+
     Attributes:
+        preset: the name of the preset the configuration started from
+            (:data:`cv2r2d2.presets.PRESETS`); the fields hold the resulting values.
         model: an official model name or a checkpoint / ``.onnx`` path.
         params: the extraction parameters (``nfeatures``, ``scale_f``... see
             :class:`~cv2r2d2.extractor.ExtractionParams`).
@@ -113,6 +120,7 @@ class R2D2Config:
         num_threads: CPU threads of the network (None: not set; 0: the runtime's default).
     """
 
+    preset: str = DEFAULT_PRESET
     model: str = DEFAULT_MODEL
     params: ExtractionParams = field(default_factory=ExtractionParams)
     device: Optional[str] = None
@@ -133,6 +141,7 @@ class R2D2Config:
         if self.device is not None and not isinstance(self.device, str):
             raise TypeError(f"device must be None or a string such as 'cpu' or 'cuda:0', "
                             f"got {self.device!r}")
+        get_preset(self.preset)
         object.__setattr__(self, "model", os.fspath(self.model))
         check_backend(self.backend)
         object.__setattr__(self, "tile_size", check_tile_size(self.tile_size))
@@ -148,20 +157,24 @@ class R2D2Config:
 
     @staticmethod
     def argument_names() -> Tuple[str, ...]:
-        """The names of ``create()``'s arguments, in its order."""
-        own = [f.name for f in fields(R2D2Config) if f.name != "params"]
-        return (own[0], *(f.name for f in fields(ExtractionParams)), *own[1:])
+        """The names of ``create()``'s arguments, in its order (``preset`` last)."""
+        own = [f.name for f in fields(R2D2Config) if f.name not in ("params", "preset")]
+        return (own[0], *(f.name for f in fields(ExtractionParams)), *own[1:], "preset")
 
     @classmethod
     def from_arguments(cls, **arguments: Any) -> "R2D2Config":
-        """A configuration from ``create()``'s keyword arguments (absent ones: defaults)."""
-        names = {f.name for f in fields(ExtractionParams)}
+        """A configuration from ``create()``'s keyword arguments: the preset's values
+        (``preset``, default ``"paper"``), overridden by the other arguments given."""
         unknown = set(arguments) - set(cls.argument_names())
         if unknown:
             raise TypeError(f"unknown R2D2 option(s): {', '.join(sorted(unknown))} "
                             f"(known: {', '.join(cls.argument_names())})")
+        preset = arguments.pop("preset", DEFAULT_PRESET)
+        arguments = dict(get_preset(preset).extraction, **arguments)
+        names = {f.name for f in fields(ExtractionParams)}
         params = ExtractionParams(**{k: v for k, v in arguments.items() if k in names})
-        return cls(params=params, **{k: v for k, v in arguments.items() if k not in names})
+        return cls(preset=preset, params=params,
+                   **{k: v for k, v in arguments.items() if k not in names})
 
     def arguments(self) -> Dict[str, Any]:
         """``create()``'s keyword arguments that give this configuration, in its order."""
@@ -169,9 +182,16 @@ class R2D2Config:
                                              for f in fields(self) if f.name != "params"})
         return {name: flat[name] for name in self.argument_names()}
 
+    def overrides(self) -> Dict[str, Any]:
+        """The arguments whose values differ from the preset's (``preset`` excluded)."""
+        own = type(self).from_arguments(preset=self.preset).arguments()
+        return {name: value for name, value in self.arguments().items()
+                if name != "preset" and value != own[name]}
+
     def replace(self, **arguments: Any) -> "R2D2Config":
-        """A copy with some of ``create()``'s arguments changed (validated)."""
-        return self.from_arguments(**dict(self.arguments(), **arguments))
+        """A copy with some of ``create()``'s arguments changed (validated). A new
+        ``preset`` keeps this configuration's overrides of its own preset."""
+        return self.from_arguments(**{**self.overrides(), "preset": self.preset, **arguments})
 
     # --- cv2.FileStorage ------------------------------------------------------------
 
@@ -199,7 +219,7 @@ class R2D2Config:
             item = node.getNode(name)
             if name == "device" or item.empty():
                 continue
-            if name in ("model", "backend") or item.isString():
+            if name in ("model", "backend", "preset") or item.isString():
                 changes[name] = item.string()
                 continue
             number = item.real()
@@ -215,7 +235,8 @@ class R2D2Config:
                 changes[name] = number
         if changes.get("num_threads") == _NO_THREADS:
             changes["num_threads"] = None
-        return self.replace(**changes)
+        # The stored values are complete: they win over the stored preset's.
+        return self.from_arguments(**dict(self.arguments(), **changes))
 
 
 def _integer_fields() -> Tuple[str, ...]:

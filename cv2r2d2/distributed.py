@@ -11,7 +11,10 @@ it never receives descriptors, only the names of what each block wrote.
 - Matching: Ray tasks match blocks of pairs with :func:`cv2r2d2.matching.match_collection`,
   each block into its own shard, read through a master ``matches.h5`` likewise.
 
-Runs resume: entries already in any shard (or in the ``.r2d2`` folder) are skipped. An
+Runs resume: entries already in any shard (or in the ``.r2d2`` folder) are skipped. The
+driver checks the output's settings record first, as the single-machine functions do:
+results of other settings are refused, or deleted first with ``overwrite``
+(:mod:`cv2r2d2.provenance`); every shard and the master record the run's settings. An
 actor or task killed mid-block is restarted by Ray and its block done again, up to
 ``RETRIES`` times; the shards it had finished are kept. Images, features and outputs
 must be on a file system that every node of the cluster sees under the same paths.
@@ -34,8 +37,12 @@ from typing import (
     Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union,
 )
 
-from .collection import ExtractionReport, MatchingReport, extract_collection, match_collection
-from .config import TORCH_BACKENDS
+from .collection import (
+    ExtractionReport, MatchingReport, extract_collection, match_collection, matching_record,
+    prepare_output,
+)
+from .config import TORCH_BACKENDS, R2D2Config
+from .provenance import check_reuse, features_record
 from .stores import H5Features, H5Matches, R2D2Folder, feature_format, open_features, pair_key
 from .utils import atomic_path, import_optional, progress
 from .shards import ShardedH5, new_run_id
@@ -199,15 +206,15 @@ class RayExtractionReport(ExtractionReport):
 class _Extractor:
     """A Ray actor: one R2D2 model, extracting blocks of images."""
 
-    def __init__(self, feature_options: Mapping[str, Any], threads: int) -> None:
+    def __init__(self, config: R2D2Config, threads: int) -> None:
         from .feature2d import R2D2Feature
 
-        if feature_options.get("backend", "torch") in TORCH_BACKENDS:
+        if config.backend in TORCH_BACKENDS:
             import torch
 
             # This process is the actor's own; its thread count is its share of the node.
             torch.set_num_threads(threads)
-        self._feature = R2D2Feature.create(**feature_options)
+        self._feature = R2D2Feature(config)
 
     def ready(self) -> bool:
         """True once the model is loaded."""
@@ -229,7 +236,7 @@ class _Extractor:
 def extract_collection_ray(
     images: Sequence[Tuple[str, PathLike]],
     output: PathLike,
-    feature_options: Optional[Mapping[str, Any]] = None,
+    config: Optional[R2D2Config] = None,
     format: str = "auto",
     overwrite: bool = False,
     show_progress: bool = False,
@@ -249,8 +256,8 @@ def extract_collection_ray(
         images: (name, path) pairs, e.g. from :func:`cv2r2d2.io.list_images`.
         output: an ``.h5`` file (a master file over a ``<output>.shards`` folder) or a
             folder of ``.r2d2`` files, as :func:`cv2r2d2.io.open_features` takes.
-        feature_options: keyword arguments of :meth:`cv2r2d2.R2D2Feature.create`
-            (default: the paper's settings).
+        config: the extractor's configuration, sent to the actors as it is (None: the
+            paper's settings); ``R2D2Feature.getConfig()`` gives an extractor's.
         format: ``"auto"`` (by the suffix), ``"h5"`` or ``"r2d2"``.
         address: None or ``"local"``: a local Ray started for the run; ``"auto"``,
             ``"host:port"`` or ``"ray://host:port"``: that cluster. Ignored when Ray is
@@ -263,7 +270,11 @@ def extract_collection_ray(
         merge: end with one plain ``.h5`` file instead of a master over shards.
     """
     _import_ray()  # before anything is written
-    feature_options = dict(feature_options or {})
+    if config is None:
+        config = R2D2Config()
+    if not isinstance(config, R2D2Config):
+        raise TypeError(f"config must be an R2D2Config, got {type(config).__name__}")
+    record = features_record(config)
     output = Path(output)
     is_h5 = feature_format(output, format) == "h5"
     if merge and not is_h5:
@@ -277,8 +288,13 @@ def extract_collection_ray(
         sharded.adopt_plain_file(run_id)
         sharded.remove_temporary_files()
         done = set(sharded.scan())
+        if check_reuse(sharded.settings(), record, bool(done), output, overwrite):
+            sharded.clear()
+            done = set()
     else:
-        done = set(R2D2Folder(output).names())
+        folder = R2D2Folder(output)
+        prepare_output(folder, record, overwrite)
+        done = set(folder.names())
     todo: List[Tuple[str, str]] = []
     for name, path in images:
         if name in done and not overwrite:
@@ -290,28 +306,29 @@ def extract_collection_ray(
     todo.sort(key=lambda item: -_file_size(item[1]))
     try:
         if todo:
-            _extract_on_ray(todo, output, sharded, run_id, feature_options, overwrite,
+            _extract_on_ray(todo, output, sharded, run_id, config, overwrite,
                             show_progress, address, actors, threads, block_size, report)
     finally:
         if sharded is not None:
-            _finish(sharded, merge, rewrite=bool(todo))
+            _finish(sharded, merge, rewrite=bool(todo), record=record)
     return report
 
 
-def _finish(sharded: ShardedH5, merge: bool, rewrite: bool) -> None:
+def _finish(sharded: ShardedH5, merge: bool, rewrite: bool, record: Mapping[str, Any]) -> None:
     """Write the master file (or the merged file) when the run changed the shards or
     the output is not what was asked; nothing when there is nothing to point at (a run
     that failed before its first block, with no earlier output)."""
     is_master = sharded.is_master()
-    if rewrite or (merge and is_master) or (not merge and not is_master):
+    if rewrite or (merge and is_master) or (not merge and not is_master) \
+            or sharded.settings() != record:
         sharded.remove_temporary_files()
         entries = sharded.scan()
         if not entries and not sharded.path.exists():
             return
         if merge:
-            sharded.merge(entries)
+            sharded.merge(entries, record)
         else:
-            sharded.write_master(entries)
+            sharded.write_master(entries, record)
 
 
 def _file_size(path: str) -> int:
@@ -322,13 +339,13 @@ def _file_size(path: str) -> int:
 
 
 def _extract_on_ray(todo: List[Tuple[str, str]], output: Path, sharded: Optional[ShardedH5],
-                    run_id: str, feature_options: Dict[str, Any], overwrite: bool,
+                    run_id: str, config: R2D2Config, overwrite: bool,
                     show_progress: bool, address: Optional[str], actors: Optional[int],
                     threads: Optional[int], block_size: Optional[int],
                     report: RayExtractionReport) -> None:
     callers_session = _import_ray().is_initialized()
     with _ray_session(address) as ray:
-        gpus = _cluster_gpus(ray, feature_options.get("device"))
+        gpus = _cluster_gpus(ray, config.device)
         if threads is None:
             threads = min(DEFAULT_THREADS, _largest_node_cpus(ray))
         if actors is None:
@@ -340,7 +357,7 @@ def _extract_on_ray(todo: List[Tuple[str, str]], output: Path, sharded: Optional
         resources = dict(num_gpus=1, num_cpus=1) if gpus else dict(num_cpus=threads)
         actor_class = ray.remote(max_restarts=-1, max_task_retries=RETRIES,
                                  **resources)(_Extractor)
-        pool = [actor_class.remote(feature_options, threads) for _ in range(actors)]
+        pool = [actor_class.remote(config, threads) for _ in range(actors)]
 
         def slot(actor: Any) -> Callable[[Any], Any]:
             def submit(numbered: Tuple[int, List[Tuple[str, str]]]) -> Any:
@@ -450,12 +467,17 @@ def match_collection_ray(
     _import_ray()  # before anything is written
     if rotation_angles(rotations) != (0,):
         steerers = as_steerers(steerers, rotations)
+    with open_features(features) as store:
+        record = matching_record(store.settings(), max_distance, ratio, rotations)
     sharded = ShardedH5(output, "matches")
     run_id = new_run_id()
     report = RayMatchingReport()
     sharded.adopt_plain_file(run_id)
     sharded.remove_temporary_files()
     done = set(sharded.scan())
+    if check_reuse(sharded.settings(), record, bool(done), output, overwrite):
+        sharded.clear()
+        done = set()
     todo = []
     for a, b in pairs:
         if not overwrite and sharded.identity(pair_key(a, b)) in done:
@@ -469,7 +491,7 @@ def match_collection_ray(
             _match_on_ray(todo, os.fspath(features), sharded, run_id, options,
                           show_progress, address, block_size, report)
     finally:
-        _finish(sharded, merge, rewrite=bool(todo))
+        _finish(sharded, merge, rewrite=bool(todo), record=record)
     return report
 
 

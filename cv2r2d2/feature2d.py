@@ -16,7 +16,8 @@ import numpy as np
 
 from .backends import make_runner as _make_runner  # a module name: tests replace it
 from .backends import torch_threads
-from .config import TORCH_BACKENDS, R2D2Config
+from .config import R2D2Config
+from .presets import DEFAULT_PRESET
 from .extractor import (
     ExtractionParams,
     Features,
@@ -33,15 +34,23 @@ from .image import check_mask, normalize_image
 from .steerers import (
     DEFAULT_ROTATIONS, FitSettings, Steerers, check_angle, load_steerers, rotation_angles,
 )
-from .weights import find_onnx_model, resolve_weights
+from .provenance import model_file
 
 __all__ = ["R2D2Feature", "R2D2_create"]
 
 logger = logging.getLogger(__name__)
 
-_CONFIG = R2D2Config()
-_DEFAULTS = _CONFIG.params
 KeyPoints = Tuple[cv2.KeyPoint, ...]
+
+
+class _PresetValue:
+    """The default of ``create()``'s arguments: the chosen preset's value."""
+
+    def __repr__(self) -> str:
+        return "PRESET"
+
+
+PRESET = _PresetValue()
 
 
 # The options whose change needs another network runner.
@@ -122,24 +131,31 @@ class R2D2Feature:
     @classmethod
     def create(
         cls,
-        model: Union[str, os.PathLike] = _CONFIG.model,
-        nfeatures: int = _DEFAULTS.nfeatures,
-        scale_f: float = _DEFAULTS.scale_f,
-        min_size: int = _DEFAULTS.min_size,
-        max_size: int = _DEFAULTS.max_size,
-        min_scale: float = _DEFAULTS.min_scale,
-        max_scale: float = _DEFAULTS.max_scale,
-        reliability_thr: float = _DEFAULTS.reliability_thr,
-        repeatability_thr: float = _DEFAULTS.repeatability_thr,
-        unique_radius: float = _DEFAULTS.unique_radius,
-        device: Optional[str] = _CONFIG.device,
-        backend: str = _CONFIG.backend,
-        tile_size: int = _CONFIG.tile_size,
-        half: bool = _CONFIG.half,
-        subpixel: Union[bool, str] = _CONFIG.subpixel,
-        num_threads: Optional[int] = _CONFIG.num_threads,
+        model: Union[str, os.PathLike] = PRESET,
+        nfeatures: int = PRESET,
+        scale_f: float = PRESET,
+        min_size: int = PRESET,
+        max_size: int = PRESET,
+        min_scale: float = PRESET,
+        max_scale: float = PRESET,
+        reliability_thr: float = PRESET,
+        repeatability_thr: float = PRESET,
+        unique_radius: float = PRESET,
+        device: Optional[str] = PRESET,
+        backend: str = PRESET,
+        tile_size: int = PRESET,
+        half: bool = PRESET,
+        subpixel: Union[bool, str] = PRESET,
+        num_threads: Optional[int] = PRESET,
+        preset: str = DEFAULT_PRESET,
     ) -> "R2D2Feature":
-        """Create an R2D2 feature extractor (defaults: the paper's settings).
+        """Create an R2D2 feature extractor.
+
+        Every argument not given takes the value of ``preset``; those of ``"paper"``, the
+        default, are the original R2D2's settings and output, listed below.
+
+        >>> r2d2 = R2D2Feature.create()                                  # the paper's
+        >>> ratio = R2D2Feature.create(preset="ratio", nfeatures=1000)   # preset + override
 
         Args:
             model: an official model name (``r2d2_WASF_N16``, ``r2d2_WAF_N16``,
@@ -153,7 +169,7 @@ class R2D2Feature:
                 levels within this distance of each other, only the best-scoring
                 one, before the top ``nfeatures`` (the same place is otherwise found
                 on several levels). Set it for Lowe's ratio test (see the README);
-                0, the default, keeps the original's output.
+                0, the paper's, keeps the original's output.
             device: torch device (``"cpu"``, ``"cuda"``...); None: CUDA if available.
             backend: ``"torch"``; ``"onnxruntime"`` or ``"opencv"`` run an exported
                 ONNX model (a ``.onnx`` path or a registry name) without torch;
@@ -164,7 +180,7 @@ class R2D2Feature:
             subpixel: refine keypoint positions to sub-pixel accuracy (not the
                 original's output; see the README): True, by a parabola on the
                 repeatability peak; ``"descriptor"``, then by a mean-shift on the
-                descriptor map (better at 1 px, 10-20% more extraction time).
+                descriptor map (better at 1 px, about 1.5 times the extraction time).
             num_threads: CPU threads of the network, an integer >= 0. ONNX backends:
                 the session's intra-op threads (``cv2.dnn``: set around each forward
                 pass); None reads ``$CV2R2D2_NUM_THREADS``, 0 keeps the runtime's
@@ -173,14 +189,13 @@ class R2D2Feature:
                 restored after it (the switch costs microseconds); None or 0 leave it
                 as it is. Calls from several Python threads with different counts
                 then race for that one setting.
+            preset: a name of :data:`cv2r2d2.presets.PRESETS` (``paper``, ``ratio``,
+                ``accurate``, ``sfm``...; ``cv2r2d2 presets`` lists them with their
+                purpose): the values of the arguments not given.
         """
-        return cls(R2D2Config.from_arguments(
-            model=model, nfeatures=nfeatures, scale_f=scale_f, min_size=min_size,
-            max_size=max_size, min_scale=min_scale, max_scale=max_scale,
-            reliability_thr=reliability_thr, repeatability_thr=repeatability_thr,
-            unique_radius=unique_radius, device=device, backend=backend, tile_size=tile_size,
-            half=half, subpixel=subpixel, num_threads=num_threads,
-        ))
+        given = {name: value for name, value in locals().items()
+                 if name != "cls" and value is not PRESET}
+        return cls(R2D2Config.from_arguments(**given))
 
     # --- detection and description -------------------------------------------------
 
@@ -477,9 +492,7 @@ class R2D2Feature:
 
     def _model_file(self) -> Path:
         """The file the network's weights come from (the steerers' cache key)."""
-        if self._config.backend in TORCH_BACKENDS:
-            return resolve_weights(self._config.model)
-        return find_onnx_model(self._config.model)
+        return model_file(self._config)
 
     # --- cv2.Feature2D / cv2.Algorithm information ---------------------------------
 
@@ -504,8 +517,10 @@ class R2D2Feature:
         return self._runner
 
     def __repr__(self) -> str:
-        arguments = ", ".join(f"{k}={v!r}" for k, v in self._config.arguments().items())
-        return f"R2D2Feature({arguments})"
+        """``R2D2Feature(preset=..., <the arguments that override it>)``: what create() takes
+        to give the same extractor."""
+        arguments = {"preset": self._config.preset, **self._config.overrides()}
+        return "R2D2Feature({})".format(", ".join(f"{k}={v!r}" for k, v in arguments.items()))
 
     # --- parameters ----------------------------------------------------------------
 
@@ -517,6 +532,15 @@ class R2D2Feature:
         """The configuration: every argument of :meth:`create` (``getConfig().arguments()``
         creates the same extractor)."""
         return self._config
+
+    def getPreset(self) -> str:
+        """The name of the preset this extractor started from (see :meth:`create`)."""
+        return self._config.preset
+
+    def setPreset(self, preset: str) -> None:
+        """Start again from another preset, keeping the arguments that override the
+        current one (a network change loads the network again)."""
+        self._apply(self._config.replace(preset=preset))
 
     def getParams(self) -> ExtractionParams:
         """A copy of the extraction parameters."""
@@ -683,7 +707,10 @@ class R2D2Feature:
             raise ValueError(
                 f"the file holds {stored_name.string()!r} parameters, not {self.getDefaultName()!r}"
             )
-        config = self._config.read(node)
+        self._apply(self._config.read(node))
+
+    def _apply(self, config: R2D2Config) -> None:
+        """Take ``config``, with a new network when one of its settings changed."""
         runner = self._runner
         if any(getattr(config, key) != getattr(self._config, key) for key in _NETWORK):
             runner = _runner_of(config)
@@ -691,7 +718,7 @@ class R2D2Feature:
         self._runner, self._config = runner, config
 
 
-def R2D2_create(nfeatures: int = _DEFAULTS.nfeatures, **kwargs: Any) -> R2D2Feature:
+def R2D2_create(nfeatures: int = PRESET, **kwargs: Any) -> R2D2Feature:
     """``cv2.SIFT_create``-style factory: ``R2D2_create(5000)`` as ``SIFT_create(5000)``.
 
     The first positional argument is ``nfeatures``; every other parameter of

@@ -1,13 +1,17 @@
-"""Image pairs to match: every pair, sequential pairs (videos), or a pairs file.
+"""Image pairs to match: every pair, sequential pairs (videos), the most similar images
+(retrieval, :mod:`cv2r2d2.retrieval`), or a pairs file.
 
 A pairs file (hloc's format) has one ``name0 name1`` per line.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence, Tuple
 
 from .utils import PathLike, atomic_path
+
+if TYPE_CHECKING:
+    from .stores import FeatureStore
 
 __all__ = [
     "SEQUENTIAL_OVERLAP",
@@ -33,19 +37,25 @@ def sequential_pairs(names: Sequence[str], overlap: int = SEQUENTIAL_OVERLAP) ->
     return [(a, b) for i, a in enumerate(names) for b in names[i + 1 : i + 1 + overlap]]
 
 
-def parse_pairs(spec: str, names: Sequence[str]) -> List[Tuple[str, str]]:
-    """Image pairs from ``exhaustive``, ``sequential[:k]`` or a pairs file.
+def parse_pairs(spec: str, names: Sequence[str], features: Optional["FeatureStore"] = None,
+                show_progress: bool = False) -> List[Tuple[str, str]]:
+    """Image pairs from ``exhaustive``, ``sequential[:k]``, ``retrieval:k`` or a pairs file.
 
     Args:
         spec: ``"exhaustive"``; ``"sequential"`` or ``"sequential:k"`` (each image with
-            the k next in name order, default 5); or a file of ``name0 name1`` lines.
+            the k next in name order, default 5); ``"retrieval:k"`` (each image with its
+            k most similar, see :func:`cv2r2d2.retrieval.retrieval_pairs`; the index is
+            built or updated beside ``features``); or a file of ``name0 name1`` lines.
         names: the images that have features, sorted.
+        features: the store holding them (needed by ``retrieval:k``).
+        show_progress: a progress bar while retrieval describes images.
 
     Returns:
         Pairs of distinct names, each unordered pair once.
 
     Raises:
-        ValueError: a malformed spec, or a pairs file naming images without features.
+        ValueError: a malformed spec, ``retrieval:k`` without ``features``, or a pairs
+            file naming images without features.
     """
     if spec == "exhaustive":
         return exhaustive_pairs(names)
@@ -54,11 +64,21 @@ def parse_pairs(spec: str, names: Sequence[str]) -> List[Tuple[str, str]]:
         if not count.isdigit():
             raise ValueError(f"expected sequential:k with an integer k >= 1, got {spec!r}")
         return sequential_pairs(names, int(count))
+    if spec == "retrieval" or spec.startswith("retrieval:"):
+        count = spec.partition(":")[2]
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"expected retrieval:k with an integer k >= 1, got {spec!r}")
+        if features is None:
+            raise ValueError("retrieval pairs need the features store (features=...)")
+        from .retrieval import retrieval_pairs
+
+        return retrieval_pairs(features, int(count), names, show_progress=show_progress)
     try:
         listed = read_pairs(spec)
     except FileNotFoundError:
         raise ValueError(
-            f"pairs must be 'exhaustive', 'sequential[:k]' or a pairs file; no file {spec!r}"
+            "pairs must be 'exhaustive', 'sequential[:k]', 'retrieval:k' or a pairs file; "
+            f"no file {spec!r}"
         ) from None
     known = set(names)
     unknown = sorted({n for pair in listed for n in pair} - known)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import (
 import numpy as np
 
 from .collection import extract_collection, match_collection
+from .config import R2D2Config
+from .presets import SFM_PRESET, get_preset
 from .image import list_images
 from .pairs import parse_pairs
 from .stores import FeatureStore, H5Features, H5Matches
@@ -70,9 +73,10 @@ def import_pycolmap() -> Any:
 
 @contextlib.contextmanager
 def _colmap_log_level(pycolmap: Any, verbose: bool) -> Iterator[None]:
-    """COLMAP's own log (glog, on stderr) only when verbose; restored afterwards."""
+    """COLMAP's own log (glog, on stderr) only when verbose (its errors too: the package
+    says what failed in its own words); restored afterwards."""
     level = pycolmap.logging.minloglevel
-    pycolmap.logging.minloglevel = level if verbose else max(level, 1)
+    pycolmap.logging.minloglevel = level if verbose else max(level, 3)
     try:
         yield
     finally:
@@ -384,10 +388,12 @@ def incremental_mapping(
 ) -> List[Tuple[Path, "pycolmap.Reconstruction"]]:
     """COLMAP's incremental mapping; models are written to ``output_dir/0``, ``/1``...
 
-    An existing ``output_dir`` is replaced once mapping has finished.
+    An existing ``output_dir`` is replaced once mapping has finished; when COLMAP makes
+    no model, it is removed (it would hold the models of other matches).
 
     Returns:
-        (folder, reconstruction) of each model, largest (most registered images) first.
+        (folder, reconstruction) of each model, largest (most registered images) first;
+        empty when COLMAP made none.
     """
     pycolmap = import_pycolmap()
     output_dir = Path(output_dir)
@@ -395,6 +401,9 @@ def incremental_mapping(
         models = pycolmap.incremental_mapping(
             os.fspath(database_path), os.fspath(image_dir), os.fspath(work),
         )
+    if not models:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return []
     found = [(output_dir / str(index), model) for index, model in models.items()]
     return sorted(found, key=lambda item: -item[1].num_reg_images())
 
@@ -428,6 +437,7 @@ class SfMResult:
         refinement: what the keypoint refinement did (None without it).
         seconds: wall time of each stage run (``extract``, ``match``, ``database``,
             ``verify``, ``refine``, ``map``).
+        failure: None, or why COLMAP made no model and what to try.
     """
 
     num_images: int
@@ -444,6 +454,7 @@ class SfMResult:
     model: Optional[Path] = None
     reconstruction: Any = None
     failed: List[Tuple[str, str]] = field(default_factory=list)
+    failure: Optional[str] = None
 
     def summary(self) -> str:
         """A few lines for people."""
@@ -485,24 +496,29 @@ def reconstruct(
     show_progress: bool = False,
     verbose: bool = False,
     rotations: int = 1,
-    refine: bool = False,
+    refine: Optional[bool] = None,
     refine_params: Optional[RefinementParams] = None,
     refine_feature: Optional["R2D2Feature"] = None,
+    preset: Optional[str] = None,
 ) -> SfMResult:
     """Photos in, sparse COLMAP model out.
 
-    Writes ``features.h5``, ``matches.h5`` (reused by a later run unless
-    ``overwrite``), ``database.db`` and, unless ``database_only``, ``sparse/<k>``
-    in ``output_dir``; with ``refine``, ``refined_keypoints.npz`` too (reused likewise).
+    Writes ``features.h5``, ``matches.h5`` (reused by a later run of the same settings
+    unless ``overwrite``; other settings stop with
+    :class:`~cv2r2d2.provenance.SettingsMismatchError`), ``database.db`` and, unless
+    ``database_only``, ``sparse/<k>`` in ``output_dir``; with refinement,
+    ``refined_keypoints.npz`` too (reused likewise). When COLMAP makes no model, the
+    result's ``failure`` says at which stage and what to try, and no ``sparse/`` is left.
 
     Args:
         image_dir: the photos (searched recursively).
         output_dir: where to write.
-        feature: the extractor; None: ``R2D2Feature.create(device=device)``.
-        pairs: ``exhaustive``, ``sequential[:k]`` or a pairs file (see
-            :func:`cv2r2d2.matching.parse_pairs`).
+        feature: the extractor; None: ``preset``'s (``"sfm"`` by default) on ``device``.
+        pairs: ``exhaustive``, ``sequential[:k]``, ``retrieval:k`` or a pairs file (see
+            :func:`cv2r2d2.pairs.parse_pairs`).
         camera_model, camera_mode: as :func:`write_database`.
-        max_distance, ratio, device: as :func:`cv2r2d2.matching.match_batch`.
+        max_distance, ratio: as :func:`cv2r2d2.matching.match_batch`; None: the preset's.
+        device: the torch device of the matching (and of the extractor made here).
         database_only: stop after the database and its geometric verification.
         overwrite: extract and match again instead of reusing earlier results.
         show_progress: progress bars (on a terminal).
@@ -510,25 +526,44 @@ def reconstruct(
         rotations: as :func:`cv2r2d2.matching.match_batch`, with ``feature``'s steerers
             (views that may be rotated in the image plane).
         refine: featuremetric keypoint refinement of the verified tracks before
-            mapping (:func:`refine_database`, with ``feature``'s network).
-        refine_params: its settings (None: the defaults).
+            mapping (:func:`refine_database`); None: as the preset does.
+        refine_params: its settings (None: the preset's, else the defaults).
         refine_feature: the extractor whose network computes the refinement's
-            descriptors (None: ``feature``); e.g. an int8 ONNX export of the same model,
-            which refines as well in less than half the time (see the README).
+            descriptors (None: the preset's refinement network, else ``feature``).
+        preset: the name of the settings (:data:`cv2r2d2.presets.PRESETS`) of the
+            matching and the refinement, and of the extraction when ``feature`` is None;
+            None: ``feature``'s preset, or ``"sfm"`` without a feature.
     """
     import_pycolmap()
     if refine_feature is not None and not hasattr(refine_feature, "computeDescriptorWindows"):
         raise TypeError(f"refine_feature must be an R2D2Feature, got "
                         f"{type(refine_feature).__name__}")
+    if refine is not None and not isinstance(refine, (bool, np.bool_)):
+        raise TypeError(f"refine must be None, True or False, got {refine!r}")
+    if preset is not None:
+        get_preset(preset)
     rotation_angles(rotations)  # a bad value fails before the extraction, not after it
     image_dir, output_dir = Path(image_dir), Path(output_dir)
     if not image_dir.is_dir():
-        raise NotADirectoryError(f"no such image folder: {image_dir}")
+        raise NotADirectoryError(f"no such image folder: '{image_dir}'")
     torch_device(device)  # the matcher's: checked before the extraction
-    if feature is None:
-        from .feature2d import R2D2Feature
+    from .feature2d import R2D2Feature
 
-        feature = R2D2Feature.create(device=device)
+    if feature is None:
+        feature = R2D2Feature(R2D2Config.from_arguments(preset=preset or SFM_PRESET,
+                                                        device=device))
+    chosen = get_preset(preset or feature.getPreset())
+    matching = dict(dict(max_distance=None, ratio=None), **chosen.matching)
+    matching.update({k: v for k, v in dict(max_distance=max_distance, ratio=ratio).items()
+                     if v is not None})
+    if refine is None:
+        refine = chosen.refinement is not None
+    if refine and chosen.refinement is not None:
+        if refine_params is None and chosen.refinement.get("upsample", 1.0) != 1.0:
+            refine_params = RefinementParams.upsampled(chosen.refinement["upsample"])
+        if refine_feature is None and chosen.refinement.get("network"):
+            refine_feature = R2D2Feature(feature.getConfig().replace(
+                **chosen.refinement["network"]))
     images = list_images([image_dir])
     output_dir.mkdir(parents=True, exist_ok=True)
     seconds: Dict[str, float] = {}
@@ -544,10 +579,11 @@ def reconstruct(
         extraction = extract_collection(images, features, feature, overwrite, show_progress)
         lap("extract")
         names = sorted(set(features.names()) & {name for name, _ in images})
-        pair_list = parse_pairs(pairs, names)
+        pair_list = parse_pairs(pairs, names, features, show_progress)
         with H5Matches(output_dir / "matches.h5", writable=True) as matches:
-            match_collection(features, pair_list, matches, max_distance, ratio, device,
-                             overwrite, show_progress, rotations=rotations, steerers=feature)
+            match_collection(features, pair_list, matches, matching["max_distance"],
+                             matching["ratio"], device, overwrite, show_progress,
+                             rotations=rotations, steerers=feature)
             lap("match")
             database = output_dir / "database.db"
             with atomic_path(database) as tmp:
@@ -556,22 +592,31 @@ def reconstruct(
                 lap("database")
                 verified = verify_matches(tmp, verbose=verbose)
                 lap("verify")
-                if refine:
+                if refine and verified:
                     refinement = refine_database(
                         tmp, image_dir, refine_feature or feature, refine_params, _sizes(features),
                         cache=output_dir / "refined_keypoints.npz", overwrite=overwrite,
                         show_progress=show_progress)
                     lap("refine")
-    logger.info("%d of %d image pairs passed geometric verification", verified, len(pair_list))
     result = SfMResult(num_images=len(images), database=database, failed=extraction.failed,
                        num_pairs=len(pair_list), num_verified_pairs=verified,
                        refinement=refinement, seconds=seconds)
+    if not verified:
+        result.failure = _failure(
+            image_dir, f"no image pair passed COLMAP's geometric verification (of "
+                       f"{len(pair_list)} pair(s) matched)", rotations)
+        # A model of earlier matches would not be this run's.
+        shutil.rmtree(output_dir / "sparse", ignore_errors=True)
+        return result
     if database_only:
         return result
     models = incremental_mapping(database, image_dir, output_dir / "sparse", verbose)
     lap("map")
     if not models:
-        logger.warning("COLMAP could not reconstruct anything from %s", image_dir)
+        result.failure = _failure(
+            image_dir, "COLMAP found no initial image pair to start a model from "
+                       f"({verified} of {len(pair_list)} pair(s) verified, the best with "
+                       f"{_most_inliers(database)} inlier matches)", rotations)
         return result
     result.model, best = models[0]
     result.reconstruction = best
@@ -580,5 +625,32 @@ def reconstruct(
     result.num_points3D = best.num_points3D()
     result.mean_track_length = float(best.compute_mean_track_length())
     result.mean_reprojection_error = float(best.compute_mean_reprojection_error())
+    readable = len(images) - len(extraction.failed)
+    if result.num_registered < readable:
+        logger.warning("%d of %d images have no pose in the largest model (%d model(s) "
+                       "made): they overlap too little with the others, or need "
+                       "--rotations 12 if they are turned in the image plane",
+                       readable - result.num_registered, readable, len(models))
     return result
 
+
+def _failure(image_dir: Path, stage: str, rotations: int) -> str:
+    """What failed and what to try, for a reconstruction of ``image_dir`` that made no model."""
+    hints = ["photos that overlap more (each scene part seen by three or more photos)",
+             "--camera-mode single if one camera took them all"]
+    if rotations == 1:
+        hints.append("--rotations 12 if some are turned in the image plane")
+    hints.append("another preset (--preset accurate or paper)")
+    return (f"COLMAP could not reconstruct anything from '{image_dir}': {stage}. Try "
+            + "; ".join(hints) + ". COLMAP's own log: -v.")
+
+
+def _most_inliers(database_path: Path) -> int:
+    """The largest inlier match count of a verified pair of the database."""
+    pycolmap = import_pycolmap()
+    database = pycolmap.Database.open(os.fspath(database_path))
+    try:
+        return max((len(geometry.inlier_matches) for *_, geometry in verified_matches(database)),
+                   default=0)
+    finally:
+        database.close()

@@ -15,17 +15,21 @@ names start with the run's start time. :meth:`ShardedH5.merge` instead copies ev
 into one plain file and removes the shards. A plain file already at the output (a
 single-machine run or a merge) is moved into the shards folder, as the oldest shard, so
 that its entries count as done and stay readable.
+
+The master (or merged) file carries the settings record of its entries as the plain
+files do (:mod:`cv2r2d2.stores`), and so does each shard.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-from .stores import H5Features, H5Matches
+from .stores import SETTINGS_ATTRIBUTE, H5Features, H5Matches
 from .utils import TEMPORARY_GLOB, atomic_path, import_optional
 
 __all__ = ["SHARDS_SUFFIX", "ShardedH5", "new_run_id"]
@@ -51,6 +55,11 @@ def _feature_entries(path: Path) -> List[str]:
 def _match_entries(path: Path) -> List[str]:
     with H5Matches(path) as matches:
         return matches.keys()
+
+
+def _settings(path: Path, kind: str) -> Optional[Dict[str, Any]]:
+    with (H5Features(path) if kind == "features" else H5Matches(path)) as store:
+        return store.settings()
 
 
 def _unordered(entry: str) -> str:
@@ -126,37 +135,66 @@ class ShardedH5:
                 found[identity(entry)] = (shard, entry)
         return found
 
+    def settings(self) -> Optional[Dict[str, Any]]:
+        """The settings record of the output: the master's (or plain file's), else the
+        shards' when they all hold the same one; None when there is none or the shards
+        disagree (their settings are then unknown)."""
+        if self.path.is_file():
+            return _settings(self.path, self.kind)
+        shards = sorted(self.shards_dir.glob("*.h5")) if self.shards_dir.is_dir() else []
+        records = []
+        for shard in shards:
+            try:
+                records.append(_settings(shard, self.kind))
+            except (OSError, ValueError):
+                continue  # scan() reports it
+        if not records or any(record != records[0] for record in records):
+            return None
+        return records[0]
+
+    def clear(self) -> None:
+        """Delete the output and all its shards."""
+        if self.shards_dir.is_dir():
+            shutil.rmtree(self.shards_dir)
+        self.path.unlink(missing_ok=True)
+
     def remove_temporary_files(self) -> None:
         """Delete shards left half-written by killed processes (run when none writes)."""
         if self.shards_dir.is_dir():
             for tmp in self.shards_dir.glob(TEMPORARY_GLOB):
                 tmp.unlink(missing_ok=True)
 
-    def write_master(self, entries: Dict[str, Tuple[Path, str]]) -> None:
+    def write_master(self, entries: Dict[str, Tuple[Path, str]],
+                     record: Optional[Mapping[str, Any]] = None) -> None:
         """Write the master file (atomically): one external link per entry.
 
         Args:
             entries: as :meth:`scan` returns.
+            record: the settings record of the entries.
         """
         with atomic_path(self.path) as tmp, self._h5py.File(tmp, "w") as f:
             f.attrs[MASTER_ATTRIBUTE] = self.shards_dir.name
+            _write_record(f, record)
             for shard, entry in sorted(entries.values(), key=lambda item: item[1]):
                 parent, _, leaf = entry.rpartition("/")
                 group = f.require_group(parent) if parent else f
                 relative = Path(os.path.relpath(shard, self.path.parent)).as_posix()
                 group[leaf] = self._h5py.ExternalLink(relative, "/" + entry)
 
-    def merge(self, entries: Dict[str, Tuple[Path, str]]) -> None:
+    def merge(self, entries: Dict[str, Tuple[Path, str]],
+              record: Optional[Mapping[str, Any]] = None) -> None:
         """Copy every entry into one plain output file (atomically), then delete the
         shards. HDF5 copies dataset by dataset: no entry set is held in memory.
 
         Args:
             entries: as :meth:`scan` returns.
+            record: the settings record of the entries.
         """
         by_shard: Dict[Path, List[str]] = {}
         for shard, entry in entries.values():
             by_shard.setdefault(shard, []).append(entry)
         with atomic_path(self.path) as tmp, self._h5py.File(tmp, "w") as f:
+            _write_record(f, record)
             for shard in sorted(by_shard):
                 with self._h5py.File(shard, "r") as source:
                     for entry in by_shard[shard]:
@@ -165,3 +203,8 @@ class ShardedH5:
                                     name=leaf)
         if self.shards_dir.is_dir():
             shutil.rmtree(self.shards_dir)
+
+
+def _write_record(f: Any, record: Optional[Mapping[str, Any]]) -> None:
+    if record is not None:
+        f.attrs[SETTINGS_ATTRIBUTE] = json.dumps(record, sort_keys=True)

@@ -16,6 +16,10 @@ Matches are stored in hloc's ``matches.h5`` layout: a group per pair (see
 :func:`pair_key`) with ``matches0`` (index in the second image of each keypoint of
 the first, -1 if unmatched) and ``matching_scores0``.
 
+Each store also keeps the settings record of what made it (see :mod:`cv2r2d2.provenance`):
+a JSON root attribute ``cv2r2d2_settings`` of an h5 file (hloc ignores it), a
+``cv2r2d2_settings.json`` file in a ``.r2d2`` folder.
+
 An HDF5 file cannot be replaced atomically per entry, so the h5 writers flush after
 each entry and an entry counts as done only when all its datasets are there with
 consistent shapes; a resumed run rewrites the incomplete ones.
@@ -30,11 +34,12 @@ level pixel's centre.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -56,6 +61,24 @@ logger = logging.getLogger(__name__)
 
 R2D2_SUFFIX = ".r2d2"
 H5_SUFFIXES = (".h5", ".hdf5")
+# Where a store keeps its settings record: an h5 root attribute, a file of a .r2d2 folder.
+SETTINGS_ATTRIBUTE = "cv2r2d2_settings"
+SETTINGS_FILE = "cv2r2d2_settings.json"
+
+
+def _parse_record(text: Any, where: Any) -> Optional[Dict[str, Any]]:
+    """A stored settings record (JSON text) as a dict; a broken one is reported and
+    treated as absent (the output's settings are then unknown)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    try:
+        record = json.loads(text)
+    except (TypeError, ValueError):
+        record = None
+    if not isinstance(record, dict):
+        logger.warning("ignoring the unreadable settings record of %s", where)
+        return None
+    return record
 
 
 @dataclass
@@ -99,10 +122,22 @@ class ImageFeatures:
 
 
 class _Closable:
-    """A context manager that closes itself."""
+    """A context manager that closes itself, with a settings record."""
 
     def close(self) -> None:
         """Release the file, if any."""
+
+    def settings(self) -> Optional[Dict[str, Any]]:
+        """The settings record of what made the stored results (None: none stored)."""
+        raise NotImplementedError
+
+    def set_settings(self, record: Mapping[str, Any]) -> None:
+        """Store the settings record (JSON-serialisable) of the results written next."""
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        """Delete every stored entry and the settings record."""
+        raise NotImplementedError
 
     def __enter__(self) -> Any:
         return self
@@ -145,6 +180,21 @@ class R2D2Folder(FeatureStore):
 
     def _file(self, name: str) -> Path:
         return self.path / (name + R2D2_SUFFIX)
+
+    def settings(self) -> Optional[Dict[str, Any]]:
+        record = self.path / SETTINGS_FILE
+        return _parse_record(record.read_text(encoding="utf-8"), record) \
+            if record.is_file() else None
+
+    def set_settings(self, record: Mapping[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path / SETTINGS_FILE) as tmp:
+            Path(tmp).write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
+
+    def clear(self) -> None:
+        for name in self.names():
+            self._file(name).unlink()
+        (self.path / SETTINGS_FILE).unlink(missing_ok=True)
 
     def __contains__(self, name: str) -> bool:
         return self._file(name).is_file()
@@ -223,6 +273,20 @@ class _H5File(_Closable):
         if key in self._file:
             del self._file[key]
         return self._file.create_group(key)
+
+    def settings(self) -> Optional[Dict[str, Any]]:
+        text = self._file.attrs.get(SETTINGS_ATTRIBUTE)
+        return None if text is None else _parse_record(text, self.path)
+
+    def set_settings(self, record: Mapping[str, Any]) -> None:
+        self._file.attrs[SETTINGS_ATTRIBUTE] = json.dumps(record, sort_keys=True)
+        self._file.flush()
+
+    def clear(self) -> None:
+        for key in list(self._file.keys()):
+            del self._file[key]
+        self._file.attrs.pop(SETTINGS_ATTRIBUTE, None)
+        self._file.flush()
 
     def close(self) -> None:
         if self._file.id.valid:

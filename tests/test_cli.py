@@ -156,9 +156,13 @@ def test_match(features, tmp_path, capsys):
         assert sorted(f) == ["crop0.png", "crop1.png"]
         assert (f["crop0.png/crop1.png/matches0"][()] >= 0).sum() > 50
     assert main(["match", str(features), "--pairs", "exhaustive", "-o", str(output),
-                 "--device", "cpu", "--ratio", "0.9"]) == 0
+                 "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "matched 1 pair(s)" in out and "2 already done" in out
+    # Other matching settings never add to matches of these (nor reuse them).
+    assert main(["match", str(features), "--pairs", "exhaustive", "-o", str(output),
+                 "--device", "cpu", "--ratio", "0.9"]) == 1
+    assert "ratio: stored None, now 0.9" in capsys.readouterr().err
     one = tmp_path / "one.h5"  # a pair with one match
     with H5Features(one, writable=True) as store:
         for name in ("a.png", "b.png"):
