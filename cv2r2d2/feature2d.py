@@ -5,6 +5,7 @@ crashes the interpreter at exit with OpenCV 5.0.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import replace
@@ -51,6 +52,15 @@ class _PresetValue:
 
 
 PRESET = _PresetValue()
+
+
+@functools.lru_cache(maxsize=None)
+def _tell_own_size() -> None:
+    """Say once per process (a collection of small images would repeat it per image) how
+    images too small for the pyramid are processed."""
+    logger.info("an image too small for the pyramid (no level with a longer side between "
+                "min_size and max_size), where the original R2D2 finds nothing, is processed "
+                "at its own size, scale 1; lower min_size to choose the levels yourself")
 
 
 # The options whose change needs another network runner.
@@ -124,7 +134,6 @@ class R2D2Feature:
             raise TypeError(f"config must be an R2D2Config (or use R2D2Feature.create(...)), "
                             f"got {type(config).__name__}")
         self._config = config
-        self._told_own_size = False
         self._runner = _runner_of(config)
         self._steerers: Optional[Steerers] = None
 
@@ -201,18 +210,11 @@ class R2D2Feature:
 
     def _prepare(self, image: Any, name: str = "image", pyramid_input: bool = True) -> np.ndarray:
         normalised = normalize_image(image, name)
-        if pyramid_input and not self._told_own_size:
+        if pyramid_input:
             height, width = normalised.shape[1:]
             if not reference_pyramid(height, width, self._config.params) and \
                     pyramid(height, width, self._config.params):
-                # Once per extractor: a collection of small images would repeat it per image.
-                self._told_own_size = True
-                logger.info(
-                    "a %dx%d image is too small for the pyramid (no level has a longer side "
-                    "of %d to %d px), where the original R2D2 finds nothing: it is processed "
-                    "at its own size, scale 1, as such images will be from now on (lower "
-                    "min_size to choose the levels yourself)", width, height,
-                    self._config.params.min_size, self._config.params.max_size)
+                _tell_own_size()
         return normalised
 
     def _threads(self) -> ContextManager[None]:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, read_image, record_progress, weights_dir, weights_file
+from cv2r2d2 import feature2d
 from cv2r2d2.cli import main
 from cv2r2d2.io import H5Features, ImageFeatures
 
@@ -87,6 +88,7 @@ def test_extract_small_images_at_their_own_size(photos, tmp_path, capsys):
     for name in ("crop0.png", "crop1.png"):
         cv2.imwrite(str(small / name), cv2.resize(cv2.imread(str(photos / name)), (200, 150)))
     output = tmp_path / "small.h5"
+    feature2d._tell_own_size.cache_clear()
     assert main(["extract", str(small), "-o", str(output), "--device", "cpu"]) == 0
     with h5py.File(output, "r") as f:
         assert all(f[f"{name}/keypoints"].shape[0] > 50 for name in ("crop0.png", "crop1.png"))
@@ -210,7 +212,7 @@ def test_sfm_database_only(photos, features, tmp_path, capsys):
     output.mkdir()
     (output / "features.h5").write_bytes(features.read_bytes())  # resumed, not redone
     assert main(["sfm", str(photos), str(output), "--database-only", "--camera-mode",
-                 "single", "--refine", "-q", *FAST]) == 0
+                 "single", "--preset", "paper", "--refine", "-q", *FAST]) == 0
     captured = capsys.readouterr()
     assert "images:                4 (1 unreadable)" in captured.out
     assert "verified image pairs:  3 / 3" in captured.out
@@ -223,6 +225,26 @@ def test_sfm_database_only(photos, features, tmp_path, capsys):
         assert database.num_verified_image_pairs() == 3
     finally:
         database.close()
+
+
+def test_a_failed_reconstruction_says_why_and_leaves_no_model_folder(tmp_path, capfd):
+    """Two unrelated photos: no pair verifies; the stage is named with what to try,
+    COLMAP's own log stays quiet, and no sparse/ is left."""
+    pytest.importorskip("pycolmap")
+    weights_dir()
+    photos = tmp_path / "unrelated"
+    photos.mkdir()
+    cv2.imwrite(str(photos / "boat.png"), cv2.resize(read_image("boat.png"), (256, 192)))
+    cv2.imwrite(str(photos / "peppers.png"), cv2.resize(read_image("peppers.png"), (256, 192)))
+    output = tmp_path / "out"
+    (output / "sparse" / "0").mkdir(parents=True)  # a model of an earlier run
+    assert main(["sfm", str(photos), str(output), "--preset", "paper", "-q", *FAST]) == 1
+    err = capfd.readouterr().err
+    assert "error: COLMAP could not reconstruct anything from '" in err
+    assert "no image pair passed COLMAP's geometric verification (of 1 pair(s)" in err
+    assert "overlap more" in err and "--rotations 12" in err
+    assert not any(line[:1] in "EWIF" and line[1:5].isdigit() for line in err.splitlines())
+    assert not (output / "sparse").exists()
 
 
 def _hpatches(root: Path) -> Path:

@@ -222,6 +222,34 @@ def test_extraction_and_matching_give_the_single_machine_files(
     _assert_same_file(output, reference)
 
 
+def test_other_settings_are_refused_and_overwrite_redoes_on_ray(cluster, photos, tmp_path,
+                                                                capsys):
+    output = tmp_path / "features.h5"
+    ray = ["--ray", cluster.address, "-q"]
+    assert main(["extract", str(photos), "-o", str(output), *ray, *FAST]) == 0
+    with open_features(output) as store:
+        assert store.settings()["settings"]["nfeatures"] == 300
+    capsys.readouterr()
+    assert main(["extract", str(photos), "-o", str(output), *ray, *FAST,
+                 "--nfeatures", "100"]) == 1
+    assert "nfeatures: stored 300, now 100" in capsys.readouterr().err
+    assert len(_names(output)) == READABLE
+    assert main(["extract", str(photos), "-o", str(output), *ray, *FAST, "--nfeatures", "100",
+                 "--overwrite"]) == 0
+    with open_features(output) as store:
+        assert store.settings()["settings"]["nfeatures"] == 100
+        assert len(store.names()) == READABLE
+        assert max(len(store.read(name)) for name in store.names()) <= 100
+    matches = tmp_path / "matches.h5"
+    match = ["match", str(output), "--pairs", "sequential:1", "-o", str(matches),
+             "--device", "cpu", *ray]
+    assert main(match) == 0
+    assert main([*match, "--ratio", "0.9"]) == 1
+    assert "ratio: stored None, now 0.9" in capsys.readouterr().err
+    with H5Matches(matches) as stored:
+        assert stored.settings()["settings"]["ratio"] is None
+
+
 def _actor_processes() -> list:
     """Process ids of the extraction actors this test process started (through its
     cluster's raylets), from /proc: Ray titles actor processes ray::<class>."""
