@@ -1,0 +1,632 @@
+"""Image retrieval from stored local features: which images of a collection look alike.
+
+Each image is summarised by a VLAD vector (Jégou et al., CVPR 2010) of its stored local
+descriptors, with the normalisations of Arandjelović and Zisserman (CVPR 2013): every
+descriptor is assigned to its nearest visual word of a codebook; per word, the residuals
+(descriptor - word) are summed, raised to a signed power (``power``, 0.5: the square
+root), normalised to unit length (intra-normalisation), and the concatenation of the
+words' blocks is normalised to unit length. Two images' similarity is the dot product of
+their vectors, in [-1, 1]. No network is involved: the codebook is learned by spherical
+k-means on a sample of the collection's own descriptors, the same for the same seed.
+
+The vectors (and the codebook, with the settings that made it) are stored beside the
+features, in ``<features>.retrieval.h5`` (:func:`index_path`), and a later run reuses
+them: images added to the store since are described and appended (a killed run keeps
+the blocks it finished), while features that changed, vanished, or whose settings record
+(:meth:`FeatureStore.settings`) differs make the whole index be built again, with a
+warning, never silently reused.
+
+Public API (used by the ``pairs`` command, ``--pairs retrieval:K`` and localisation):
+
+- :meth:`RetrievalIndex.build` (build or update the index of a store),
+  :meth:`RetrievalIndex.load` (open a built one), :meth:`RetrievalIndex.query` (the k
+  images most similar to a query image's descriptors), :meth:`RetrievalIndex.pairs`
+  (each image with its k most similar others);
+- :func:`retrieval_pairs` (the last in one call) and :func:`top_k_neighbours` (top-k
+  by dot product over row blocks of any matrix: memory bounded by the block size).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .utils import PathLike, atomic_path, import_optional, progress_bar
+
+if TYPE_CHECKING:
+    from .stores import FeatureStore
+
+__all__ = [
+    "RetrievalSettings",
+    "RetrievalIndex",
+    "index_path",
+    "retrieval_pairs",
+    "top_k_neighbours",
+    "vlad",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "cv2r2d2-retrieval-vlad/1"
+INDEX_SUFFIX = ".retrieval.h5"
+_BLOCK_IMAGES = 256  # images described per appended block (the unit a killed run keeps)
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """How image vectors are made; stored with the index, which a change rebuilds.
+
+    Attributes:
+        num_words: visual words of the codebook; a vector has ``num_words * D`` values
+            for D-dimensional local descriptors.
+        power: exponent of the signed power law on the residual sums (1: none).
+        sample_images: at most this many images (chosen at random) give the sample
+            the codebook is learned on.
+        sample_descriptors: at most this many descriptors in that sample, spread evenly
+            over its images.
+        iterations: at most this many k-means iterations (it stops earlier when no
+            assignment changes).
+        seed: of the random sample and the k-means initialisation.
+    """
+
+    num_words: int = 64
+    power: float = 0.5
+    sample_images: int = 1000
+    sample_descriptors: int = 100_000
+    iterations: int = 25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_words", "sample_images", "sample_descriptors", "iterations"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"RetrievalSettings.{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
+            raise ValueError(f"RetrievalSettings.seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.power, (int, float)) or not 0 < self.power <= 1:
+            raise ValueError(f"RetrievalSettings.power must be in (0, 1], got {self.power!r}")
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def index_path(features: PathLike) -> Path:
+    """Where the index of a features file or folder is kept: beside it, its name with
+    ``.retrieval.h5`` in place of an ``.h5``/``.hdf5`` suffix (``features.h5`` ->
+    ``features.retrieval.h5``; a folder ``feats`` -> ``feats.retrieval.h5``)."""
+    path = Path(features)
+    stem = path.stem if path.suffix.lower() in (".h5", ".hdf5") else path.name
+    return path.with_name(stem + INDEX_SUFFIX)
+
+
+# --- vectors -----------------------------------------------------------------------
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def _check_descriptors(descriptors: Any, dimension: Optional[int] = None) -> np.ndarray:
+    if not isinstance(descriptors, np.ndarray):
+        raise TypeError(f"descriptors must be a numpy array, got {type(descriptors).__name__}")
+    if descriptors.ndim != 2 or (dimension is not None and descriptors.shape[1] != dimension):
+        expected = f"(N, {dimension})" if dimension is not None else "(N, D)"
+        raise ValueError(f"descriptors must be {expected}, got shape {descriptors.shape}")
+    if not np.issubdtype(descriptors.dtype, np.floating):
+        raise TypeError(f"descriptors must be float32 (or another float type), got "
+                        f"{descriptors.dtype}")
+    descriptors = descriptors.astype(np.float32, copy=False)
+    if not np.isfinite(descriptors).all():
+        raise ValueError("descriptors hold NaN or infinite values")
+    return descriptors
+
+
+def _assign(descriptors: np.ndarray, words: np.ndarray, block: int = 16384) -> np.ndarray:
+    """(N,) index of each unit row's most similar word (rows of ``words``)."""
+    labels = np.empty(len(descriptors), np.int64)
+    for start in range(0, len(descriptors), block):
+        labels[start:start + block] = np.argmax(descriptors[start:start + block] @ words.T, axis=1)
+    return labels
+
+
+def _word_sums(descriptors: np.ndarray, labels: np.ndarray, num_words: int
+               ) -> Tuple[np.ndarray, np.ndarray]:
+    """(num_words, D) sum of the rows assigned to each word, and (num_words,) their
+    counts (one sort and a segmented sum: ``np.add.at`` is several times slower)."""
+    counts = np.bincount(labels, minlength=num_words)
+    sums = np.zeros((num_words, descriptors.shape[1]), np.float32)
+    used = np.flatnonzero(counts)
+    if len(used):
+        starts = np.concatenate([[0], np.cumsum(counts[used])[:-1]])
+        ordered = descriptors[np.argsort(labels, kind="stable")]
+        sums[used] = np.add.reduceat(ordered, starts, axis=0)
+    return sums, counts
+
+
+def vlad(descriptors: np.ndarray, codebook: np.ndarray, power: float = 0.5) -> np.ndarray:
+    """The VLAD vector of one image's local descriptors (see the module's docstring).
+
+    Args:
+        descriptors: (N, D) float32 local descriptors (normalised to unit length here).
+        codebook: (W, D) float32 unit visual words.
+        power: signed power-law exponent on the residual sums.
+
+    Returns:
+        (W * D,) float32, unit length; zeros for an image without descriptors.
+    """
+    descriptors = _check_descriptors(descriptors, codebook.shape[1])
+    num_words = len(codebook)
+    if not len(descriptors):
+        return np.zeros(codebook.size, np.float32)
+    descriptors = _unit_rows(descriptors)
+    sums, counts = _word_sums(descriptors, _assign(descriptors, codebook), num_words)
+    residuals = sums - counts[:, None] * codebook
+    if power != 1:
+        residuals = np.sign(residuals) * np.abs(residuals) ** power
+    vector = _unit_rows(residuals).ravel()
+    return (vector / max(float(np.linalg.norm(vector)), 1e-12)).astype(np.float32)
+
+
+def _spherical_kmeans(samples: np.ndarray, num_words: int, iterations: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """(num_words, D) unit centres of unit ``samples`` (k-means++ start, cosine
+    assignment, centres the normalised means; an emptied word is re-seeded at the
+    sample worst served)."""
+    first = int(rng.integers(len(samples)))
+    centres = [samples[first]]
+    best = samples @ samples[first]
+    for _ in range(1, num_words):
+        weights = np.maximum(1.0 - best, 0.0).astype(np.float64)  # half the squared distance
+        total = weights.sum()
+        index = int(rng.choice(len(samples), p=weights / total)) if total > 0 \
+            else int(rng.integers(len(samples)))
+        centres.append(samples[index])
+        best = np.maximum(best, samples @ samples[index])
+    words = np.stack(centres).astype(np.float32)
+    labels = None
+    for _ in range(iterations):
+        new = _assign(samples, words)
+        if labels is not None and np.array_equal(new, labels):
+            break
+        labels = new
+        sums, counts = _word_sums(samples, labels, num_words)
+        empty = np.flatnonzero(counts == 0)
+        if len(empty):
+            similarity = np.einsum("nd,nd->n", samples, words[labels])
+            sums[empty] = samples[np.argsort(similarity)[:len(empty)]]
+        words = _unit_rows(sums).astype(np.float32)
+    return words
+
+
+# --- top-k -------------------------------------------------------------------------
+
+
+def top_k_neighbours(vectors: Any, k: int, rows: Optional[np.ndarray] = None,
+                     block_size: int = 4096) -> Tuple[np.ndarray, np.ndarray]:
+    """For each vector, the k others with the largest dot product, in blocks.
+
+    Each pair of blocks is compared once (the similarity is symmetric), so the cost is
+    about N^2 D multiply-adds for N vectors of D values.
+
+    Args:
+        vectors: (N, D) rows that slicing ``vectors[a:b]`` reads: a numpy array, an
+            ``np.memmap`` or an h5py dataset (read block by block, never whole).
+        k: neighbours per vector (at most M - 1 are returned).
+        rows: sorted indices of the M rows taking part (None: all).
+        block_size: rows per block; memory is about ``2 * block_size * (D +
+            block_size)`` float32 values, plus 12 bytes per neighbour of the result.
+
+    Returns:
+        (M, k') int64 neighbour indices (into ``vectors``) and (M, k') float32 dot
+        products, best first (equal ones by index), k' = min(k, M - 1).
+    """
+    total = len(vectors)
+    selected = np.arange(total) if rows is None else np.asarray(rows, np.int64)
+    keep = np.zeros(total, bool)
+    keep[selected] = True
+    count = max(min(k, len(selected) - 1), 0)
+    best = np.full((len(selected), count), -np.inf, np.float32)
+    best_ids = np.full((len(selected), count), -1, np.int64)
+    if count < 1:
+        return best_ids, best
+    blocks = []  # (first row, last row + 1, selected rows in it, where they are in the result)
+    done = 0
+    for first in range(0, total, block_size):
+        local = np.flatnonzero(keep[first:first + block_size])
+        if len(local):
+            blocks.append((first, first + block_size, local, slice(done, done + len(local))))
+            done += len(local)
+
+    def read(block: Tuple[int, int, np.ndarray, slice]) -> np.ndarray:
+        return np.asarray(vectors[block[0]:block[1]], np.float32)[block[2]]
+
+    for i, block in enumerate(blocks):
+        queries = read(block)
+        for other in blocks[i:]:
+            if other is block:
+                similarity = queries @ queries.T
+                np.fill_diagonal(similarity, -np.inf)
+            else:
+                similarity = queries @ read(other).T
+                _merge(best[other[3]], best_ids[other[3]], np.ascontiguousarray(similarity.T),
+                       block[0] + block[2])
+            _merge(best[block[3]], best_ids[block[3]], similarity, other[0] + other[2])
+    return best_ids, best
+
+
+def _merge(best: np.ndarray, best_ids: np.ndarray, similarity: np.ndarray,
+           ids: np.ndarray) -> None:
+    """Keep in ``best`` / ``best_ids`` (M, k), best first, the k largest of themselves
+    and of the (M, C) ``similarity`` to the vectors ``ids`` (C,), in place.
+
+    Only the similarities above a row's k-th best can enter it, and after the first
+    blocks those are few (about k C / n for n vectors seen): they are picked out and
+    sorted alone, which costs less than a partition of every row.
+    """
+    count = best.shape[1]
+    candidates = similarity > best[:, -1:]
+    number = np.count_nonzero(candidates)
+    if not number:
+        return
+    if number > 4 * best.size:
+        merged = np.concatenate([best, similarity], axis=1)
+        top = np.argpartition(-merged, count - 1, axis=1)[:, :count]
+        values = np.take_along_axis(merged, top, 1)
+        found = np.where(top < count,
+                         np.take_along_axis(best_ids, np.minimum(top, count - 1), 1),
+                         ids[np.maximum(top - count, 0)])
+        order = np.lexsort((found, -values), axis=1)
+        best[:] = np.take_along_axis(values, order, 1)
+        best_ids[:] = np.take_along_axis(found, order, 1)
+        return
+    rows, columns = np.divmod(np.flatnonzero(candidates), similarity.shape[1])
+    touched = np.unique(rows)
+    owner = np.concatenate([np.repeat(touched, count), rows])
+    values = np.concatenate([best[touched].ravel(), similarity[rows, columns]])
+    found = np.concatenate([best_ids[touched].ravel(), ids[columns]])
+    order = np.lexsort((found, -values, owner))
+    first = np.searchsorted(owner[order], touched)[:, None] + np.arange(count)
+    best[touched] = values[order][first]
+    best_ids[touched] = found[order][first]
+
+
+# --- the index ---------------------------------------------------------------------
+
+
+def _digest(features: Any) -> int:
+    """A 64-bit fingerprint of one image's stored features."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(np.asarray(features.image_size, np.int64).tobytes())
+    digest.update(np.ascontiguousarray(features.keypoints, np.float32).tobytes())
+    digest.update(np.ascontiguousarray(features.descriptors, np.float32).tobytes())
+    return int.from_bytes(digest.digest(), "little")
+
+
+def _stamp(path: Path) -> str:
+    """Size and modification time of a features file ("" for a folder, whose files
+    may change without its own time changing: its images are then always checked)."""
+    if not path.is_file():
+        return ""
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _store_settings(store: "FeatureStore") -> Optional[Dict[str, Any]]:
+    settings = getattr(store, "settings", None)
+    return settings() if callable(settings) else None
+
+
+def _as_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+class RetrievalIndex:
+    """The VLAD vectors of a feature store's images, and the codebook that made them.
+
+    Build (or bring up to date) with :meth:`build`, open a built one with :meth:`load`.
+    The vectors stay in the file and are read block by block, so memory does not grow
+    with the collection (but for the names).
+
+    Attributes:
+        path: the index file.
+        settings: the :class:`RetrievalSettings` it was made with.
+        codebook: (W, D) float32 unit visual words.
+        names: the indexed images, in the order of their rows (sorted when built at
+            once; images added later follow).
+    """
+
+    def __init__(self, path: Path, settings: RetrievalSettings, codebook: np.ndarray,
+                 names: List[str]) -> None:
+        self.path = path
+        self.settings = settings
+        self.codebook = codebook
+        self.names = names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return (f"RetrievalIndex({str(self.path)!r}, {len(self)} images, "
+                f"{len(self.codebook)} words)")
+
+    @property
+    def dimension(self) -> int:
+        """Values per image vector (words x local descriptor size)."""
+        return int(self.codebook.size)
+
+    # --- building ---------------------------------------------------------------
+
+    @classmethod
+    def build(cls, store: "FeatureStore", path: Optional[PathLike] = None,
+              settings: Optional[RetrievalSettings] = None, overwrite: bool = False,
+              show_progress: bool = False) -> "RetrievalIndex":
+        """The index of every image of ``store``, made or brought up to date.
+
+        An index already at ``path`` made with the same settings is reused: images the
+        store gained since are described and appended. One whose features changed or
+        vanished, or whose settings (or the store's settings record) differ, is built
+        again, with a warning.
+
+        Args:
+            store: an open feature store (:func:`cv2r2d2.stores.open_features`).
+            path: the index file (None: :func:`index_path` of the store's path).
+            settings: how vectors are made (None: :class:`RetrievalSettings` defaults).
+            overwrite: build it again whatever is there.
+            show_progress: a progress bar (on a terminal).
+
+        Raises:
+            ValueError: the store holds no features, or no descriptors to learn from.
+        """
+        h5py = import_optional("h5py", "retrieval indexes")
+        settings = RetrievalSettings() if settings is None else settings
+        if not isinstance(settings, RetrievalSettings):
+            raise TypeError(f"settings must be RetrievalSettings, got {type(settings).__name__}")
+        path = index_path(store.path) if path is None else Path(path)
+        names = store.names()
+        if not names:
+            raise ValueError(f"{store.path} holds no features to index")
+        source = {"features": Path(store.path).name, "settings": _store_settings(store)}
+        if overwrite or not path.exists():
+            cls._create(path, h5py, store, names, settings, source)
+        else:
+            reason = cls._stale(path, h5py, store, names, settings, source)
+            if reason is not None:
+                logger.warning("building the retrieval index %s again: %s", path, reason)
+                cls._create(path, h5py, store, names, settings, source)
+        cls._append(path, h5py, store, names, show_progress)
+        return cls.load(path)
+
+    @staticmethod
+    def _stale(path: Path, h5py: Any, store: "FeatureStore", names: Sequence[str],
+               settings: RetrievalSettings, source: Dict[str, Any]) -> Optional[str]:
+        """Why the index at ``path`` cannot be extended to ``names`` (None: it can)."""
+        try:
+            with h5py.File(path, "r") as f:
+                if f.attrs.get("format") != FORMAT:
+                    return f"it is not a {FORMAT} index"
+                if f.attrs["settings"] != _as_json(settings.as_dict()):
+                    return (f"made with {f.attrs['settings']}, now {_as_json(settings.as_dict())}")
+                stored_source = json.loads(f.attrs["source"])
+                if stored_source.get("settings") != json.loads(_as_json(source["settings"])):
+                    return "the features' settings record differs from the one it was made from"
+                count = int(f.attrs["count"])
+                indexed = [n.decode() if isinstance(n, bytes) else n for n in f["names"][:count]]
+                digests = f["digests"][:count]
+                stamp = f.attrs["stamp"]
+        except (OSError, KeyError, ValueError) as exc:
+            return f"it cannot be read ({exc})"
+        vanished = sorted(set(indexed) - set(names))
+        if vanished:
+            return f"{len(vanished)} indexed image(s) have no features any more ({vanished[0]}...)"
+        if stamp and stamp == _stamp(Path(store.path)):
+            return None
+        for name, digest in zip(indexed, digests):
+            if _digest(store.read(name)) != int(digest):
+                return f"the features of {name} (at least) changed since"
+        return None
+
+    @staticmethod
+    def _create(path: Path, h5py: Any, store: "FeatureStore", names: Sequence[str],
+                settings: RetrievalSettings, source: Dict[str, Any]) -> None:
+        """Learn the codebook and write an index without vectors (atomically)."""
+        start = time.perf_counter()
+        rng = np.random.default_rng(settings.seed)
+        chosen = sorted(rng.choice(len(names), min(len(names), settings.sample_images),
+                                   replace=False))
+        per_image = math.ceil(settings.sample_descriptors / len(chosen))
+        sample = []
+        for i in chosen:
+            descriptors = _check_descriptors(store.read(names[i]).descriptors)
+            if len(descriptors) > per_image:
+                descriptors = descriptors[np.sort(rng.choice(len(descriptors), per_image,
+                                                             replace=False))]
+            sample.append(descriptors)
+        samples = _unit_rows(np.concatenate(sample)) if sample else np.zeros((0, 0), np.float32)
+        if not len(samples):
+            raise ValueError(f"the images of {store.path} have no descriptors to learn a "
+                             "codebook from")
+        num_words = min(settings.num_words, len(samples))
+        if num_words < settings.num_words:
+            logger.warning("only %d descriptors to learn %d visual words from: learning %d",
+                           len(samples), settings.num_words, num_words)
+        codebook = _spherical_kmeans(samples, num_words, settings.iterations, rng)
+        dimension = codebook.size
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["settings"] = _as_json(settings.as_dict())
+            f.attrs["source"] = _as_json(source)
+            f.attrs["stamp"] = ""
+            f.attrs["count"] = 0
+            f.create_dataset("codebook", data=codebook)
+            f.create_dataset("names", shape=(0,), maxshape=(None,),
+                             dtype=h5py.string_dtype(), chunks=(1024,))
+            f.create_dataset("digests", shape=(0,), maxshape=(None,), dtype=np.uint64,
+                             chunks=(1024,))
+            f.create_dataset("vectors", shape=(0, dimension), maxshape=(None, dimension),
+                             dtype=np.float16, chunks=(max(1, 2 ** 20 // dimension), dimension))
+        logger.info("learned %d visual words from %d descriptors of %d image(s) in %.1f s",
+                    num_words, len(samples), len(chosen), time.perf_counter() - start)
+
+    @staticmethod
+    def _append(path: Path, h5py: Any, store: "FeatureStore", names: Sequence[str],
+                show_progress: bool) -> None:
+        """Describe the images of ``names`` the index lacks, block by block."""
+        stamp = _stamp(Path(store.path))
+        with h5py.File(path, "a") as f:
+            count = int(f.attrs["count"])
+            done = {n.decode() if isinstance(n, bytes) else n for n in f["names"][:count]}
+            todo = [name for name in names if name not in done]
+            if todo:
+                codebook = f["codebook"][()]
+                power = json.loads(f.attrs["settings"])["power"]
+                start = time.perf_counter()
+                bar = progress_bar(len(todo), show_progress, "describing images", "image",
+                                   leave=False)
+                for first in range(0, len(todo), _BLOCK_IMAGES):
+                    block = todo[first:first + _BLOCK_IMAGES]
+                    vectors, digests = [], []
+                    for name in block:
+                        features = store.read(name)
+                        vectors.append(vlad(features.descriptors, codebook, power))
+                        digests.append(_digest(features))
+                        if bar is not None:
+                            bar.update(1)
+                    end = count + len(block)
+                    for key, data in (("vectors", np.stack(vectors).astype(np.float16)),
+                                      ("digests", np.asarray(digests, np.uint64)),
+                                      ("names", np.asarray(block, object))):
+                        f[key].resize(end, axis=0)
+                        f[key][count:end] = data
+                    # Written last: the rows below "count" are complete.
+                    f.attrs["count"] = count = end
+                    f.flush()
+                if bar is not None:
+                    bar.close()
+                seconds = time.perf_counter() - start
+                logger.info("described %d image(s) in %.1f s (%.1f ms each) into %s", len(todo),
+                            seconds, 1000 * seconds / len(todo), path)
+            f.attrs["stamp"] = stamp
+
+    # --- use ----------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: PathLike) -> "RetrievalIndex":
+        """A built index (see :meth:`build`, which checks it against its store; this
+        does not).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: the file is not a retrieval index.
+        """
+        h5py = import_optional("h5py", "retrieval indexes")
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such retrieval index: {path}")
+        try:
+            with h5py.File(path, "r") as f:
+                if f.attrs.get("format") != FORMAT:
+                    raise ValueError(f"{path} is not a retrieval index ({FORMAT})")
+                settings = RetrievalSettings(**json.loads(f.attrs["settings"]))
+                count = int(f.attrs["count"])
+                names = [n.decode() if isinstance(n, bytes) else n for n in f["names"][:count]]
+                codebook = f["codebook"][()]
+        except (OSError, KeyError) as exc:
+            raise ValueError(f"{path} is not a readable retrieval index ({exc}); delete it "
+                             "and build it again") from exc
+        return cls(path, settings, codebook, names)
+
+    def describe(self, descriptors: np.ndarray) -> np.ndarray:
+        """The (W * D,) float32 vector of an image's (N, D) local descriptors."""
+        return vlad(descriptors, self.codebook, self.settings.power)
+
+    def query(self, descriptors: np.ndarray, k: int) -> List[Tuple[str, float]]:
+        """The k indexed images most similar to an image of local ``descriptors``.
+
+        Args:
+            descriptors: (N, D) float32 local descriptors of the query image, made with
+                the settings of the indexed features.
+            k: images to return (at most the index's size).
+
+        Returns:
+            (name, similarity in [-1, 1]) pairs, most similar first; empty when the
+            query has no descriptors (nothing to compare).
+        """
+        _check_k(k)
+        vector = self.describe(descriptors)
+        if not len(descriptors) or not len(self):
+            return []
+        h5py = import_optional("h5py", "retrieval indexes")
+        count = min(k, len(self))
+        with h5py.File(self.path, "r") as f:
+            vectors = f["vectors"]
+            scores = np.concatenate([
+                np.asarray(vectors[start:start + 65536], np.float32) @ vector
+                for start in range(0, len(self), 65536)])
+        best = np.lexsort((np.arange(len(scores)), -scores))[:count]
+        return [(self.names[i], float(scores[i])) for i in best]
+
+    def pairs(self, k: int, names: Optional[Sequence[str]] = None,
+              block_size: int = 4096) -> List[Tuple[str, str]]:
+        """Each image with its k most similar others, each unordered pair once.
+
+        Args:
+            k: neighbours per image (all others when the collection is smaller).
+            names: only these images, with neighbours among them (None: all).
+            block_size: images compared at once (see :func:`top_k_neighbours`).
+
+        Returns:
+            (name0, name1) pairs: images in index order, each followed by its
+            neighbours best first, a pair already listed the other way round left out.
+
+        Raises:
+            KeyError: a name the index does not hold.
+        """
+        _check_k(k)
+        position = {name: i for i, name in enumerate(self.names)}
+        if names is None:
+            rows = np.arange(len(self))
+        else:
+            missing = [name for name in names if name not in position]
+            if missing:
+                raise KeyError(f"{self.path} has no vector for {missing[0]!r}"
+                               + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+            rows = np.unique(np.asarray([position[name] for name in names], np.int64))
+        if k >= len(rows) > 1:
+            logger.info("k = %d >= the %d other images: every pair", k, len(rows) - 1)
+        h5py = import_optional("h5py", "retrieval indexes")
+        with h5py.File(self.path, "r") as f:
+            neighbours, _ = top_k_neighbours(f["vectors"], k, rows, block_size)
+        seen = set()
+        pairs = []
+        for row, others in zip(rows, neighbours):
+            for other in others:
+                key = (min(row, other), max(row, other))
+                if key not in seen:
+                    seen.add(key)
+                    pairs.append((self.names[row], self.names[other]))
+        return pairs
+
+
+def _check_k(k: Any) -> None:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+
+
+def retrieval_pairs(store: "FeatureStore", k: int, names: Optional[Sequence[str]] = None,
+                    settings: Optional[RetrievalSettings] = None,
+                    show_progress: bool = False) -> List[Tuple[str, str]]:
+    """Each image of ``store`` (or of ``names``) with its k most similar others, each
+    pair once: :meth:`RetrievalIndex.pairs` of the store's index, built or brought up to
+    date beside it first (:meth:`RetrievalIndex.build`)."""
+    _check_k(k)
+    index = RetrievalIndex.build(store, settings=settings, show_progress=show_progress)
+    return index.pairs(k, names)
