@@ -1,7 +1,8 @@
 """The ``cv2r2d2`` command line.
 
 Subcommands: ``extract`` (features of a photo collection), ``match`` (mutual nearest
-neighbours), ``pairs`` (image retrieval), ``sfm`` (COLMAP reconstruction), ``eval-hpatches`` (the HPatches
+neighbours), ``pairs`` (image retrieval), ``sfm`` (COLMAP reconstruction), ``localize`` (poses
+of photos against a model), ``eval-hpatches`` (the HPatches
 benchmark), ``heatmap`` (a dense map drawn over an image), ``export-onnx``,
 ``fit-steerers`` (rotation steerers of a model). Each is a
 pair of functions, ``_add_<name>(subparsers)`` and ``_run_<name>(args) -> int``, listed
@@ -434,6 +435,68 @@ def _run_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- localize ------------------------------------------------------------------------
+
+
+def _add_localize(subparsers: Any) -> None:
+    from .localization import CAMERA_MODEL, MAX_ERROR, MIN_INLIERS, NUM_RETRIEVED
+
+    parser = subparsers.add_parser(
+        "localize", help="localise photos against a model made by 'cv2r2d2 sfm'",
+        description="For each query photo: R2D2 features with the settings the model's "
+                    "features.h5 records, the K most similar model images (image retrieval), "
+                    "matches to their keypoints that observe 3-D points, and an absolute "
+                    "pose by RANSAC refined by pycolmap. RESULTS gets hloc's 'name qw qx qy "
+                    "qz tx ty tz' line per localised query (COLMAP's world-to-camera pose); "
+                    "RESULTS_logs.json every query's outcome, those not localised with the "
+                    "reason.",
+    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a 'cv2r2d2 sfm' output folder")
+    parser.add_argument("queries", metavar="QUERIES",
+                        help="an image, a folder (searched recursively) or a .txt list (lines "
+                             "'path' or, as hloc's, 'path MODEL WIDTH HEIGHT params...')")
+    parser.add_argument("-o", "--output", required=True, metavar="RESULTS",
+                        help="the poses file (.txt)")
+    parser.add_argument("--retrieval", type=int, default=NUM_RETRIEVED, metavar="K",
+                        help="match each query with its K most similar model images "
+                             "(default: %(default)s)")
+    parser.add_argument("--camera-model", default=CAMERA_MODEL,
+                        help="COLMAP camera model of the queries (default: %(default)s)")
+    parser.add_argument("--camera-params", default=None, metavar="P1,P2,...",
+                        help="that model's parameters for every query, in pixels (e.g. "
+                             "'f,cx,cy,k'; default: the EXIF focal length, else 1.2 x the "
+                             "longer side, refined with the pose)")
+    parser.add_argument("--min-inliers", type=int, default=MIN_INLIERS,
+                        help="fewest RANSAC inliers of a localised query (default: "
+                             "%(default)s, COLMAP's bar to register an image)")
+    parser.add_argument("--max-error", type=float, default=MAX_ERROR,
+                        help="RANSAC inlier threshold, pixels (default: %(default)s)")
+    _add_device_option(parser)
+    _add_output_options(parser)
+    parser.set_defaults(run=_run_localize)
+
+
+def _run_localize(args: argparse.Namespace) -> int:
+    from .localization import localize, logs_path, write_results
+
+    params = None
+    if args.camera_params is not None:
+        try:
+            params = [float(value) for value in args.camera_params.split(",")]
+        except ValueError:
+            raise ValueError(f"--camera-params must be comma-separated numbers, got "
+                             f"{args.camera_params!r}") from None
+    results = localize(args.model_dir, args.queries, num_retrieved=args.retrieval,
+                       camera_model=args.camera_model, camera_params=params,
+                       min_inliers=args.min_inliers, max_error=args.max_error,
+                       device=args.device, show_progress=not args.quiet)
+    write_results(args.output, results)
+    localized = sum(result.success for result in results)
+    print(f"localised {localized} of {len(results)} query image(s) into {args.output} (every "
+          f"query's outcome in {logs_path(args.output)})")
+    return 0 if localized else 1
+
+
 # --- sfm -----------------------------------------------------------------------------
 
 
@@ -792,7 +855,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 COMMANDS: Tuple[Callable[[Any], None], ...] = (
-    _add_presets, _add_extract, _add_match, _add_pairs, _add_sfm, _add_eval_hpatches, _add_heatmap, _add_export_onnx,
+    _add_presets, _add_extract, _add_match, _add_pairs, _add_localize, _add_sfm, _add_eval_hpatches, _add_heatmap, _add_export_onnx,
     _add_train,
     _add_fit_steerers,
 )
