@@ -29,6 +29,7 @@ __all__ = [
     "descriptor_windows",
     "tiles",
     "halo_window",
+    "inside_image",
 ]
 
 # Keypoint size (patch diameter, pixels) at pyramid scale 1, as in the reference.
@@ -185,7 +186,9 @@ class Features:
             refined peak, pixel centres consistent between level and image, (x + 0.5)
             W / w - 0.5 (OpenCV's convention). Otherwise the reference's x W / w, which
             is that convention on the scale-1 level only; on a level w < W pixels wide
-            it lies 0.5 (W / w - 1) px up and left of the level pixel's centre.
+            it lies 0.5 (W / w - 1) px up and left of the level pixel's centre. Every
+            mode keeps 0 <= x < W and 0 <= y < H: positions stay within the level
+            map's outermost samples, which map inside the image as W / w >= 1.
         sizes: (N,) float32 patch diameters in pixels (32 / scale).
         scores: (N,) float32 reliability x repeatability.
         octaves: (N,) int32 pyramid level indices (scale = scale_f ** -octave).
@@ -448,8 +451,9 @@ def check_subpixel(subpixel: Any) -> Union[bool, str]:
 
 
 def descriptor_shift(
-    output: LevelOutput, x: np.ndarray, y: np.ndarray, origin: Tuple[int, int] = (0, 0),
-    iterations: int = SHIFT_ITERATIONS, radius: float = SHIFT_RADIUS, step: float = SHIFT_STEP,
+    output: LevelOutput, x: np.ndarray, y: np.ndarray, size: Tuple[int, int],
+    origin: Tuple[int, int] = (0, 0), iterations: int = SHIFT_ITERATIONS,
+    radius: float = SHIFT_RADIUS, step: float = SHIFT_STEP,
     temperature: float = SHIFT_TEMPERATURE, reach: float = SHIFT_REACH,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Move keypoints to the centre of the map region their descriptor resembles.
@@ -466,10 +470,14 @@ def descriptor_shift(
         x, y: (n,) positions in the level's map pixels. Computing in the level's
             coordinates, not the window's, keeps the float32 rounding, and so the
             result, the same however the level is tiled.
+        size: (w', h') of the level's whole map. Positions stay within its outermost
+            samples, [0, w' - 1] x [0, h' - 1]: beyond them the bilinear samples repeat
+            the border's descriptors, which would pull keypoints past it (and out of
+            the image) for no reason in the image.
 
     Returns:
         (x, y), (n,) float32 level map positions, each within ``reach`` pixels of its
-        start (per axis).
+        start (per axis) and within the map's samples.
     """
     offsets = np.arange(-radius, radius + step / 2, step, dtype=np.float32)
     grid_y, grid_x = (g.reshape(-1) for g in np.meshgrid(offsets, offsets, indexing="ij"))
@@ -480,7 +488,8 @@ def descriptor_shift(
     for part in range(0, len(x), chunk):
         rows = slice(part, part + chunk)
         px, py = x[rows], y[rows]
-        low_x, high_x, low_y, high_y = px - reach, px + reach, py - reach, py + reach
+        low_x, high_x = np.maximum(px - reach, 0), np.minimum(px + reach, np.float32(size[0] - 1))
+        low_y, high_y = np.maximum(py - reach, 0), np.minimum(py + reach, np.float32(size[1] - 1))
         for _ in range(iterations):
             own = output.descriptors_at(px - x0, py - y0)
             samples = output.descriptors_at(((px[:, None] + grid_x) - x0).reshape(-1),
@@ -626,7 +635,8 @@ def extract(
                 if subpixel == "descriptor":
                     shifted_x, shifted_y = descriptor_shift(
                         output, (x[chosen] + dx).astype(np.float32),
-                        (y[chosen] + dy).astype(np.float32), origin=(window[2], window[0]))
+                        (y[chosen] + dy).astype(np.float32), (map_w, map_h),
+                        origin=(window[2], window[0]))
                     dx, dy = shifted_x - x[chosen], shifted_y - y[chosen]  # exact
                 # Pixel centres kept consistent between the level and the image.
                 px[chosen] = (x[chosen] + dx + 0.5) * np.float32(width / level.width) - 0.5
@@ -750,7 +760,10 @@ def _at_levels(
             del output  # free this tile's maps before the next tile runs
 
 
-def _inside_image(xy: np.ndarray, height: int, width: int) -> np.ndarray:
+def inside_image(xy: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(N,) bool: which of the (N, 2) positions (x, y) are finite and inside a height x
+    width image, 0 <= x < width and 0 <= y < height (the range every extraction mode
+    returns)."""
     return (
         np.isfinite(xy).all(axis=1)
         & (xy[:, 0] >= 0) & (xy[:, 0] < width)
@@ -787,7 +800,7 @@ def describe(
     """
     xy = np.asarray(xy, np.float32).reshape(-1, 2)
     sizes = np.asarray(sizes, np.float32).reshape(-1)
-    kept = np.flatnonzero(_inside_image(xy, *image.shape[1:]))
+    kept = np.flatnonzero(inside_image(xy, *image.shape[1:]))
     if not pyramid(*image.shape[1:], params):  # too thin for the network: nothing to sample
         kept = kept[:0]
     descriptors = np.zeros((len(kept), runner.descriptor_size), np.float32)
@@ -822,14 +835,16 @@ def refine_matches(
         descriptors: (N, dim) the partners' L2-normalised descriptors, row for row.
 
     Returns:
-        (N, 2) float32 refined positions in image pixels (consistent pixel centres);
-        points outside the image are returned unchanged.
+        (N, 2) float32 refined positions in image pixels (consistent pixel centres),
+        inside the image: a soft-argmax beyond the map's outermost samples, where its
+        bilinear samples only repeat the border, is held at them. Points outside the
+        image are returned unchanged.
     """
     height, width = image.shape[1:]
     xy = np.asarray(xy, np.float32).reshape(-1, 2)
     sizes = np.asarray(sizes, np.float32).reshape(-1)
     refined = xy.copy()
-    kept = np.flatnonzero(_inside_image(xy, height, width))
+    kept = np.flatnonzero(inside_image(xy, height, width))
     offsets = np.arange(-radius, radius + step / 2, step, dtype=np.float32)
     grid_y, grid_x = (g.reshape(-1) for g in np.meshgrid(offsets, offsets, indexing="ij"))
     chunk = max(1, 2**22 // (len(grid_x) * runner.descriptor_size))  # ~16 MB of samples
@@ -846,8 +861,9 @@ def refine_matches(
                                    descriptors[kept[r]].astype(np.float32))
             weights = np.exp((similarity - similarity.max(axis=1, keepdims=True)) / temperature)
             weights /= weights.sum(axis=1, keepdims=True)
-            map_x = px + weights @ grid_x + np.float32(window[2])
-            map_y = py + weights @ grid_y + np.float32(window[0])
+            map_h, map_w = runner.output_size(level.height, level.width)
+            map_x = np.clip(px + weights @ grid_x + np.float32(window[2]), 0, map_w - 1)
+            map_y = np.clip(py + weights @ grid_y + np.float32(window[0]), 0, map_h - 1)
             refined[kept[r], 0] = (map_x + 0.5) * np.float32(width / level.width) - 0.5
             refined[kept[r], 1] = (map_y + 0.5) * np.float32(height / level.height) - 0.5
     return refined

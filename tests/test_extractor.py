@@ -290,7 +290,7 @@ def test_descriptor_shift_moves_towards_the_centre_of_similar_descriptors():
             return d / np.linalg.norm(d, axis=1, keepdims=True)
 
     x, y = descriptor_shift(Field(), np.array([10.0, 4.0], np.float32),
-                            np.array([5.0, 5.0], np.float32), origin=(0, 0))
+                            np.array([5.0, 5.0], np.float32), (30, 30), origin=(0, 0))
     assert -1.0 <= x[0] - 10 < -0.2  # left, into the plateau, within the reach
     assert x[1] == 4.0 and (y == 5.0).all()  # inside the plateau nothing pulls
     # The same in a window's coordinates.
@@ -300,5 +300,27 @@ def test_descriptor_shift_moves_towards_the_centre_of_similar_descriptors():
             return Field.descriptors_at(x + 3, y + 2)
 
     shifted, _ = descriptor_shift(Window(), np.array([10.0], np.float32),
-                                  np.array([5.0], np.float32), origin=(3, 2))
+                                  np.array([5.0], np.float32), (30, 30), origin=(3, 2))
     assert shifted[0] == x[0]
+
+
+def test_descriptor_shift_stays_within_the_map():
+    """Beyond the map's outermost samples bilinear sampling repeats the border, which
+    pulls a border keypoint outwards (out of the image, as on photos larger than
+    max_size): the shift stops at the outermost samples."""
+    class Field:
+        """Descriptors constant on x >= 9 and y >= 9, turning fast before."""
+
+        @staticmethod
+        def descriptors_at(x, y):
+            angle = (np.maximum(9 - x, 0) + np.maximum(9 - y, 0)) * 0.5
+            d = np.stack([np.cos(angle), np.sin(angle), 0 * y], axis=1).astype(np.float32)
+            return d / np.linalg.norm(d, axis=1, keepdims=True)
+
+    start = np.array([9.0], np.float32)
+    x, y = descriptor_shift(Field(), start, start, (30, 30))
+    assert x[0] > 9.2 and y[0] > 9.2  # a large map: right and down, into the plateau
+    x, y = descriptor_shift(Field(), start, start, (10, 10))
+    assert x[0] == 9 and y[0] == 9  # a 10 x 10 map: held at its last samples
+    x, y = descriptor_shift(Field(), start, start, (10, 30))
+    assert x[0] == 9 and y[0] > 9.2
