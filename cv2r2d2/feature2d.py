@@ -64,11 +64,11 @@ def _tell_own_size() -> None:
 
 
 # The options whose change needs another network runner.
-_NETWORK = ("model", "device", "backend", "half", "num_threads")
+_NETWORK = ("model", "device", "backend", "precision", "num_threads")
 
 
 def _runner_of(config: R2D2Config) -> NetworkRunner:
-    return _make_runner(config.model, config.device, config.backend, config.half,
+    return _make_runner(config.model, config.device, config.backend, config.precision,
                         config.num_threads)
 
 
@@ -153,7 +153,7 @@ class R2D2Feature:
         device: Optional[str] = PRESET,
         backend: str = PRESET,
         tile_size: int = PRESET,
-        half: bool = PRESET,
+        precision: str = PRESET,
         subpixel: Union[bool, str] = PRESET,
         num_threads: Optional[int] = PRESET,
         preset: str = DEFAULT_PRESET,
@@ -185,7 +185,13 @@ class R2D2Feature:
                 ``"reference"`` runs the network un-optimised, as the original code.
             tile_size: pyramid levels over tile_size**2 pixels run on overlapping
                 tiles, with the same output, to bound memory; 0 never tiles.
-            half: float16 network on CUDA (faster, not bit-exact).
+            precision: ``"fp32"``, the exact mode; ``"bf16"``: the network in bfloat16 on
+                the torch backend (on CUDA, float16 where the GPU lacks bfloat16); not
+                bit-exact, faster only where the CPU computes bf16 natively (AVX512_BF16,
+                AMX: a warning otherwise); ``"int8"``: an int8 network on ONNX Runtime,
+                built and cached on first use (about a minute, :mod:`cv2r2d2.derived`);
+                ``"auto"``: the fastest of these measured within 0.01 MMA@3 of the exact
+                mode on this CPU (int8 with VNNI, else bf16 where native, else fp32).
             subpixel: refine keypoint positions to sub-pixel accuracy (not the
                 original's output; see the README): True, by a parabola on the
                 repeatability peak; ``"descriptor"``, then by a mean-shift on the
@@ -568,9 +574,10 @@ class R2D2Feature:
         """The ``num_threads`` given at creation (None: not set)."""
         return self._config.num_threads
 
-    def getHalf(self) -> bool:
-        """Whether the network runs in float16 (``half=True``)."""
-        return self._config.half
+    def getPrecision(self) -> str:
+        """The ``precision`` given at creation (``"auto"`` stays so; the runner's
+        ``precision`` attribute, where it has one, says what runs)."""
+        return self._config.precision
 
     def getSubpixel(self) -> Union[bool, str]:
         return self._config.subpixel
@@ -680,7 +687,7 @@ class R2D2Feature:
         """Load settings stored by :meth:`write` (a file name, FileStorage or FileNode).
 
         Keys that are absent keep their current value (the device always does); a
-        different ``model``, ``backend``, ``half`` or ``num_threads`` loads the network
+        different ``model``, ``backend``, ``precision`` or ``num_threads`` loads the network
         again. Nothing changes when a stored value is refused.
         """
         if isinstance(fn, (str, os.PathLike)):

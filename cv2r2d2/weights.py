@@ -33,6 +33,7 @@ __all__ = [
     "MODELS",
     "DEFAULT_MODEL",
     "WEIGHTS_DIR_ENV",
+    "CACHE_DIR_ENV",
     "LICENCE_LOGGER",
     "WeightsError",
     "UnknownModelError",
@@ -50,6 +51,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR_ENV = "CV2R2D2_WEIGHTS_DIR"
+# The folder of derived files (see cache_dir).
+CACHE_DIR_ENV = "CV2R2D2_CACHE_DIR"
 # The logger of the once-per-process licence notice of the official weights (a warning):
 # logging.getLogger(LICENCE_LOGGER).setLevel(logging.ERROR) silences it, as `-q` does.
 LICENCE_LOGGER = "cv2r2d2.licence"
@@ -134,7 +137,23 @@ def sha256sum(path: Union[str, Path]) -> str:
 
 
 def cache_dir() -> Path:
-    """``torch.hub.get_dir()/checkpoints``, found without importing torch."""
+    """The writable folder of every file the package derives (exported and int8
+    networks, steerers...): ``$CV2R2D2_CACHE_DIR``, else the user cache folder's
+    ``cv2r2d2`` (``$XDG_CACHE_HOME/cv2r2d2``, usually ``~/.cache/cv2r2d2``;
+    ``%LOCALAPPDATA%\\cv2r2d2`` on Windows). Never the weights folder, which may be
+    read-only."""
+    explicit = os.environ.get(CACHE_DIR_ENV, "").strip()
+    if explicit:
+        return Path(explicit).expanduser()
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "cv2r2d2"
+    user_cache = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.expanduser("~/.cache")
+    return Path(user_cache).expanduser() / "cv2r2d2"
+
+
+def _hub_dir() -> Path:
+    """Where downloaded weights go: ``torch.hub.get_dir()/checkpoints``, found without
+    importing torch."""
     if "torch" in sys.modules:
         return Path(sys.modules["torch"].hub.get_dir()) / "checkpoints"
     torch_home = os.environ.get("TORCH_HOME") or os.path.join(
@@ -146,7 +165,7 @@ def cache_dir() -> Path:
 def _where_to_put(info: ModelInfo) -> str:
     return (
         f"download {info.url} and either set {WEIGHTS_DIR_ENV} to the folder holding "
-        f"{info.name}.pt or place it at {cache_dir() / (info.name + '.pt')}"
+        f"{info.name}.pt or place it at {_hub_dir() / (info.name + '.pt')}"
     )
 
 
@@ -230,7 +249,7 @@ def resolve_weights(
         if candidate.is_file():
             return _verified(candidate, info)
         logger.debug("%s not found in %s=%s", info.name, WEIGHTS_DIR_ENV, env_dir)
-    cached = cache_dir() / f"{info.name}.pt"
+    cached = _hub_dir() / f"{info.name}.pt"
     if cached.is_file():
         return _verified(cached, info)
     if not download:

@@ -22,7 +22,7 @@ from cv2r2d2.config import NUM_THREADS_ENV
 from cv2r2d2.onnx_runner import (
     ALIGNMENT_KEY, HALO_KEY, OUTPUT_NAMES, OnnxRuntimeRunner, read_metadata,
 )
-from cv2r2d2.weights import MODELS, WEIGHTS_DIR_ENV, WeightsError, find_onnx_model
+from cv2r2d2.weights import CACHE_DIR_ENV, MODELS, WEIGHTS_DIR_ENV, WeightsError, find_onnx_model
 from cv2r2d2.evaluation import parity_figures
 
 MODEL = "r2d2_WASF_N16"
@@ -279,9 +279,9 @@ def test_registry_name_is_exported_once_into_the_cache(tmp_path, monkeypatch):
     weights.mkdir()
     (weights / f"{MODEL}.pt").symlink_to(weights_file(MODEL))
     monkeypatch.setenv(WEIGHTS_DIR_ENV, str(weights))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
     runner = make_onnx_runner(MODEL)
-    cached = tmp_path / "torch" / "hub" / "checkpoints" / f"{MODEL}.onnx"
+    cached = tmp_path / "cache" / f"{MODEL}.onnx"
     assert runner.path == cached and cached.is_file()
     assert [p.name for p in cached.parent.iterdir() if p.suffix == ".onnx"] == [cached.name]
     stamp = cached.stat().st_mtime_ns
@@ -328,7 +328,7 @@ def test_int8_export_keeps_first_conv_and_heads_fp32_and_reports_its_accuracy(ex
 
     from cv2r2d2.export import export_onnx
 
-    import cv2r2d2.export as export
+    import cv2r2d2.onnx_export as export
 
     exported()
     calibration = tmp_path / "calibration"
@@ -338,7 +338,7 @@ def test_int8_export_keeps_first_conv_and_heads_fp32_and_reports_its_accuracy(ex
     cv2.imwrite(str(calibration / "boat.png"), boat)
     cv2.imwrite(str(calibration / "peppers.png"), peppers)
     seen, bars = {}, []
-    for name in ("_quantize", "_int8_report"):
+    for name in ("quantize_int8", "int8_report"):
         def spy(*args, _name=name, _function=getattr(export, name)):
             seen[_name] = args[2]
             return _function(*args)
@@ -350,8 +350,8 @@ def test_int8_export_keeps_first_conv_and_heads_fp32_and_reports_its_accuracy(ex
     print(report)
 
     # Calibrated on boat, measured on the held-out peppers: int8 against fp32.
-    assert [image.shape for image in seen["_quantize"]] == [boat.shape]
-    assert len(seen["_int8_report"]) == 1 and np.array_equal(seen["_int8_report"][0], peppers)
+    assert [image.shape for image in seen["quantize_int8"]] == [boat.shape]
+    assert len(seen["int8_report"]) == 1 and np.array_equal(seen["int8_report"][0], peppers)
     assert bars == [(1, True, "calibrate", "image"), (1, True, "int8 vs fp32", "image")]
     assert report["precision"] == "int8" and "max_abs_error" not in report
     assert report["calibration_images"] == 1 and report["evaluation_images"] == 1
@@ -389,18 +389,18 @@ def test_sfm_refine_model_runs_an_onnx_export_on_onnxruntime(exported):
     """`cv2r2d2 sfm --refine --refine-model x.onnx`: the refinement's extractor runs that
     file on onnxruntime with the extraction's settings; a checkpoint or registry name on
     torch; --refine-upsample 2 gives RefinementParams.upsampled(2)."""
-    from cv2r2d2.cli import _refinement, build_parser
+    from cv2r2d2.cli import _config, _refinement, build_parser
     from cv2r2d2.refinement import RefinementParams
 
     path = exported()["output"]
     args = build_parser().parse_args(
         ["sfm", "photos", "out", "--refine", "--refine-model", str(path), "--refine-upsample",
          "2", "--max-size", "640", "--backend", "torch", "--device", "cpu"])
-    params, feature = _refinement(args)
+    params, feature = _refinement(args, _config(args))
     assert params == RefinementParams.upsampled(2)
     assert feature.getModel() == str(path) and feature.getBackend() == "onnxruntime"
     assert feature.getParams().max_size == 640
     args = build_parser().parse_args(["sfm", "photos", "out", "--refine", "--device", "cpu",
                                       "--refine-model", MODEL, "--backend", "onnxruntime"])
-    params, feature = _refinement(args)
+    params, feature = _refinement(args, _config(args))
     assert params is None and feature.getBackend() == "torch" and feature.getModel() == MODEL

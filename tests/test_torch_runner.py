@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy.spatial import cKDTree
 
 from cv2r2d2.extractor import ExtractionParams, extract
@@ -68,6 +69,28 @@ def test_optimised_runner_matches_the_baseline(net, crop):
     np.testing.assert_allclose(fast.dense_descriptors(), baseline.dense_descriptors(), atol=1e-5)
 
 
-def test_half_precision_needs_cuda(net):
-    with pytest.raises(ValueError, match="CUDA"):
-        TorchRunner(net, device="cpu", half=True)
+def test_bf16_runner_returns_float32_maps_close_to_fp32(net, crop):
+    exact = TorchRunner(net)
+    bf16 = TorchRunner(net, precision="bf16")
+    assert bf16.precision == "bf16" and next(bf16.net.parameters()).dtype == torch.bfloat16
+    small = np.ascontiguousarray(crop[:, :160, :200])
+    ours, theirs = exact.run(exact.prepare(small)), bf16.run(bf16.prepare(small))
+    assert theirs.reliability.dtype == theirs.repeatability.dtype == np.float32
+    # bf16 keeps 8 bits of mantissa: a few maps' values move by up to ~0.07.
+    error = np.abs(theirs.repeatability - ours.repeatability)
+    assert np.quantile(error, 0.999) < 0.05 and error.max() < 0.15
+    dense = theirs.dense_descriptors()
+    assert dense.dtype == np.float32
+    assert np.median(np.sum(dense * ours.dense_descriptors(), axis=0)) > 0.99
+    x, y = np.array([3.25, 40.5, 101.0], np.float32), np.array([7.75, 20.0, 60.5], np.float32)
+    sampled = theirs.descriptors_at(x, y)
+    assert sampled.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(sampled, axis=1), 1, atol=1e-5)
+    assert np.all(np.sum(sampled * ours.descriptors_at(x, y), axis=1) > 0.98)
+
+
+def test_runner_precision_is_checked(net):
+    with pytest.raises(ValueError, match="fp32 or bf16, got precision='int8'"):
+        TorchRunner(net, precision="int8")
+    with pytest.raises(ValueError, match="optimize=True"):
+        TorchRunner(net, optimize=False, precision="bf16")
