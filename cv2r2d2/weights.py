@@ -239,6 +239,9 @@ def resolve_weights(
         path = Path(text).expanduser()
         if path.is_file():
             return path
+        if isinstance(name_or_path, os.PathLike) or os.sep in text or path.suffix:
+            raise WeightsNotFoundError(f"no such checkpoint file: {text!r} (the official "
+                                       f"models are named {', '.join(MODELS)})")
         raise UnknownModelError(
             f"{text!r} is neither an existing file nor a known model name "
             f"(known: {', '.join(MODELS)})"
@@ -343,12 +346,29 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     return dict(checkpoint, state_dict=state_dict)
 
 
+# Marks in cache_dir() that the licence notice was shown (see _tell_licence).
+LICENCE_MARKER = "naver-weights-licence-shown"
+
+
+def _notice_licence() -> None:
+    """Say that the official weights are NAVER's, and their licence: once per cache (a
+    marker file in :func:`cache_dir` remembers it; a read-only cache: once per process),
+    and only where it is seen (not with the licence logger silenced, as ``-q`` does)."""
+    marker = cache_dir() / LICENCE_MARKER
+    if not marker.is_file() and logging.getLogger(LICENCE_LOGGER).isEnabledFor(logging.WARNING):
+        _tell_licence(marker)
+
+
 @functools.lru_cache(maxsize=None)
-def _tell_licence() -> None:
-    """Say once per process that the official weights are NAVER's, and their licence."""
+def _tell_licence(marker: Path) -> None:
     logging.getLogger(LICENCE_LOGGER).warning(
-        "Using the official R2D2 weights by NAVER Corp., licensed %s.", _NAVER_LICENCE
-    )
+        "Using the official R2D2 weights by NAVER Corp., licensed %s (said once).",
+        _NAVER_LICENCE)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:
+        logger.debug("cannot write %s: the licence notice is said again next time", marker)
 
 
 def load_model(
@@ -385,7 +405,7 @@ def load_model(
             f"{str(exc).splitlines()[0]}"
         ) from exc
     if os.fspath(name_or_path) in MODELS:
-        _tell_licence()
+        _notice_licence()
     net.name = os.fspath(name_or_path)
     net.requires_grad_(False)
     return net.eval().to(device)

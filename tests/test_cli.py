@@ -123,17 +123,21 @@ def test_log_lines_go_above_progress_bars(photos, tmp_path, monkeypatch):
     assert seen == [[_TqdmLoggingHandler]] and logging.getLogger("cv2r2d2").handlers == before
 
 
-def test_licence_notice_once_and_not_with_quiet(photos, tmp_path, capsys):
+def test_licence_notice_once_per_cache_and_not_with_quiet(photos, tmp_path, capsys,
+                                                         monkeypatch):
     from cv2r2d2 import weights
 
     weights_dir()
+    monkeypatch.setenv("CV2R2D2_CACHE_DIR", str(tmp_path / "cache"))
     args = ["extract", str(photos / "crop0.png"), "-o", str(tmp_path / "r2d2"), *FAST]
     weights._tell_licence.cache_clear()
     assert main([*args, "-q"]) == 0
     assert "CC BY-NC-SA" not in capsys.readouterr().err
-    weights._tell_licence.cache_clear()
     assert main(args) == 0 and main([*args, "--overwrite", "--model", "r2d2_WAF_N16"]) == 0
     assert capsys.readouterr().err.count("CC BY-NC-SA") == 1
+    weights._tell_licence.cache_clear()  # as a new process: the cache remembers it
+    assert main([*args, "--overwrite"]) == 0
+    assert "CC BY-NC-SA" not in capsys.readouterr().err
 
 
 def test_help_texts(capsys):

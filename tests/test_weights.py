@@ -124,14 +124,16 @@ def test_official_checkpoints_load_safely(name):
     assert not any(key.startswith("module.") for key in checkpoint["state_dict"])
 
 
-def test_loading_logs_the_licence(monkeypatch, caplog):
+def test_loading_logs_the_licence(monkeypatch, caplog, tmp_path):
     monkeypatch.setenv(weights.WEIGHTS_DIR_ENV, str(weights_dir()))
+    monkeypatch.setenv(weights.CACHE_DIR_ENV, str(tmp_path))
     weights._tell_licence.cache_clear()
     with caplog.at_level("WARNING", logger=weights.LICENCE_LOGGER):
         weights.load_model("r2d2_WASF_N16", device="cpu")
         weights.load_model("r2d2_WASF_N16", device="cpu")
-        weights.load_model("r2d2_WAF_N16", device="cpu")  # once per process, any model
+        weights.load_model("r2d2_WAF_N16", device="cpu")  # once per cache, any model
     assert sum("CC BY-NC-SA 3.0" in r.message for r in caplog.records) == 1
+    assert (tmp_path / weights.LICENCE_MARKER).is_file()
 
 
 class _Evil:
@@ -186,6 +188,10 @@ def test_errors_are_value_and_file_not_found_errors(tmp_path, cache):
          "does not hold the official r2d2_WAF_N16 weights"),
         (lambda: weights.resolve_weights("r2d2_WASF_N16", download=False),
          weights.WeightsNotFoundError, FileNotFoundError, "not available locally"),
+        (lambda: weights.load_model(str(tmp_path / "some" / "x.pt")),
+         weights.WeightsNotFoundError, FileNotFoundError, "no such checkpoint file"),
+        (lambda: weights.resolve_weights("x.pt"), weights.WeightsNotFoundError,
+         FileNotFoundError, "no such checkpoint file"),
     ]
     for call, specific, builtin, message in cases:
         with pytest.raises(specific, match=message) as caught:
