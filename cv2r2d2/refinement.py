@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from .extractor import check_upsample, upsampled_pyramid
+from .extractor import check_upsample, inside_image, upsampled_pyramid
 from .image import read_image
 from .utils import progress
 
@@ -126,6 +126,9 @@ class RefinementReport:
         num_tracks, num_observations: tracks (of 2 or more keypoints) and their keypoints.
         num_conflicts: matches left out because they would have joined two keypoints of
             one image in a track.
+        num_outside: track keypoints outside their image (or not finite), e.g. stored by
+            an older version or another tool: left where they are, and without a say in
+            their track's target.
         median_displacement: of the moved keypoints, image pixels.
         window_bytes: memory of the descriptor windows.
         seconds: time spent by the network (``network``) and the optimisation
@@ -136,6 +139,7 @@ class RefinementReport:
     num_tracks: int = 0
     num_observations: int = 0
     num_conflicts: int = 0
+    num_outside: int = 0
     median_displacement: float = 0.0
     window_bytes: int = 0
     seconds: Dict[str, float] = field(default_factory=dict)
@@ -507,7 +511,10 @@ def refine_keypoints(
         params: refinement settings.
 
     Returns:
-        The refined keypoints (copies; keypoints in no track are unchanged) and a report.
+        The refined keypoints (copies; keypoints in no track are unchanged; moved ones
+        stay inside their image) and a report. A track keypoint outside its image
+        (0 <= x < width, 0 <= y < height) or not finite is not refined and does not
+        guide its track; the others are refined as without it, and a warning counts them.
     """
     edges, scores = _check_edges(edges, scores)
     keypoints = [np.asarray(points, np.float32) for points in keypoints]
@@ -537,6 +544,9 @@ def refine_keypoints(
     report.window_bytes = int(windows.nbytes)
     steps = np.ones((len(tracks.images), 2), np.float32)
     movable = np.zeros(len(tracks.images), bool)
+    # (width, height) of each observation's image; positions stay below them.
+    limits = np.ones((len(tracks.images), 2), np.float32)
+    num_outside, example = 0, ""
     start = time.perf_counter()
     by_image = np.argsort(tracks.images, kind="stable")
     used, bounds = np.unique(tracks.images[by_image], return_index=True)
@@ -544,7 +554,19 @@ def refine_keypoints(
     for i, rows in progress(list(zip(used.tolist(), groups)), len(groups), show_progress,
                             "refine", "image"):
         image = read_image(images[i])
+        limits[rows] = image.shape[1::-1]
         points = keypoints[i][tracks.keypoints[rows]]
+        # One bad keypoint must not stop the collection: it keeps a zero window (no
+        # say in its track's target) and stays where it is.
+        inside = inside_image(points, *image.shape[:2])
+        if not inside.all():
+            if not num_outside:
+                example = (f"{points[~inside][0].tolist()} in {os.fspath(images[i])!r} "
+                           f"({image.shape[1]}x{image.shape[0]})")
+            num_outside += int((~inside).sum())
+            rows, points = rows[inside], points[inside]
+            if not len(rows):
+                continue
         windows[rows], steps[rows] = feature.computeDescriptorWindows(
             image, points, offsets, sizes=level_sizes[rows], dtype=dtype,
             upsample=params.upsample)
@@ -555,12 +577,22 @@ def refine_keypoints(
         movable[rows] = ((centre >= reach) & (centre <= size - 1 - reach)).all(axis=1)
         # An image without pyramid levels gives no descriptors.
         movable[rows] &= np.abs(windows[rows, len(offsets) // 2]).max(axis=1) > 0
+    report.num_outside = num_outside
+    if num_outside:
+        logger.warning("%d track keypoints lie outside their image and are left unrefined, "
+                       "e.g. %s", num_outside, example)
     report.seconds["network"] = time.perf_counter() - start
     start = time.perf_counter()
     delta, _ = adjust_windows(windows, tracks.starts, params, movable)
     shift = delta * steps
     for i, rows in zip(used.tolist(), groups):
-        refined[i][tracks.keypoints[rows]] += shift[rows]
+        points = refined[i][tracks.keypoints[rows]] + shift[rows]
+        # Levels finer than twice the image's resolution (upsample > 2) can move a
+        # border keypoint up to half a level pixel past the image: hold it inside.
+        moving = rows[movable[rows]]
+        points[movable[rows]] = np.clip(points[movable[rows]], 0,
+                                        np.nextafter(limits[moving], np.float32(0)))
+        refined[i][tracks.keypoints[rows]] = points
     moved = np.hypot(shift[:, 0], shift[:, 1])[movable]
     report.seconds["adjust"] = time.perf_counter() - start
     report.median_displacement = float(np.median(moved)) if len(moved) else 0.0

@@ -139,23 +139,20 @@ def _transfer(H: np.ndarray, points: np.ndarray) -> np.ndarray:
     return projected[:, :2] / projected[:, 2:]
 
 
-@pytest.mark.parametrize("params", [
-    RefinementParams(),
-    RefinementParams(upsample=2.0, window_radius=3, max_displacement=2.5),
-], ids=["pyramid", "upsampled"])
-def test_refined_keypoints_lie_closer_to_the_truth(r2d2, boat, tmp_path, params):
-    """boat and two warps of it with known homographies: the tracks' keypoints, refined,
-    agree with the geometry better than as detected (paper settings, 5 pyramid levels;
-    and on the pyramid upsampled twice, 4 levels finer)."""
+@pytest.fixture(scope="module")
+def warped_boat(r2d2, boat, tmp_path_factory):
+    """boat and two warps of it with known homographies (image files), their features
+    (paper settings, 5 pyramid levels), the matches geometric verification would keep
+    as (image0, keypoint0, image1, keypoint1) edges, and each edge's homography."""
     import cv2
 
     from cv2r2d2.matching import mutual_nearest_neighbours
-    from cv2r2d2.refinement import RefinementReport, refine_keypoints
 
+    folder = tmp_path_factory.mktemp("warped_boat")
     homographies = [np.eye(3), _homography(1.2, 5, (0.2, -0.1)), _homography(0.85, -4, (-0.1, 0.2))]
     paths, found = [], []
     for k, H in enumerate(homographies):
-        paths.append(tmp_path / f"warp{k}.png")
+        paths.append(folder / f"warp{k}.png")
         image = cv2.warpPerspective(boat, H, (512, 512), flags=cv2.INTER_LINEAR)
         cv2.imwrite(str(paths[-1]), image)
         found.append(r2d2.detectFeatures(image))
@@ -169,12 +166,38 @@ def test_refined_keypoints_lie_closer_to_the_truth(r2d2, boat, tmp_path, params)
         edges.append(np.c_[np.full(len(matches), a), matches[:, 0],
                            np.full(len(matches), b), matches[:, 1]])
         truth += [a_to_b] * len(matches)
-    edges = np.concatenate(edges)
+    return paths, found, np.concatenate(edges), truth
+
+
+@pytest.fixture(scope="module")
+def refined_boat(r2d2, warped_boat):
+    """:func:`refine_keypoints` of ``warped_boat`` at the default settings."""
+    from cv2r2d2.refinement import refine_keypoints
+
+    paths, found, edges, _ = warped_boat
+    return refine_keypoints(r2d2, paths, [f.xy for f in found], edges,
+                            sizes=[f.sizes for f in found], image_sizes=[(512, 512)] * 3)
+
+
+@pytest.mark.parametrize("upsampled", [False, True], ids=["pyramid", "upsampled"])
+def test_refined_keypoints_lie_closer_to_the_truth(r2d2, warped_boat, refined_boat, upsampled):
+    """The tracks' keypoints, refined, agree with the geometry better than as detected
+    (on the extraction's pyramid; and on it upsampled twice, 4 levels finer), and stay
+    inside their images."""
+    from cv2r2d2.extractor import inside_image
+    from cv2r2d2.refinement import RefinementReport, refine_keypoints
+
+    paths, found, edges, truth = warped_boat
     keypoints = [f.xy for f in found]
-    refined, report = refine_keypoints(r2d2, paths, keypoints, edges,
-                                       sizes=[f.sizes for f in found],
-                                       image_sizes=[(512, 512)] * 3, params=params)
+    if upsampled:
+        params = RefinementParams(upsample=2.0, window_radius=3, max_displacement=2.5)
+        refined, report = refine_keypoints(r2d2, paths, keypoints, edges,
+                                           sizes=[f.sizes for f in found],
+                                           image_sizes=[(512, 512)] * 3, params=params)
+    else:
+        refined, report = refined_boat
     assert isinstance(report, RefinementReport) and report.num_tracks > 500
+    assert report.num_outside == 0
 
     def errors(points):
         return np.array([np.linalg.norm(_transfer(H, points[a][[ka]])[0] - points[b][kb])
@@ -186,6 +209,38 @@ def test_refined_keypoints_lie_closer_to_the_truth(r2d2, boat, tmp_path, params)
         assert moved.shape == points.shape and moved.dtype == np.float32
         shift = np.linalg.norm(moved - points, axis=1)
         assert (shift > 0).any() and (shift == 0).any()
+        assert inside_image(moved, 512, 512).all()
+
+
+def test_a_keypoint_outside_its_image_is_left_out_and_the_rest_refined(
+        r2d2, warped_boat, refined_boat, caplog):
+    """A track keypoint outside its image (as an older version's descriptor mode stored:
+    y = -0.86) and one not finite stop nothing: both stay as they are, a warning counts
+    them, and every other track is refined exactly as without them."""
+    from cv2r2d2.refinement import build_tracks, refine_keypoints
+
+    paths, found, edges, _ = warped_boat
+    tracks = build_tracks(edges)
+    keypoints = [f.xy.copy() for f in found]
+    bad = [(tracks.images[tracks.starts[t]], tracks.keypoints[tracks.starts[t]]) for t in (0, 1)]
+    keypoints[bad[0][0]][bad[0][1]] = (keypoints[bad[0][0]][bad[0][1], 0], -0.86)
+    keypoints[bad[1][0]][bad[1][1]] = (np.nan, 100.0)
+    with caplog.at_level("WARNING", logger="cv2r2d2.refinement"):
+        refined, report = refine_keypoints(r2d2, paths, keypoints, edges,
+                                           sizes=[f.sizes for f in found],
+                                           image_sizes=[(512, 512)] * 3)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("2 track keypoints lie outside")
+    assert "-0.86" in warnings[0] and "warp" in warnings[0], warnings
+    assert report.num_outside == 2 and report.num_tracks == refined_boat[1].num_tracks
+    for image, keypoint in bad:
+        np.testing.assert_array_equal(refined[image][keypoint], keypoints[image][keypoint])
+    others = tracks.track_of() > 1
+    for image in range(3):
+        rows = tracks.keypoints[others & (tracks.images == image)]
+        np.testing.assert_array_equal(refined[image][rows], refined_boat[0][image][rows])
+    moved = sum(int((refined[i] != keypoints[i]).any(axis=1).sum()) for i in range(3))
+    assert moved > 500
 
 
 def test_upsampled_windows_are_those_of_the_upsampled_image(r2d2, boat):
