@@ -177,7 +177,7 @@ class R2D2Feature:
             unique_radius: pixels; > 0 keeps, of keypoints from different pyramid
                 levels within this distance of each other, only the best-scoring
                 one, before the top ``nfeatures`` (the same place is otherwise found
-                on several levels). Set it for Lowe's ratio test (see the README);
+                on several levels). Set it for Lowe's ratio test (docs/opencv.md);
                 0, the paper's, keeps the original's output.
             device: torch device (``"cpu"``, ``"cuda"``...); None: CUDA if available.
             backend: ``"torch"``; ``"onnxruntime"`` or ``"opencv"`` run an exported
@@ -193,7 +193,7 @@ class R2D2Feature:
                 ``"auto"``: the fastest of these measured within 0.01 MMA@3 of the exact
                 mode on this CPU (int8 with VNNI, else bf16 where native, else fp32).
             subpixel: refine keypoint positions to sub-pixel accuracy (not the
-                original's output; see the README): True, by a parabola on the
+                original's output; docs/opencv.md): True, by a parabola on the
                 repeatability peak; ``"descriptor"``, then by a mean-shift on the
                 descriptor map (better at 1 px, about 1.5 times the extraction time).
             num_threads: CPU threads of the network, an integer >= 0. ONNX backends:
@@ -348,7 +348,7 @@ class R2D2Feature:
         descriptor map is compared with the partner's descriptor on a grid of +-radius
         level pixels; the match moves to the similarity's soft-argmax. It runs the
         network on image 2 again (about one more extraction). Best with
-        ``subpixel=True`` keypoints (see the README's sub-pixel section).
+        ``subpixel=True`` keypoints (docs/opencv.md, sub-pixel keypoints).
 
         Args:
             image2: the image ``keypoints2`` were detected in.
@@ -505,18 +505,23 @@ class R2D2Feature:
     # --- cv2.Feature2D / cv2.Algorithm information ---------------------------------
 
     def descriptorSize(self) -> int:
+        """The descriptor length: 128 floats."""
         return int(self._runner.descriptor_size)
 
     def descriptorType(self) -> int:
+        """The descriptor element type: ``cv2.CV_32F``."""
         return cv2.CV_32F
 
     def defaultNorm(self) -> int:
+        """The norm to match descriptors with: ``cv2.NORM_L2``."""
         return cv2.NORM_L2
 
     def getDefaultName(self) -> str:
+        """The algorithm's name, as ``cv2.Algorithm`` gives it: ``"Feature2D.R2D2"``."""
         return "Feature2D.R2D2"
 
     def empty(self) -> bool:
+        """Whether no network is loaded (False once created)."""
         return self._runner is None
 
     def getRunner(self) -> NetworkRunner:
@@ -555,6 +560,7 @@ class R2D2Feature:
         return replace(self._config.params)
 
     def getModel(self) -> str:
+        """The model: an official name or a checkpoint / ``.onnx`` path."""
         return self._config.model
 
     def setModel(self, model: Union[str, os.PathLike]) -> None:
@@ -565,9 +571,11 @@ class R2D2Feature:
         self._steerers = None
 
     def getDevice(self) -> Optional[str]:
+        """The torch device given at creation (None: CUDA when available, else the CPU)."""
         return self._config.device
 
     def getBackend(self) -> str:
+        """The backend running the network: ``torch``, ``reference``, ``onnxruntime`` or ``opencv``."""
         return self._config.backend
 
     def getNumThreads(self) -> Optional[int]:
@@ -580,6 +588,7 @@ class R2D2Feature:
         return self._config.precision
 
     def getSubpixel(self) -> Union[bool, str]:
+        """Sub-pixel keypoint positions: False (the original's), True (parabola) or ``"descriptor"``."""
         return self._config.subpixel
 
     def setSubpixel(self, subpixel: Union[bool, str]) -> None:
@@ -587,6 +596,7 @@ class R2D2Feature:
         self._set(subpixel=subpixel)
 
     def getTileSize(self) -> int:
+        """Tile side in pixels for large pyramid levels (0: never tile)."""
         return self._config.tile_size
 
     def setTileSize(self, tile_size: int) -> None:
@@ -594,54 +604,71 @@ class R2D2Feature:
         self._set(tile_size=tile_size)
 
     def getNFeatures(self) -> int:
+        """Keypoints kept per image, best first (0: all)."""
         return int(self._config.params.nfeatures)
 
     def setNFeatures(self, nfeatures: int) -> None:
+        """Keep this many keypoints per image, best first (0: all)."""
         self._set(nfeatures=nfeatures)
 
     def getScaleFactor(self) -> float:
+        """Ratio between consecutive pyramid scales (``scale_f``)."""
         return float(self._config.params.scale_f)
 
     def setScaleFactor(self, scale_f: float) -> None:
+        """Set the ratio between consecutive pyramid scales (> 1)."""
         self._set(scale_f=scale_f)
 
     def getMinSize(self) -> int:
+        """Smallest longer side of a pyramid level, pixels."""
         return int(self._config.params.min_size)
 
     def setMinSize(self, min_size: int) -> None:
+        """Set the smallest longer side of a pyramid level, pixels."""
         self._set(min_size=min_size)
 
     def getMaxSize(self) -> int:
+        """Largest longer side of a pyramid level, pixels."""
         return int(self._config.params.max_size)
 
     def setMaxSize(self, max_size: int) -> None:
+        """Set the largest longer side of a pyramid level, pixels."""
         self._set(max_size=max_size)
 
     def getMinScale(self) -> float:
+        """Smallest pyramid scale."""
         return float(self._config.params.min_scale)
 
     def setMinScale(self, min_scale: float) -> None:
+        """Set the smallest pyramid scale."""
         self._set(min_scale=min_scale)
 
     def getMaxScale(self) -> float:
+        """Largest pyramid scale (<= 1: no upscaling)."""
         return float(self._config.params.max_scale)
 
     def setMaxScale(self, max_scale: float) -> None:
+        """Set the largest pyramid scale (<= 1)."""
         self._set(max_scale=max_scale)
 
     def getReliabilityThreshold(self) -> float:
+        """Minimum reliability of a keypoint, in [0, 1]."""
         return float(self._config.params.reliability_thr)
 
     def setReliabilityThreshold(self, reliability_thr: float) -> None:
+        """Set the minimum reliability of a keypoint, in [0, 1]."""
         self._set(reliability_thr=reliability_thr)
 
     def getRepeatabilityThreshold(self) -> float:
+        """Minimum repeatability of a keypoint, in [0, 1]."""
         return float(self._config.params.repeatability_thr)
 
     def setRepeatabilityThreshold(self, repeatability_thr: float) -> None:
+        """Set the minimum repeatability of a keypoint, in [0, 1]."""
         self._set(repeatability_thr=repeatability_thr)
 
     def getUniqueRadius(self) -> float:
+        """Pixels within which keypoints of different levels count as one place (0: off)."""
         return float(self._config.params.unique_radius)
 
     def setUniqueRadius(self, unique_radius: float) -> None:

@@ -1,7 +1,7 @@
 """Photo collections: image files, feature and match stores, extraction over a collection.
 
 The names of this module live in the modules that own them; they are gathered here,
-as the README's examples import them:
+as the documentation's examples import them:
 
 - :mod:`cv2r2d2.image`: ``IMAGE_SUFFIXES``, ``list_images``, ``read_image``,
   ``check_image_suffix``, ``write_image``;

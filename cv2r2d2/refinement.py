@@ -15,8 +15,9 @@ R2D2's own descriptor map as the dense features.
   each tile; only the windows are kept), then :func:`adjust_windows`. With
   ``RefinementParams.upsample`` > 1 the pyramid reaches levels finer than the
   extraction's; the network may be another than the extractor's (an int8 export).
-- :func:`refine_database`: the same on the verified matches of a COLMAP database, whose
-  keypoints it updates, with a cache file so that a rerun does not redo it.
+
+:func:`cv2r2d2.sfm.refine_database` runs the same on the verified matches of a COLMAP
+database, whose keypoints it updates, with a cache file so that a rerun does not redo it.
 """
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ __all__ = [
     "adjust_windows",
     "scale_matched_sizes",
     "refine_keypoints",
-    "refine_database",
 ]
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,8 @@ class RefinementParams:
         displacement bound scaled to cover the same image pixels as the defaults on the
         extraction's pyramid: ``window_radius = round(2 * upsample)``,
         ``max_displacement = window_radius - 0.5`` (``upsample=2``: 4 and 3.5, the
-        README's measured SfM setting); other settings as ``kwargs`` give them."""
+        ``sfm`` preset's, measured in docs/benchmarks.md); other settings as ``kwargs``
+        give them."""
         radius = max(1, int(round(2 * check_upsample(upsample))))
         kwargs.setdefault("window_radius", radius)
         kwargs.setdefault("max_displacement", kwargs["window_radius"] - 0.5)

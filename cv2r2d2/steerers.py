@@ -67,7 +67,7 @@ _RIGHT_ANGLES = {90: cv2.ROTATE_90_COUNTERCLOCKWISE, 180: cv2.ROTATE_180,
 
 @dataclass(frozen=True)
 class FitSettings:
-    """How steerers are fitted; the defaults were chosen by measurement (README).
+    """How steerers are fitted; the defaults were chosen by measurement (docs/benchmarks.md).
 
     Attributes:
         image_size: side of the square fitting images, pixels (the network runs on them
