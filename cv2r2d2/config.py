@@ -39,7 +39,9 @@ __all__ = [
 # "reference" runs the network as the original implementation does (a speed baseline).
 TORCH_BACKENDS = ("torch", "reference")
 ONNX_BACKENDS = ("onnxruntime", "opencv")
+"""Backends that run an exported ``.onnx`` model, without torch."""
 BACKENDS = TORCH_BACKENDS + ONNX_BACKENDS
+"""Every ``backend=`` value."""
 # Thread count of the ONNX backends when the caller gives none (0: the runtime's default).
 NUM_THREADS_ENV = "CV2R2D2_NUM_THREADS"
 

@@ -85,6 +85,7 @@ class Calibration:
 
 
 DEFAULT_CALIBRATION = Calibration()
+"""The calibration of the int8 network ``precision="int8"`` builds."""
 
 
 def _onnxruntime_version() -> str:

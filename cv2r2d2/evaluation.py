@@ -71,7 +71,9 @@ HIGH_RESOLUTION_SEQUENCES = frozenset({
     "i_contruction", "i_crownnight", "i_dc", "i_pencils", "i_whitebuilding",
     "v_artisans", "v_astronautis", "v_talent",
 })
+"""The HPatches sequences D2-Net's protocol leaves out (high-resolution images)."""
 THRESHOLDS = tuple(range(1, 11))
+"""The metrics' pixel thresholds: 1 to 10."""
 KINDS = {"i": "illumination", "v": "viewpoint"}
 
 
@@ -221,6 +223,7 @@ METRICS: Mapping[str, Metric] = MappingProxyType({
     "repeatability": repeatability,
     "matching_score": matching_score,
 })
+"""The metrics by name: ``mma``, ``repeatability``, ``matching_score``."""
 
 
 def parity_figures(keypoints: Sequence[cv2.KeyPoint], descriptors: np.ndarray,

@@ -29,7 +29,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp",
                   ".tif", ".tiff", ".webp", ".jp2")
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+"""Per-channel (R, G, B) mean of the network's input normalisation (ImageNet's)."""
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+"""Per-channel (R, G, B) standard deviation of that normalisation."""
 
 
 def _check_array(image: Any, name: str = "image") -> np.ndarray:

@@ -75,6 +75,7 @@ MIN_INLIERS = 30
 # RANSAC inlier threshold, pixels: COLMAP's (abs_pose_max_error) and hloc's.
 MAX_ERROR = 12.0
 NUM_RETRIEVED = 10
+"""Model images each query is matched with by default (``--retrieval``)."""
 CAMERA_MODEL = "SIMPLE_RADIAL"
 # Without EXIF, COLMAP's focal length guess: this factor times the longer side.
 FOCAL_LENGTH_FACTOR = 1.2

@@ -509,9 +509,11 @@ class SteeredMatcher:
         return self._rotation
 
     def getRotations(self) -> int:
+        """The number of steering angles tried: k * 360 / rotations degrees."""
         return len(self._angles)
 
     def getCrossCheck(self) -> bool:
+        """Whether matches are mutual nearest neighbours (as ``cv2.BFMatcher``'s ``crossCheck``)."""
         return self._cross_check
 
 

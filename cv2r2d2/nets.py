@@ -241,6 +241,7 @@ NETWORKS: Dict[str, Type[R2D2Net]] = {
     "Quad_L2Net_ConfCFS": Quad_L2Net_ConfCFS,
     "Fast_Quad_L2Net_ConfCFS": Fast_Quad_L2Net_ConfCFS,
 }
+"""The architectures a checkpoint's ``net`` string may name."""
 
 # Keyword arguments each architecture accepts, with the type a literal must have.
 _ALLOWED_KWARGS: Dict[str, Dict[str, type]] = {

@@ -45,10 +45,12 @@ logger = logging.getLogger(__name__)
 # The exported graph's interface (written by cv2r2d2.export).
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("descriptors_raw", "reliability_logits", "repeatability_logit")
+"""The exported graph's outputs, in order."""
 # Metadata keys of the receptive-field halo and the crop alignment, in input pixels
 # (see torch_runner.receptive_halo), as decimal strings.
 HALO_KEY = "cv2r2d2.receptive_halo"
 ALIGNMENT_KEY = "cv2r2d2.alignment"
+"""Metadata key of the pooling alignment of tile boxes (a decimal string)."""
 
 Box = Tuple[int, int, int, int]
 

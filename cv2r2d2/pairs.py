@@ -23,6 +23,7 @@ __all__ = [
 ]
 
 SEQUENTIAL_OVERLAP = 5
+"""k of ``sequential`` pairs when not given: each image with the k next by name."""
 
 
 def exhaustive_pairs(names: Sequence[str]) -> List[Tuple[str, str]]:

@@ -38,6 +38,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "int8", "auto")
+"""The ``precision=`` values."""
 # /proc/cpuinfo flags that compute bf16 products natively, and int8 dot products.
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})

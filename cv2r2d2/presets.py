@@ -43,6 +43,7 @@ class Preset:
 
 
 DEFAULT_PRESET = "paper"
+"""The preset of ``R2D2Feature.create()`` and of every command but ``sfm``."""
 # What cv2r2d2 sfm and sfm.reconstruct() use when no preset (or extractor) is named.
 SFM_PRESET = "sfm"
 
@@ -82,6 +83,7 @@ PRESETS: Dict[str, Preset] = {
         ),
     )
 }
+"""Every preset by name, in the order ``cv2r2d2 presets`` lists them."""
 
 
 def preset_names() -> Tuple[str, ...]:

@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 CAMERA_MODES = ("auto", "single", "per_folder", "per_image")
+"""``camera_mode`` values: COLMAP's choice, one camera, one per folder, one per image."""
 PYCOLMAP_MIN = (4, 2)
 
 

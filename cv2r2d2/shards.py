@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 SHARDS_SUFFIX = ".shards"
+"""The shards of ``out.h5`` are in the folder ``out.h5.shards``."""
 # Root attribute of a master file: the shards folder, relative to the master.
 MASTER_ATTRIBUTE = "cv2r2d2_shards"
 

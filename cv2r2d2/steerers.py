@@ -102,6 +102,7 @@ class FitSettings:
 
 
 DEFAULT_SETTINGS = FitSettings()
+"""The fitting settings used unless others are given."""
 
 
 class DenseDescriber(Protocol):

@@ -53,6 +53,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
+"""A path: ``str`` or ``os.PathLike``."""
 
 
 # --- optional dependencies and progress -------------------------------------------

@@ -21,6 +21,7 @@ __all__ = ["HEATMAPS", "DEFAULT_HEATMAP", "draw_heatmap"]
 # "score", the product of the two: the map that shows where keypoints land.
 HEATMAPS = ("repeatability", "reliability", "score")
 DEFAULT_HEATMAP = "score"
+"""The map drawn unless another is asked for."""
 KEYPOINT_COLOR = (255, 255, 255)  # BGR
 SHIFT = 4  # cv2.circle's fractional bits: keypoints drawn to 1/16 px
 

@@ -51,6 +51,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR_ENV = "CV2R2D2_WEIGHTS_DIR"
+"""The environment variable naming a folder of weights files, looked in before the caches."""
 # The folder of derived files (see cache_dir).
 CACHE_DIR_ENV = "CV2R2D2_CACHE_DIR"
 # The logger of the once-per-process licence notice of the official weights (a warning):
@@ -101,7 +102,9 @@ MODELS: Dict[str, ModelInfo] = {
         ),
     )
 }
+"""The official models by name."""
 DEFAULT_MODEL = "r2d2_WASF_N16"
+"""The model of the ``paper`` preset."""
 
 
 class WeightsError(RuntimeError):

@@ -8,6 +8,7 @@ from typing import List, Optional, Tuple
 __all__ = ["DEFAULT_NET", "FREE_ON_RESUME", "TrainConfig", "SETTING_HELP"]
 
 DEFAULT_NET = "Quad_L2Net_ConfCFS()"
+"""The architecture trained when no other is named (nor a pretrained model's)."""
 
 # Settings a resumed run may change; all others must equal the interrupted run's.
 FREE_ON_RESUME = {
