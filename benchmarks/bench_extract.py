@@ -1,15 +1,17 @@
-"""Speed, memory and accuracy of R2D2 extraction on this machine (not a test).
+"""Speed, memory and accuracy of R2D2 extraction on this machine, for every precision (not a test).
 
-    python benchmarks/bench_extract.py [--repeat 3] [--huge] [--threads 2]
+    python benchmarks/bench_extract.py [--repeat 3] [--threads 1 2] [--huge]
 
-Prints, for brooklyn.png at the paper's settings: the median time of several
-interleaved runs of each mode against the un-optimised baseline (``backend="reference"``,
-the original implementation's way of running the network), cv2.SIFT for context, the
-per-stage split, the fraction of the machine's fp32 matmul throughput reached, the peak
-RSS of each mode (each in a fresh process), and for the fast modes (faster2d2, int8
-ONNX Runtime exports calibrated on the other sample images, and both) the mean
-matching accuracy at 3 px they cost on homography pairs made from the sample images.
-``--huge`` adds an 8000 x 6000 synthetic image at full resolution (minutes).
+Prints the CPU (model, torch's capability, its bf16/int8 flags), then for brooklyn.png
+at the paper's settings and each thread count: the median time of interleaved runs of
+each mode against the un-optimised baseline (``backend="reference"``, the original
+implementation's way of running the network) and against the exact mode measured in the
+same runs, cv2.SIFT for context, the per-stage split, the fraction of the machine's fp32
+matmul throughput reached, the peak RSS of each mode (each in a fresh process), the
+mean matching accuracy at 3 px of each mode on the 40 homography pairs of
+benchmarks/homography_pairs.py, and whether the speed targets of the precision issue
+are met. ``precision="int8"`` networks come from the cache (built on first use, not
+timed). ``--huge`` adds an 8000 x 6000 synthetic image at full resolution (minutes).
 """
 from __future__ import annotations
 
@@ -19,9 +21,7 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Callable, Dict, List
 
 import cv2
@@ -30,52 +30,39 @@ import torch
 from torch import nn
 
 import cv2r2d2
+from cv2r2d2.backends import resolve_precision
 from cv2r2d2.evaluation import homography_matching_accuracy
 from cv2r2d2.extractor import ExtractionParams, extract, pyramid
 from cv2r2d2.image import normalize_image
+from cv2r2d2.precision import CpuCapability, probe_cpu
 from homography_pairs import IMAGES, by_image, make_pairs
 
 HUGE = dict(max_size=9999, min_size=0, min_scale=0.3)
+FASTER = "faster2d2_WASF_N16"
 
-# name -> R2D2Feature.create keyword arguments; "reference" is the baseline. An
-# "onnx" entry names the model exported to ONNX (fp32, or int8 calibrated on the sample
-# images other than brooklyn) and run by onnxruntime.
+# name -> R2D2Feature.create keyword arguments; "reference" is the baseline, "exact"
+# the exact mode (fp32) every other mode is also compared with.
 MODES: Dict[str, dict] = {
     "reference": dict(backend="reference", tile_size=0),
     "exact": dict(),
-    "exact, untiled": dict(tile_size=0),
-    "exact, onnxruntime fp32": dict(onnx=("r2d2_WASF_N16", "fp32")),
-    "faster2d2": dict(model="faster2d2_WASF_N16"),
-    "int8 onnxruntime": dict(onnx=("r2d2_WASF_N16", "int8")),
-    "faster2d2, int8 onnxruntime": dict(onnx=("faster2d2_WASF_N16", "int8")),
+    "bf16": dict(precision="bf16"),
+    "int8": dict(precision="int8"),
+    "onnxruntime fp32": dict(backend="onnxruntime"),
+    "faster2d2": dict(model=FASTER),
+    "faster2d2, bf16": dict(model=FASTER, precision="bf16"),
+    "faster2d2, int8": dict(model=FASTER, precision="int8"),
 }
-FAST_MODES = ("faster2d2", "int8 onnxruntime", "faster2d2, int8 onnxruntime")
-ONNX_DIR_ENV = "BENCH_ONNX_DIR"
-
-
-def export_models(folder: Path) -> None:
-    """Export the ONNX models the modes name into ``folder`` (skipped when present)."""
-    from cv2r2d2.export import export_onnx
-
-    calibration = folder / "calibration"
-    calibration.mkdir(exist_ok=True)
-    for other in sorted(IMAGES.glob("*.png")):
-        if other.name != "brooklyn.png" and not (calibration / other.name).exists():
-            (calibration / other.name).symlink_to(other.resolve())
-    for model, precision in {kw["onnx"] for kw in MODES.values() if "onnx" in kw}:
-        path = folder / f"{model}-{precision}.onnx"
-        if not path.is_file():
-            int8 = precision == "int8"
-            export_onnx(model, path, int8=int8, calibration=calibration if int8 else None)
+# Timed at every thread count (the others at the first one only).
+EVERY_THREAD_COUNT = ("reference", "exact", "bf16", "int8", "faster2d2, int8")
+# Candidates of the `fast` preset: >= 5x the reference, MMA@3 within 0.01 of exact.
+FAST_CANDIDATES = ("int8", "bf16", "faster2d2", "faster2d2, bf16", "faster2d2, int8")
 
 
 def create(mode: str, **params) -> cv2r2d2.R2D2Feature:
     kwargs = dict(MODES[mode], **params)
-    exported = kwargs.pop("onnx", None)
-    if exported is not None:
-        onnx_path = Path(os.environ[ONNX_DIR_ENV]) / "{}-{}.onnx".format(*exported)
-        return cv2r2d2.R2D2Feature.create(str(onnx_path), backend="onnxruntime", **kwargs)
-    return cv2r2d2.R2D2Feature.create(device="cpu", **kwargs)
+    if kwargs.get("backend") != "onnxruntime":
+        kwargs.setdefault("device", "cpu")
+    return cv2r2d2.R2D2Feature.create(**kwargs)
 
 
 def matmul_gflops(n: int = 4096, repeat: int = 3) -> float:
@@ -152,12 +139,12 @@ def huge_image() -> np.ndarray:
 
 def child(mode: str, image_name: str) -> None:
     """Run one extraction in this (fresh) process and print its figures as JSON."""
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    threads = int(os.environ.get("BENCH_THREADS", "2"))
     if image_name == "huge":
         image, params = huge_image(), HUGE
     else:
         image, params = cv2.imread(str(IMAGES / image_name)), {}
-    r2d2 = create(mode, **params)
+    r2d2 = create(mode, num_threads=threads, **params)
     start = time.perf_counter()
     keypoints, _ = r2d2.detectAndCompute(image, None)
     seconds = time.perf_counter() - start
@@ -199,10 +186,31 @@ def detect(r2d2, image: np.ndarray):
     return cv2.KeyPoint_convert(keypoints).reshape(-1, 2), descriptors
 
 
+def time_modes(extractors: Dict[str, cv2r2d2.R2D2Feature], image: np.ndarray,
+               repeat: int) -> Dict[str, float]:
+    """Median seconds of ``detectAndCompute`` per mode (and cv2.SIFT), runs interleaved."""
+    sift = cv2.SIFT_create(5000)
+    runs: Dict[str, List[float]] = {name: [] for name in [*extractors, "cv2.SIFT(5000)"]}
+    for _ in range(repeat):
+        for name, r2d2 in extractors.items():
+            start = time.perf_counter()
+            r2d2.detectAndCompute(image, None)
+            runs[name].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        sift.detectAndCompute(image, None)
+        runs["cv2.SIFT(5000)"].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in runs.items()}
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1],
+                        help="thread counts; every mode runs at the first, the main ones at all")
     parser.add_argument("--huge", action="store_true", help="add the 8000 x 6000 image")
     parser.add_argument("--pairs", type=int, default=5,
                         help="homography pairs per sample image and kind for MMA@3")
@@ -211,78 +219,95 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
-    torch.set_num_threads(args.threads)
-    os.environ["CV2R2D2_NUM_THREADS"] = str(args.threads)  # onnxruntime modes, children too
+    import onnxruntime
+
+    cpu = probe_cpu()
+    avx2 = CpuCapability("an AVX2-only CPU", "AVX2", frozenset({"avx2"}))
+    print(f"CPU: {cpu.describe()}\ntorch {torch.__version__}, onnxruntime "
+          f"{onnxruntime.__version__}, opencv {cv2.__version__}")
+    print(f"precision='auto' runs {resolve_precision('r2d2_WASF_N16', 'cpu', 'torch', 'auto')} "
+          f"here, {resolve_precision('r2d2_WASF_N16', 'cpu', 'torch', 'auto', avx2)} on an "
+          f"AVX2-only CPU (no avx512_bf16/amx_bf16, no VNNI)")
     image = cv2.imread(str(IMAGES / "brooklyn.png"))
-    gflops = matmul_gflops()
-    print(f"torch {torch.__version__}, opencv {cv2.__version__}, {args.threads} threads; "
-          f"fp32 matmul {gflops:.0f} GFLOP/s")
-
-    onnx_dir = tempfile.TemporaryDirectory(prefix="bench-extract-")
-    os.environ[ONNX_DIR_ENV] = onnx_dir.name
-    export_models(Path(onnx_dir.name))
-    extractors = {name: create(name) for name in MODES}
-    sift = cv2.SIFT_create(5000)
-    times: Dict[str, List[float]] = {name: [] for name in [*extractors, "cv2.SIFT(5000)"]}
-    counts = {}
-    for name, r2d2 in extractors.items():  # warm-up
-        counts[name] = len(r2d2.detectAndCompute(image, None)[0])
-    counts["cv2.SIFT(5000)"] = len(sift.detectAndCompute(image, None)[0])
-    for _ in range(args.repeat):
-        for name, r2d2 in extractors.items():
-            start = time.perf_counter()
-            r2d2.detectAndCompute(image, None)
-            times[name].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        sift.detectAndCompute(image, None)
-        times["cv2.SIFT(5000)"].append(time.perf_counter() - start)
-    median = {name: float(np.median(t)) for name, t in times.items()}
-
     net = cv2r2d2.load_model("r2d2_WASF_N16", device="cpu")
     levels = [lv for lv in pyramid(*image.shape[:2], ExtractionParams()) if lv.processed]
     pixels = sum(lv.height * lv.width for lv in levels)
-    flops = 2 * macs_per_pixel(net) * pixels
+    macs = {name: macs_per_pixel(cv2r2d2.load_model(name, device="cpu"))
+            for name in ("r2d2_WASF_N16", FASTER)}
 
-    print(f"\nbrooklyn.png 1280x820, paper settings ({len(levels)} levels, {pixels / 1e6:.2f} Mpx, "
-          f"{flops / 1e12:.2f} TFLOP), median of {args.repeat} interleaved runs:")
-    print("| mode | seconds | speed-up vs reference | keypoints | fp32 matmul fraction | peak RSS MB |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name in times:
-        if name in MODES:
-            rss = f"{peak_rss(name, 'brooklyn.png', args.threads)['peak_mb']:.0f}"
-            model_flops = flops if "faster" not in name else flops * 142.6 / 483.6
-            # int8 arithmetic is not measured against the fp32 rate.
-            fraction = "-" if "int8" in name else f"{model_flops / median[name] / 1e9 / gflops:.2f}"
-        else:
-            rss, fraction = "-", "-"
-        print(f"| {name} | {median[name]:.2f} | {median['reference'] / median[name]:.2f}x | "
-              f"{counts[name]} | {fraction} | {rss} |")
+    first = args.threads[0]
+    extractors: Dict[str, cv2r2d2.R2D2Feature] = {}
+    medians: Dict[int, Dict[str, float]] = {}
+    for threads in args.threads:
+        names = MODES if threads == first else EVERY_THREAD_COUNT
+        # Every backend takes num_threads (torch's count is set around each call).
+        extractors = {name: create(name, num_threads=threads) for name in names}
+        counts = {name: len(r2d2.detectAndCompute(image, None)[0])  # warm-up
+                  for name, r2d2 in extractors.items()}
+        torch.set_num_threads(threads)
+        gflops = matmul_gflops()
+        median = medians[threads] = time_modes(extractors, image, args.repeat)
+        print(f"\nbrooklyn.png 1280x820, paper settings ({len(levels)} levels, "
+              f"{pixels / 1e6:.2f} Mpx), {threads} thread(s), fp32 matmul {gflops:.0f} GFLOP/s, "
+              f"median of {args.repeat} interleaved runs:")
+        print("| mode | seconds | vs reference | vs exact | keypoints | fp32 matmul fraction "
+              "| peak RSS MB |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for name, seconds in median.items():
+            rss, fraction, count = "-", "-", counts.get(name, 5000)
+            if name in MODES:
+                if threads == first:
+                    rss = f"{peak_rss(name, 'brooklyn.png', threads)['peak_mb']:.0f}"
+                model = MODES[name].get("model", "r2d2_WASF_N16")
+                if MODES[name].get("precision", "fp32") == "fp32":
+                    flops = 2 * macs[model] * pixels
+                    fraction = f"{flops / seconds / 1e9 / gflops:.2f}"
+            print(f"| {name} | {seconds:.2f} | {median['reference'] / seconds:.2f}x | "
+                  f"{median['exact'] / seconds:.2f}x | {count} | {fraction} | {rss} |", flush=True)
+        if threads == first:
+            all_extractors = extractors
 
-    exact = extractors["exact"]
+    exact = all_extractors["exact"]
     timed = TimedRunner(exact.getRunner())
+    torch.set_num_threads(first)
     start = time.perf_counter()
     extract(timed, normalize_image(image), exact.getParams(), tile_size=exact.getTileSize())
     total = time.perf_counter() - start
     rest = total - sum(timed.seconds.values())
-    print("\nper-stage split of 'exact': " + ", ".join(
+    print(f"\nper-stage split of 'exact' ({first} threads): " + ", ".join(
         f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in
         [*timed.seconds.items(), ("image normalisation and NMS/top-k", rest)]))
 
     pairs = make_pairs(args.pairs)
-    exact_mma = mma(extractors["exact"], pairs)
-    print(f"\nFast modes: MMA@3 on {len(pairs)} homography pairs (viewpoint and illumination, "
-          f"benchmarks/homography_pairs.py); exact: {exact_mma:.3f}")
-    print("| mode | speed-up vs reference | MMA@3 | vs exact |")
-    print("| --- | --- | --- | --- |")
-    for name in FAST_MODES:
-        value = mma(extractors[name], pairs)
-        print(f"| {name} | {median['reference'] / median[name]:.2f}x | {value:.3f} | "
-              f"{value - exact_mma:+.3f} |")
+    accuracy = {name: mma(all_extractors[name], pairs) for name in MODES if name != "reference"}
+    base = medians[first]
+    print(f"\nMMA@3 on {len(pairs)} homography pairs (viewpoint and illumination, "
+          f"benchmarks/homography_pairs.py); exact: {accuracy['exact']:.3f}")
+    print(f"| mode | vs reference ({first} threads) | vs exact | MMA@3 | vs exact |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, value in accuracy.items():
+        print(f"| {name} | {base['reference'] / base[name]:.2f}x | {base['exact'] / base[name]:.2f}x "
+              f"| {value:.3f} | {value - accuracy['exact']:+.3f} |")
+
+    print("\nTargets (issue 25), on this CPU:")
+    for name in FAST_CANDIDATES:
+        speed = {t: medians[t]["reference"] / medians[t][name] for t in medians if name in medians[t]}
+        loss = accuracy["exact"] - accuracy[name]
+        print(f"- fast candidate {name!r}: "
+              + ", ".join(f"{s:.2f}x the reference at {t} thread(s)" for t, s in speed.items())
+              + f", MMA@3 {loss:+.3f} below exact: "
+              + verdict(min(speed.values()) >= 5 and loss <= 0.01))
+    speed = {t: medians[t]["exact"] / medians[t]["bf16"] for t in medians}
+    loss = abs(accuracy["exact"] - accuracy["bf16"])
+    print("- bf16 >= 1.8x exact, MMA@3 within 0.005: "
+          + ", ".join(f"{s:.2f}x at {t} thread(s)" for t, s in speed.items())
+          + f", MMA@3 {accuracy['bf16'] - accuracy['exact']:+.3f}: "
+          + verdict(min(speed.values()) >= 1.8 and loss <= 0.005))
 
     if args.huge:
         print("\n8000x6000 synthetic image, max_size=9999, min_size=0, min_scale=0.3 (one run):")
         for name in ("exact",):
-            figures = peak_rss(name, "huge", args.threads)
+            figures = peak_rss(name, "huge", first)
             print(f"- {name}: {figures['seconds']:.0f} s, peak RSS {figures['peak_mb']:.0f} MB, "
                   f"{figures['keypoints']} keypoints")
 

@@ -169,10 +169,9 @@ def int8_model(model: Union[str, os.PathLike], calibration: Optional[Calibration
         The cached ``.onnx`` file (its report: :func:`read_report`).
 
     Raises:
-        cv2r2d2.utils.MissingDependencyError: building needs torch, onnx and onnxruntime.
+        cv2r2d2.utils.MissingDependencyError: building needs torch, onnx and onnxruntime
+            (a cached network needs none of them here).
     """
-    for module in ("onnxruntime", "onnx", "torch"):
-        import_optional(module, "building the int8 network (precision='int8')", extra="onnx")
     calibration = DEFAULT_CALIBRATION if calibration is None else calibration
     weights = resolve_weights(model)
     key, parts = cache_key(sha256sum(weights), calibration)
@@ -192,6 +191,8 @@ def int8_model(model: Union[str, os.PathLike], calibration: Optional[Calibration
 
 def _build(model: str, network: Path, parts: Dict[str, Any], calibration: Calibration,
            show_progress: bool) -> None:
+    for module in ("onnxruntime", "onnx", "torch"):
+        import_optional(module, "building the int8 network (precision='int8')", extra="onnx")
     from .onnx_export import export_int8
 
     logger.info("building the int8 network of %s once, calibrated on %d procedural images, "

@@ -8,6 +8,7 @@ from scipy.spatial import cKDTree
 
 from cv2r2d2.extractor import ExtractionParams, extract
 from cv2r2d2.image import normalize_image
+from cv2r2d2.nets import fold_batchnorm
 from cv2r2d2.torch_runner import TorchRunner, receptive_halo
 from cv2r2d2.weights import load_model
 from conftest import weights_file
@@ -87,6 +88,12 @@ def test_bf16_runner_returns_float32_maps_close_to_fp32(net, crop):
     assert sampled.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(sampled, axis=1), 1, atol=1e-5)
     assert np.all(np.sum(sampled * ours.descriptors_at(x, y), axis=1) > 0.98)
+    # On the CPU, convolutions and their ReLUs run fused, with the unfused modules' values.
+    unfused = fold_batchnorm(net).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    assert len(bf16.net.trunk) < len(unfused.trunk)
+    with torch.inference_mode():
+        handle = bf16.prepare(small).to(torch.bfloat16)
+        assert torch.equal(bf16.net.forward_raw(handle)[0], unfused.forward_raw(handle)[0])
 
 
 def test_runner_precision_is_checked(net):
