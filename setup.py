@@ -29,6 +29,8 @@ setup(
         "sfm": ["pycolmap>=4.2", "h5py", "tqdm", "matplotlib"],
         "onnx": ["onnx", "onnxruntime"],
         "ray": ["ray", "h5py", "tqdm"],
+        # The documentation site (mkdocs build --strict) and its snippet tests (tests/test_docs.py).
+        "docs": ["mkdocs==1.6.1", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0", "sybil>=10"],
         # Everything the test suite exercises.
         "test": ["pytest>=7", "tqdm", "pycolmap>=4.2", "h5py", "matplotlib", "onnx", "onnxruntime",
                  "ray", "import-linter>=2"],

@@ -3,3 +3,4 @@
 __all__ = ["__version__"]
 
 __version__ = "0.1.0"
+"""The version of this package, as ``setup.py`` and ``cv2r2d2.__version__`` give it."""
