@@ -204,7 +204,7 @@ def _check_parses(command: str, where: str) -> None:
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=repr)
 def test_snippet(snippet: Snippet, docs_root: Path, monkeypatch) -> None:
     if snippet.skip:
-        pytest.skip(snippet.skip)
+        pytest.skip(f"{snippet!r}: {snippet.skip}")
     folder = page_folder(docs_root, snippet.page)
     monkeypatch.chdir(folder)
     monkeypatch.setenv("CV2R2D2_WEIGHTS_DIR", str(weights_dir()))
@@ -349,3 +349,12 @@ def test_architecture_page_lists_the_contract_modules() -> None:
                        "| layer | module |")
     listed = {name for row in rows for name in re.findall(r"`(\w+)`", row[1])}
     assert listed == contract, (contract - listed, listed - contract)
+
+
+def test_readme_links_resolve() -> None:
+    """The README's relative links (to docs/, CHANGELOG.md, images) name files that exist;
+    mkdocs checks the site's own links in strict mode."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [target for target in targets if "://" not in target]
+    assert local and not [t for t in local if not (ROOT / t).exists()], local
