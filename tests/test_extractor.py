@@ -7,7 +7,7 @@ import pytest
 
 from cv2r2d2.extractor import (
     ExtractionParams, Level, close_pairs, describe, descriptor_shift, extract, peak_offsets,
-    pyramid, reference_pyramid, tiles, unique_across_levels,
+    pyramid, reference_pyramid, refine_matches, tiles, unique_across_levels,
 )
 
 
@@ -324,3 +324,15 @@ def test_descriptor_shift_stays_within_the_map():
     assert x[0] == 9 and y[0] == 9  # a 10 x 10 map: held at its last samples
     x, y = descriptor_shift(Field(), start, start, (10, 30))
     assert x[0] == 9 and y[0] > 9.2
+
+
+def test_refined_matches_stay_inside_the_image():
+    """The soft-argmax of refine_matches stops at the map's outermost samples: a partner
+    descriptor that fits best beyond the left border leaves the keypoint at x = 0."""
+    rep = np.zeros((6, 7), np.float32)
+    runner = MapRunner(rep, rep)  # descriptors point along (x + 1, y + 1): (0, 1) fits x = -1
+    xy = np.array([[0.2, 3.0], [5.0, 3.0]], np.float32)
+    refined = refine_matches(runner, np.zeros((3, 6, 7), np.float32), xy, np.full(2, 32, np.float32),
+                             np.array([[0, 1], [0, 1]], np.float32), _single_level())
+    assert refined[0, 0] == 0 and refined[1, 0] < 4.5  # the second moves left, inside
+    assert 0 <= refined[:, 1].min() and refined[:, 1].max() < 6
