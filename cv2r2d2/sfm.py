@@ -467,7 +467,9 @@ class SfMResult:
             lines.append("refined keypoints:     " + (
                 "read from the cache" if report.cached else
                 f"{report.num_observations} in {report.num_tracks} tracks "
-                f"(median move {report.median_displacement:.2f} px)"))
+                f"(median move {report.median_displacement:.2f} px"
+                + (f", {report.num_outside} outside their image left unrefined"
+                   if report.num_outside else "") + ")"))
         if self.model is not None:
             lines += [
                 f"registered images:     {self.num_registered} / {self.num_images - len(self.failed)}",
