@@ -166,25 +166,21 @@ def _environment() -> Dict[str, str]:
 
 def _commands(source: str) -> List[str]:
     """The commands of a shell block: one per line (backslash continuations joined),
-    comments and blank lines dropped."""
-    commands = []
-    for line in source.replace("\\\n", " ").splitlines():
-        words = shlex.split(line, comments=True)
-        if words:
-            commands.append(shlex.join(words))
-    return commands
+    blank and comment-only lines dropped."""
+    return [line for line in source.replace("\\\n", " ").splitlines()
+            if shlex.split(line, comments=True)]
 
 
 def _readme_steps(command: str) -> List[str]:
     """The parts of a README command this test runs: ``a && b`` step by step, without
     ``pip install`` (CI installed the package) and the test command (this run)."""
     steps = []
-    for step in command.split(" && "):
-        words = shlex.split(step)
+    for step in command.split("&&"):
+        words = shlex.split(step, comments=True)
         program = [w for w in words if "=" not in w or w.startswith("-")]
         if program[:2] == ["pip", "install"] or " ".join(program).startswith(TEST_COMMAND):
             continue
-        steps.append(step)
+        steps.append(shlex.join(words))
     return steps
 
 
@@ -192,7 +188,7 @@ def _check_parses(command: str, where: str) -> None:
     """A ``cv2r2d2 ...`` command line parses with the command line's parser."""
     from cv2r2d2.cli import build_parser
 
-    words = shlex.split(command)
+    words = shlex.split(command, comments=True)
     if words[:1] != ["cv2r2d2"] or "--help" in words or words[1:2] in (["--version"], ["train"]):
         return
     try:
