@@ -54,7 +54,7 @@ WEIGHTS_DIR_ENV = "CV2R2D2_WEIGHTS_DIR"
 """The environment variable naming a folder of weights files, looked in before the caches."""
 # The folder of derived files (see cache_dir).
 CACHE_DIR_ENV = "CV2R2D2_CACHE_DIR"
-# The logger of the once-per-process licence notice of the official weights (a warning):
+# The logger of the once-per-cache licence notice of the official weights (a warning):
 # logging.getLogger(LICENCE_LOGGER).setLevel(logging.ERROR) silences it, as `-q` does.
 LICENCE_LOGGER = "cv2r2d2.licence"
 _BASE_URL = "https://github.com/naver/r2d2/raw/master/models/"
