@@ -4,12 +4,16 @@ On ../shared/images/sacre_coeur (10 photos of mixed sizes), each pipeline recons
 with pycolmap's incremental mapping (a camera per image, COLMAP's "auto" mode):
 
 - ``sift``: pycolmap's own extract_features, match_exhaustive, incremental_mapping;
+- the presets as ``cv2r2d2 sfm`` runs them: ``preset-sfm`` (the command's default, no
+  option) and ``preset-paper`` (``--preset paper``), each with an empty derived-model
+  cache (``$CV2R2D2_CACHE_DIR`` in the working folder), so that the ``total`` time
+  includes the int8 network's first-use build;
 - R2D2 configurations through :func:`cv2r2d2.sfm.reconstruct`: ``default``,
   ``subpixel`` (``subpixel=True``), ``descriptor`` (``subpixel="descriptor"``), ``unique``
   (``unique_radius=1``: one keypoint per place across levels), each with and without
-  ``+refine`` (``reconstruct(refine=True)``); ``+refine-int8`` refines with an int8 ONNX
-  export of the model (``refine_feature``; exported once into the working folder,
-  calibrated on ../shared/images, not on the photos), ``+refine-x2`` on levels up to twice
+  ``+refine`` (``reconstruct(refine=True)``); ``+refine-int8`` refines with the model's
+  int8 network (``precision="int8"``, built on first use from procedural images and
+  cached), ``+refine-x2`` on levels up to twice
   finer (``RefinementParams.upsampled(2)``), ``+refine-x2-int8`` both, ``+refine-x2.5-int8``
   at 2.5 times.
 
@@ -44,8 +48,11 @@ from cv2r2d2.sfm import import_pycolmap, incremental_mapping, reconstruct
 
 IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "images" / "sacre_coeur"
 
-# name: (R2D2Feature.create keyword arguments, refine, refinement upsample, int8 refinement)
+# name: (R2D2Feature.create keyword arguments, refine, refinement upsample, int8 refinement);
+# the preset rows leave refinement to the preset (None).
 CONFIGS: Dict[str, tuple] = {
+    "preset-sfm": ({"preset": "sfm"}, None, None, None),
+    "preset-paper": ({"preset": "paper"}, None, None, None),
     "default": ({}, False, 1.0, False),
     "subpixel": ({"subpixel": True}, False, 1.0, False),
     "refine": ({}, True, 1.0, False),
@@ -62,18 +69,6 @@ CONFIGS: Dict[str, tuple] = {
     "unique+refine": ({"unique_radius": 1.0}, True, 1.0, False),
     "subpixel+unique+refine": ({"subpixel": True, "unique_radius": 1.0}, True, 1.0, False),
 }
-CALIBRATION = IMAGES.parent  # the sample photos, not the reconstructed ones
-
-
-def int8_model(work: Path) -> Path:
-    """The int8 ONNX export of the default model, made once in ``work``."""
-    from cv2r2d2.export import export_onnx
-
-    path = work / "r2d2_WASF_N16_int8.onnx"
-    if not path.exists():
-        work.mkdir(parents=True, exist_ok=True)
-        export_onnx("r2d2_WASF_N16", path, int8=True, calibration=CALIBRATION)
-    return path
 
 def largest(models: Dict[int, Any]) -> Any:
     return max(models.values(), key=lambda model: model.num_reg_images()) if models else None
@@ -107,6 +102,22 @@ def r2d2(name: str, images: Path, work: Path, repeats: int, shared: Dict[str, Pa
     key = ",".join(f"{k}={v}" for k, v in sorted(options.items())) or "paper"
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
+    if refine is None:  # a preset as the command runs it: from scratch, empty cache
+        shutil.rmtree(folder)
+        cache = work / f"{name}-cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        previous = os.environ.get("CV2R2D2_CACHE_DIR")
+        os.environ["CV2R2D2_CACHE_DIR"] = str(cache)
+        try:
+            start = time.perf_counter()
+            result = reconstruct(images, folder, preset=options["preset"])
+            total = time.perf_counter() - start
+        finally:
+            if previous is None:
+                os.environ.pop("CV2R2D2_CACHE_DIR")
+            else:
+                os.environ["CV2R2D2_CACHE_DIR"] = previous
+        return _report(result, dict(result.seconds, total=total), images, folder, repeats)
     if key in shared:
         # Same extraction settings: reuse the features and matches (reconstruct skips both).
         for file in ("features.h5", "matches.h5"):
@@ -115,8 +126,7 @@ def r2d2(name: str, images: Path, work: Path, repeats: int, shared: Dict[str, Pa
     # Timed afresh: an earlier run's refined keypoints are not reused.
     (folder / "refined_keypoints.npz").unlink(missing_ok=True)
     feature = cv2r2d2.R2D2Feature.create(**options)
-    refiner = cv2r2d2.R2D2Feature.create(**options, model=str(int8_model(work)),
-                                         backend="onnxruntime") if int8 else None
+    refiner = cv2r2d2.R2D2Feature.create(**options, precision="int8") if int8 else None
     params = RefinementParams.upsampled(upsample) if upsample != 1 else None
     result = reconstruct(images, folder, feature=feature, refine=refine, refine_params=params,
                          refine_feature=refiner)
@@ -126,7 +136,14 @@ def r2d2(name: str, images: Path, work: Path, repeats: int, shared: Dict[str, Pa
     else:
         shared[key] = folder
         shared.update({key + ":" + stage: seconds[stage] for stage in ("extract", "match")})
-    runs = [(result.reconstruction, seconds.pop("map"))]
+    return _report(result, seconds, images, folder, repeats)
+
+
+def _report(result: Any, seconds: Dict[str, float], images: Path, folder: Path,
+            repeats: int) -> dict:
+    """The mapping runs of a reconstruction (its own and ``repeats - 1`` more of its
+    database) with its stage times."""
+    runs = [(result.reconstruction, seconds.pop("map", 0.0))]
     for k in range(1, repeats):
         start = time.perf_counter()
         found = incremental_mapping(result.database, images, folder / f"sparse{k}")
