@@ -37,6 +37,8 @@ __all__ = [
     "estimate_rotation",
     "match_rotated",
     "SteeredMatcher",
+    "nearest_places",
+    "PLACE_RADIUS",
     "exhaustive_pairs",
     "sequential_pairs",
     "parse_pairs",
@@ -53,6 +55,15 @@ DEFAULT_MAX_ELEMENTS = 2**26
 # Descriptors of each image (R2D2's best-scoring first) whose mutual nearest neighbours
 # vote for a pair's rotation (benchmarks/bench_rotation.py).
 ESTIMATE_ON = 1024
+# A rotation vote over more steering angles starts on every 2**m-th of them while that
+# leaves this many or more, then refines around the winner: 30-degree steps found the
+# nearest steering angle on every pair of benchmarks/bench_rotation.py.
+COARSE_VOTES = 12
+PLACE_RADIUS = 4.0
+"""Pixels: keypoints of one image this close are one place for ``nearest_places`` and
+``SteeredMatcher.knnMatch(trainKeypoints=)``. R2D2 finds a place on two or three pyramid
+levels a few pixels apart; a ratio test at 45 degrees kept 1603 correct matches with 4 px,
+1635 with 12 px and 736 without (benchmarks/bench_steered_ratio.py)."""
 
 Match = Tuple[np.ndarray, np.ndarray]
 
@@ -303,6 +314,108 @@ def mutual_nearest_neighbours(
                        rotations=rotations, steerers=steerers)[0]
 
 
+def _check_positions(keypoints: Any, count: int, name: str) -> np.ndarray:
+    """(count, 2) float32 positions of a sequence of ``cv2.KeyPoint`` or an (N, 2) array."""
+    if isinstance(keypoints, np.ndarray):
+        positions = keypoints
+    else:
+        try:
+            keypoints = list(keypoints)
+        except TypeError:
+            raise TypeError(f"{name} must be a sequence of cv2.KeyPoint or an N x 2 array of "
+                            f"pixel positions, got {type(keypoints).__name__}") from None
+        if not all(isinstance(k, cv2.KeyPoint) for k in keypoints):
+            raise TypeError(f"{name} must be a sequence of cv2.KeyPoint or an N x 2 array of "
+                            f"pixel positions")
+        positions = cv2.KeyPoint_convert(keypoints) if keypoints else np.zeros((0, 2))
+    if positions.dtype.kind not in "fiu" or positions.ndim != 2 or positions.shape[1] != 2:
+        raise ValueError(f"{name} must be N x 2 pixel positions, got "
+                         f"{positions.dtype} {positions.shape}")
+    if len(positions) != count:
+        raise ValueError(f"{name} has {len(positions)} keypoints for {count} descriptors: "
+                         f"they must be the same image's")
+    if not np.isfinite(positions).all():
+        raise ValueError(f"{name} contains NaN or infinite positions")
+    return positions.astype(np.float32)
+
+
+def _check_radius(radius: Any) -> float:
+    if isinstance(radius, bool) or not isinstance(radius, (int, float, np.integer, np.floating)):
+        raise TypeError(f"radius must be a number of pixels, got {type(radius).__name__}")
+    if not 0 <= radius < float("inf"):
+        raise ValueError(f"radius must be a finite number of pixels >= 0, got {radius!r}")
+    return float(radius)
+
+
+def nearest_places(
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    positions: Any,
+    k: int,
+    radius: float = PLACE_RADIUS,
+    device: Optional[str] = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest candidates of each query (L2), each more than ``radius`` from
+    those before it.
+
+    The first is the nearest candidate; each next one the nearest whose position lies
+    farther than ``radius`` from all those taken: the second neighbour of Lowe's ratio
+    test taken at another place, not at a copy of the first on another pyramid level.
+    Neighbours are ranked by float32 distances, the distances returned are exact.
+
+    Args:
+        queries: (Nq, D) float32 descriptors.
+        candidates: (Nc, D) float32 descriptors.
+        positions: the candidates' (Nc, 2) pixel positions, or their ``cv2.KeyPoint``.
+        k: neighbours per query.
+        radius: pixels (0: the k nearest, as ``cv2.BFMatcher.knnMatch``).
+        device, max_elements: as :func:`match_batch`.
+
+    Returns:
+        (Nq, k) int64 candidate indices (-1 where fewer places remain) and (Nq, k)
+        float32 L2 distances (inf there), nearest first.
+    """
+    queries = _check_descriptors(queries, cv2.NORM_L2, "queries")
+    candidates = _check_descriptors(candidates, cv2.NORM_L2, "candidates")
+    if queries.shape[1] != candidates.shape[1]:
+        raise ValueError(f"descriptor sizes differ: {queries.shape[1]} and {candidates.shape[1]}")
+    positions = _check_positions(positions, len(candidates), "positions")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    radius = _check_radius(radius)
+    import torch
+
+    device = torch_device(device)
+    indices = np.full((len(queries), k), -1, np.int64)
+    distances = np.full((len(queries), k), np.inf, np.float32)
+    if not len(queries) or not len(candidates):
+        return indices, distances
+    rows = max(1, max_elements // len(candidates))
+    with torch.inference_mode(), _exact_float32_matmul():
+        b = torch.from_numpy(np.ascontiguousarray(candidates)).to(device)
+        xs = torch.from_numpy(np.ascontiguousarray(positions[:, 0], np.float32)).to(device)
+        ys = torch.from_numpy(np.ascontiguousarray(positions[:, 1], np.float32)).to(device)
+        squares_b = (b * b).sum(1)
+        for start in range(0, len(queries), rows):
+            a = torch.from_numpy(np.ascontiguousarray(queries[start:start + rows])).to(device)
+            matrix = torch.addmm(squares_b[None, :] + (a * a).sum(1)[:, None], a, b.T,
+                                 alpha=-2).clamp_(min=0)
+            for j in range(k):
+                value, index = matrix.min(dim=1)
+                found = torch.isfinite(value)
+                indices[start:start + len(a), j] = torch.where(found, index, -1).cpu().numpy()
+                if j + 1 < k:
+                    taken = (xs[None, :] - xs[index][:, None]).square_()
+                    taken.add_((ys[None, :] - ys[index][:, None]).square_())
+                    matrix.masked_fill_(taken <= radius * radius, float("inf"))
+                    matrix[torch.arange(len(a), device=device), index] = float("inf")
+    rows_found, columns = np.nonzero(indices >= 0)
+    distances[rows_found, columns] = _exact_distances(
+        queries[rows_found], candidates[indices[rows_found, columns]], cv2.NORM_L2)
+    return indices, distances
+
+
 # --- rotated views -----------------------------------------------------------------
 
 
@@ -330,16 +443,50 @@ def _check_steered(pairs: Sequence[Tuple[np.ndarray, np.ndarray]],
     return checked
 
 
+def _coarse_step(rotations: int) -> int:
+    """Index step of the first vote: every angle, or every 2**m-th while that leaves
+    COARSE_VOTES angles or more (the others are voted on around the winner)."""
+    step = 1
+    while rotations % (2 * step) == 0 and rotations // (2 * step) >= COARSE_VOTES:
+        step *= 2
+    return step
+
+
 def _votes(checked: Sequence[Tuple[np.ndarray, np.ndarray]], matrices: np.ndarray,
            device: Optional[str], max_elements: int,
-           estimate_on: Optional[int]) -> Tuple[List[int], List[List[Match]]]:
-    """Per pair, the index of the steerer with the most mutual nearest neighbours
-    (the lowest index among equal counts) and each steerer's matches."""
-    votes = [(_steered(a[:estimate_on], matrix), b[:estimate_on])
-             for a, b in checked for matrix in matrices]
-    results = match_batch(votes, cv2.NORM_L2, device=device, max_elements=max_elements)
-    per_pair = [results[i:i + len(matrices)] for i in range(0, len(results), len(matrices))]
-    best = [int(np.argmax([len(indices) for indices, _ in found])) for found in per_pair]
+           estimate_on: Optional[int]) -> Tuple[List[int], List[List[Optional[Match]]]]:
+    """Per pair, the index of the steerer with the most mutual nearest neighbours, and
+    the matches of each steerer voted on (None for the others).
+
+    With many steerers the vote is coarse to fine: first every ``step``-th one
+    (:func:`_coarse_step`), then, ``step`` halved each time, the two between the
+    winner and its voted neighbours; the most matches win, the lower index among
+    equal counts.
+    """
+    rotations = len(matrices)
+    per_pair: List[List[Optional[Match]]] = [[None] * rotations for _ in checked]
+
+    def vote(candidates: List[List[int]]) -> None:
+        jobs = [(i, r) for i, rs in enumerate(candidates) for r in rs if per_pair[i][r] is None]
+        found = match_batch([(_steered(checked[i][0][:estimate_on], matrices[r]),
+                              checked[i][1][:estimate_on]) for i, r in jobs],
+                            cv2.NORM_L2, device=device, max_elements=max_elements)
+        for (i, r), match in zip(jobs, found):
+            per_pair[i][r] = match
+
+    def winner(i: int, candidates: List[int]) -> int:
+        ordered = sorted(set(candidates))
+        return ordered[int(np.argmax([len(per_pair[i][r][0]) for r in ordered]))]
+
+    step = _coarse_step(rotations)
+    coarse = list(range(0, rotations, step))
+    vote([coarse] * len(checked))
+    best = [winner(i, coarse) for i in range(len(checked))]
+    while step > 1:
+        step //= 2
+        around = [[r, (r - step) % rotations, (r + step) % rotations] for r in best]
+        vote(around)
+        best = [winner(i, rs) for i, rs in enumerate(around)]
     return best, per_pair
 
 
@@ -352,9 +499,12 @@ def estimate_rotation(
 ) -> List[int]:
     """The in-plane rotation of each pair: the steerer with the most matches.
 
-    For each steerer S_r, a's descriptors steered by it are matched with b's (mutual
+    For a steerer S_r, a's descriptors steered by it are matched with b's (mutual
     nearest neighbours, the first ``estimate_on`` of each: R2D2's best-scoring); the
-    steerer with the most matches wins ("max matches", Bokman et al., CVPR 2024).
+    steerer with the most matches wins ("max matches", Bokman et al., CVPR 2024). When
+    R / 2 is whole and at least ``COARSE_VOTES`` (12), every 2nd steerer votes first
+    (every 4th when R / 4 is, ...), then the two halfway between the winner and its
+    neighbours, down to single steps: R = 24 costs 12 + 2 votes, R = 48 12 + 2 + 2.
 
     Args:
         pairs: (a (Na, D), b (Nb, D)) float32 descriptors per pair.
@@ -364,7 +514,7 @@ def estimate_rotation(
 
     Returns:
         Per pair, the index in ``matrices`` of the winning steerer (0, the first, when
-        a or b is empty or counts tie).
+        a or b is empty; the lower index among equal counts).
     """
     checked = _check_steered(pairs, matrices)
     if len(matrices) == 1:
@@ -484,24 +634,46 @@ class SteeredMatcher:
         return tuple(cv2.DMatch(int(i), int(j), float(d))
                      for (i, j), d in zip(indices.tolist(), distances.tolist()))
 
-    def knnMatch(self, queryDescriptors: Any, trainDescriptors: Any,
-                 k: int) -> Tuple[Tuple[cv2.DMatch, ...], ...]:
+    def knnMatch(self, queryDescriptors: Any, trainDescriptors: Any, k: int,
+                 trainKeypoints: Any = None,
+                 radius: float = PLACE_RADIUS) -> Tuple[Tuple[cv2.DMatch, ...], ...]:
         """The ``k`` best matches in image 2 of each image-1 descriptor, under the
-        estimated rotation (for Lowe's ratio test), as ``cv2.BFMatcher.knnMatch``."""
+        estimated rotation (for Lowe's ratio test), as ``cv2.BFMatcher.knnMatch``.
+
+        Args:
+            queryDescriptors, trainDescriptors: as :meth:`match`.
+            k: matches per query descriptor.
+            trainKeypoints: image 2's keypoints (``cv2.KeyPoint``, or (N2, 2) pixels):
+                each next match is then the best at another place, farther than
+                ``radius`` pixels from those before it, so that the ratio test compares
+                two places, not one place found on two pyramid levels (crossCheck=False).
+            radius: pixels.
+        """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         if self._cross_check and k != 1:
             raise ValueError(f"crossCheck=True matches with k=1 only (as cv2.BFMatcher), "
                              f"got k={k}; create the matcher with crossCheck=False")
+        radius = _check_radius(radius)
         query = self._descriptors(queryDescriptors, "queryDescriptors")
         train = self._descriptors(trainDescriptors, "trainDescriptors")
+        if trainKeypoints is not None:
+            if self._cross_check:
+                raise ValueError("trainKeypoints= picks neighbours at distinct places for the "
+                                 "ratio test: create the matcher with crossCheck=False")
+            positions = _check_positions(trainKeypoints, len(train), "trainKeypoints")
         steered = self._steered_query(query, train)
         if not len(steered):
             return ()
         if not len(train):
             return tuple(() for _ in range(len(steered)))
-        return cv2.BFMatcher(cv2.NORM_L2, crossCheck=self._cross_check).knnMatch(
-            steered, train, int(k))
+        if trainKeypoints is None:
+            return cv2.BFMatcher(cv2.NORM_L2, crossCheck=self._cross_check).knnMatch(
+                steered, train, int(k))
+        indices, distances = nearest_places(steered, train, positions, int(k), radius,
+                                            self._device)
+        return tuple(tuple(cv2.DMatch(i, int(j), float(d)) for j, d in zip(row, gaps) if j >= 0)
+                     for i, (row, gaps) in enumerate(zip(indices.tolist(), distances.tolist())))
 
     def getRotation(self) -> Optional[float]:
         """The rotation of image 2 against image 1 found by the last call, degrees in

@@ -7,11 +7,15 @@ import pytest
 import torch
 
 from conftest import read_image
+from cv2r2d2 import matching
 from cv2r2d2.matching import (
-    SteeredMatcher, estimate_rotation, exhaustive_pairs, match_batch, match_collection,
-    match_rotated, mutual_nearest_neighbours, parse_pairs, sequential_pairs,
+    DEFAULT_MAX_ELEMENTS, ESTIMATE_ON, PLACE_RADIUS, SteeredMatcher, _votes, estimate_rotation,
+    exhaustive_pairs, match_batch, match_collection, match_rotated, mutual_nearest_neighbours,
+    nearest_places, parse_pairs, sequential_pairs,
 )
-from cv2r2d2.steerers import rotate_image
+from cv2r2d2.steerers import (
+    DEFAULT_ROTATIONS, FitSettings, fit_steerers, rotate_image, rotation_angles,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -327,3 +331,117 @@ def test_match_collection_with_rotations(quarter_turns, quarter_steerers, tmp_pa
                                                 device="cpu")
         np.testing.assert_array_equal(indices, expected)
         assert len(indices) > 50
+
+
+# --- between steering angles: the ratio recipe, the coarse-to-fine vote ----------------
+
+
+@pytest.fixture(scope="module")
+def default_steerers(r2d2):
+    """r2d2's steerers for the default steering set, fitted on one 128 px procedural
+    image (not cached)."""
+    return fit_steerers(r2d2, rotation_angles(DEFAULT_ROTATIONS),
+                        FitSettings(image_size=128, num_images=1), show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def turned_45(r2d2):
+    """Keypoints and descriptors of a 320 px Sacre-Coeur photo and of its rotation by 45
+    degrees (two pyramid levels at the paper's settings), and the homography."""
+    photo = _small("sacre_coeur/03903474_1471484089.jpg", 320)
+    rotated, homography = rotate_image(photo, 45)
+    return r2d2.detectAndCompute(photo, None), r2d2.detectAndCompute(rotated, None), homography
+
+
+def _correct(keypoints_a, keypoints_b, matches, homography) -> int:
+    """Matches whose image-b keypoint lies within 3 px of the truth."""
+    indices = _indices(matches)
+    if not len(indices):
+        return 0
+    xy_a, xy_b = cv2.KeyPoint_convert(keypoints_a), cv2.KeyPoint_convert(keypoints_b)
+    mapped = cv2.perspectiveTransform(xy_a[indices[:, 0]].reshape(-1, 1, 2).astype(np.float64),
+                                      homography).reshape(-1, 2)
+    return int((np.linalg.norm(mapped - xy_b[indices[:, 1]], axis=1) <= 3).sum())
+
+
+def test_readme_ratio_recipe_at_45_degrees_keeps_the_cross_checked_correct_matches(
+        turned_45, default_steerers):
+    (kp1, d1), (kp2, d2), homography = turned_45
+    cross = SteeredMatcher(default_steerers, device="cpu")
+    cross_correct = _correct(kp1, kp2, cross.match(d1, d2), homography)
+    # The README's recipe.
+    matcher = SteeredMatcher(default_steerers, crossCheck=False, device="cpu")
+    good = [m for m, n in matcher.knnMatch(d1, d2, 2, trainKeypoints=kp2)
+            if m.distance < 0.9 * n.distance]
+    assert matcher.getRotation() == cross.getRotation() == 45
+    assert _correct(kp1, kp2, good, homography) >= cross_correct >= 100
+
+
+def test_k_nearest_places(turned_45, default_steerers):
+    (_, d1), (kp2, d2), _ = turned_45
+    steered = default_steerers.steer(d1, 45)
+    xy = cv2.KeyPoint_convert(kp2)
+    opencv = cv2.BFMatcher(cv2.NORM_L2).knnMatch(steered, d2, 3)
+    indices, distances = nearest_places(steered, d2, xy, 3, radius=0, device="cpu")
+    np.testing.assert_array_equal(indices, [[m.trainIdx for m in row] for row in opencv])
+    np.testing.assert_allclose(distances, [[m.distance for m in row] for row in opencv],
+                               rtol=1e-5, atol=1e-6)
+    # With a radius each next neighbour is the nearest farther than it from those before.
+    indices, distances = nearest_places(steered, d2, xy, 2, radius=PLACE_RADIUS, device="cpu")
+    a, b = steered.astype(np.float64), d2.astype(np.float64)
+    exact = np.sqrt(np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1) - 2 * a @ b.T, 0))
+    first = exact.argmin(axis=1)
+    np.testing.assert_array_equal(indices[:, 0], first)
+    apart = np.linalg.norm(xy[None] - xy[first][:, None], axis=2) > PLACE_RADIUS
+    second = np.where(apart, exact, np.inf)
+    np.testing.assert_array_equal(indices[:, 1], second.argmin(axis=1))
+    np.testing.assert_allclose(distances[:, 1], second.min(axis=1), rtol=1e-5)
+    close = (np.linalg.norm(xy[indices[:, 0]] - xy[indices[:, 1]], axis=1) <= PLACE_RADIUS)
+    assert not close.any()
+    # The matcher's knnMatch gives the same; one place only: rows of one match.
+    matcher = SteeredMatcher(default_steerers, crossCheck=False, device="cpu")
+    rows = matcher.knnMatch(d1, d2, 2, trainKeypoints=kp2)
+    assert [[m.trainIdx for m in row] for row in rows] == indices.tolist()
+    assert [m.queryIdx for m, _ in rows] == list(range(len(d1)))
+    same_place = np.zeros((len(d2), 2), np.float32)
+    assert {len(row) for row in matcher.knnMatch(d1, d2, 2, trainKeypoints=same_place)} == {1}
+
+
+def test_knn_match_train_keypoints_bad_input(turned_45, default_steerers):
+    (_, d1), (kp2, d2), _ = turned_45
+    matcher = SteeredMatcher(default_steerers, crossCheck=False, device="cpu")
+    with pytest.raises(ValueError, match="same image's"):
+        matcher.knnMatch(d1, d2, 2, trainKeypoints=kp2[:-1])
+    with pytest.raises(ValueError, match="N x 2"):
+        matcher.knnMatch(d1, d2, 2, trainKeypoints=np.zeros((len(d2), 3)))
+    with pytest.raises(TypeError, match="cv2.KeyPoint"):
+        matcher.knnMatch(d1, d2, 2, trainKeypoints=["a"] * len(d2))
+    with pytest.raises(ValueError, match="NaN"):
+        matcher.knnMatch(d1, d2, 2, trainKeypoints=np.full((len(d2), 2), np.nan))
+    for radius in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="radius"):
+            matcher.knnMatch(d1, d2, 2, trainKeypoints=kp2, radius=radius)
+    with pytest.raises(TypeError, match="radius"):
+        matcher.knnMatch(d1, d2, 2, trainKeypoints=kp2, radius="4")
+    with pytest.raises(ValueError, match="descriptor sizes differ"):
+        nearest_places(d1[:, :64], d2, kp2, 2)
+    with pytest.raises(ValueError, match="k must be"):
+        nearest_places(d1, d2, kp2, 0)
+    with pytest.raises(ValueError, match="crossCheck=False"):
+        SteeredMatcher(default_steerers, device="cpu").knnMatch(d1, d2, 1, trainKeypoints=kp2)
+    assert matcher.knnMatch(d1, d2[:0], 2, trainKeypoints=kp2[:0]) == ((),) * len(d1)
+    assert matcher.knnMatch(None, d2, 2, trainKeypoints=kp2) == ()
+
+
+def test_coarse_to_fine_vote_finds_what_every_angle_voting_finds(turned_45, default_steerers,
+                                                                   monkeypatch):
+    (_, d1), (_, d2), _ = turned_45
+    matrices = default_steerers.for_rotations(DEFAULT_ROTATIONS)
+    pairs = [(d1, d2), (d2, d1)]
+    best, votes = _votes(pairs, matrices, "cpu", DEFAULT_MAX_ELEMENTS, ESTIMATE_ON)
+    step = 360 / DEFAULT_ROTATIONS
+    assert [b * step for b in best] == [45, 315]
+    # Each pair voted on every 2nd angle, then on the two beside the winner.
+    assert [sum(v is not None for v in pair) for pair in votes] == [DEFAULT_ROTATIONS // 2 + 2] * 2
+    monkeypatch.setattr(matching, "COARSE_VOTES", 10**9)
+    assert estimate_rotation(pairs, matrices, device="cpu") == best

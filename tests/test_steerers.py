@@ -199,7 +199,7 @@ def test_r2d2_steer_and_get_steerers(model_copy, count_fits):
     np.testing.assert_array_equal(feature.steer(descriptors, -90), feature.steer(descriptors, 270))
     np.testing.assert_allclose(feature.steer(descriptors, 0), descriptors, atol=1e-6)
     assert len(count_fits) == 1
-    feature.steer(descriptors, 45)  # outside the default set: fitted when first asked for
+    feature.steer(descriptors, 45)  # not fitted yet: fitted when first asked for
     assert count_fits[-1] == [45.0]
     with pytest.raises(ValueError, match="whole number of degrees"):
         feature.steer(descriptors, 22.5)
