@@ -128,7 +128,7 @@ def _add_matching_options(parser: argparse.ArgumentParser, pairs_required: bool)
                        default=None if pairs_required else "exhaustive",
                        help="exhaustive, sequential[:k] (each image with the k next ones by "
                             "name, k=5 by default), retrieval:k (each image with its k most "
-                            "similar by a VLAD of its features, as 'cv2r2d2 pairs' gives) or "
+                            "similar by visual words, as 'cv2r2d2 pairs' gives) or "
                             "a file of 'name0 name1' lines"
                             + ("" if pairs_required else " (default: %(default)s)"))
     group.add_argument("--max-distance", type=float, default=argparse.SUPPRESS,
@@ -407,8 +407,9 @@ def _run_match(args: argparse.Namespace) -> int:
 def _add_pairs(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "pairs", help="write the image pairs worth matching (image retrieval)",
-        description="Pair each image with its K most similar others, by a VLAD vector of "
-                    "its stored features over a codebook learned on the collection, and "
+        description="Pair each image with its K most similar others, by a bag of visual "
+                    "words (tf-idf) of its stored features over a codebook learned on the "
+                    "collection, and "
                     "write the pairs in hloc's format ('name0 name1' lines, each pair "
                     "once), for 'cv2r2d2 match --pairs'. The vectors are kept beside "
                     "FEATURES (<features>.retrieval.h5) and reused by later runs.",
