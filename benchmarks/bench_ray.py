@@ -26,12 +26,14 @@ from typing import Dict, List, Tuple
 
 import cv2
 
+from cv2r2d2.config import R2D2Config
+
 IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "images"
 
 
-def options(side: int) -> Dict[str, object]:
-    """R2D2 options of the benchmark: the paper's, on one pyramid level of ``side`` px."""
-    return dict(device="cpu", min_size=side, max_size=side)
+def options(side: int) -> R2D2Config:
+    """R2D2 configuration of the benchmark: the paper's, on one pyramid level of ``side`` px."""
+    return R2D2Config.from_arguments(device="cpu", min_size=side, max_size=side)
 
 
 def make_photos(folder: Path, count: int, side: int) -> List[Tuple[str, Path]]:
@@ -84,7 +86,7 @@ def single_machine(images: List[Tuple[str, Path]], side: int, out: Path) -> Dict
 
     torch.set_num_threads(2)
     start = time.perf_counter()
-    feature = cv2r2d2.R2D2Feature.create(**options(side))
+    feature = cv2r2d2.R2D2Feature(options(side))
     loaded = time.perf_counter()
     with open_features(out, writable=True) as store:
         report = extract_collection(images, store, feature)

@@ -393,8 +393,9 @@ def test_sfm_and_eval_hpatches_check_rotations_first(photos, tmp_path, capsys):
 def test_sfm_refinement_options_need_refine_and_a_readable_model(photos, tmp_path, capsys):
     pytest.importorskip("pycolmap")
     output = tmp_path / "sfm"
-    assert main(["sfm", str(photos), str(output), "--refine-upsample", "2", *FAST]) == 1
-    assert "go with --refine" in capsys.readouterr().err
+    assert main(["sfm", str(photos), str(output), "--no-refine", "--refine-upsample", "2",
+                 *FAST]) == 1
+    assert "--no-refine turns off" in capsys.readouterr().err
     missing = tmp_path / "int8.onnx"
     assert main(["sfm", str(photos), str(output), "--refine", "--refine-model", str(missing),
                  *FAST]) == 1

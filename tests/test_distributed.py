@@ -22,12 +22,14 @@ import pytest
 
 from conftest import ROOT, read_image, record_progress, weights_dir
 from cv2r2d2.cli import main
+from cv2r2d2.config import R2D2Config
 from cv2r2d2.io import H5Matches, list_images, open_features
 
 h5py = pytest.importorskip("h5py")
 
 # Small inputs for speed: one 160 px pyramid level.
-OPTIONS = dict(device="cpu", nfeatures=300, min_size=160, max_size=160)
+# The configuration FAST gives on the command line.
+OPTIONS = R2D2Config.from_arguments(device="cpu", nfeatures=300, min_size=160, max_size=160)
 FAST = ["--device", "cpu", "--nfeatures", "300", "--min-size", "160", "--max-size", "160"]
 READABLE = 13
 
