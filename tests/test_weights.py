@@ -67,8 +67,10 @@ def test_weights_dir_is_used_and_verified(tmp_path, monkeypatch):
 def test_explicit_path_and_unknown_name(tmp_path):
     path = weights_file("r2d2_WAF_N16")
     assert weights.resolve_weights(path) == path
-    with pytest.raises(weights.WeightsError, match="neither an existing file nor a known model"):
+    with pytest.raises(weights.WeightsNotFoundError, match="no such checkpoint file"):
         weights.resolve_weights(tmp_path / "nothing.pt")
+    with pytest.raises(weights.UnknownModelError, match="neither an existing file nor a known"):
+        weights.resolve_weights("r2d2_nothing")
     with pytest.raises(TypeError):
         weights.resolve_weights(3)
 
