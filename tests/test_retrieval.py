@@ -104,6 +104,16 @@ def test_pairs_file_round_trip(features_file, index, tmp_path, capsys):
                                    for a, b in among)
 
 
+def test_match_with_retrieval_pairs(features_file, tmp_path):
+    matches = tmp_path / "matches.h5"
+    assert main(["match", str(features_file), "-o", str(matches), "--pairs", "retrieval:2",
+                 "--device", "cpu", "-q"]) == 0
+    with h5py.File(matches) as f:
+        stored = {frozenset(key.split("/")) for key in
+                  (f"{a}/{b}" for a in f for b in f[a])}
+    assert len(stored) == 9 and all(len({_scene(n) for n in pair}) == 1 for pair in stored)
+
+
 def test_k_larger_than_the_collection(index, image_features):
     pairs = index.pairs(100)
     assert {frozenset(p) for p in pairs} == {frozenset(p) for p in exhaustive_pairs(index.names)}
@@ -119,7 +129,8 @@ def test_a_collection_of_one_image(image_features, tmp_path):
         assert retrieval_pairs(store, 5) == []
         index = RetrievalIndex.build(store)
     assert index.names == [name]
-    assert index.query(image_features[name].descriptors, 5)[0] == (name, pytest.approx(1.0, abs=1e-2))
+    best = index.query(image_features[name].descriptors, 5)
+    assert best == [(name, pytest.approx(1.0, abs=1e-2))]
     assert index.query(np.zeros((0, 128), np.float32), 5) == []
 
 
@@ -134,8 +145,8 @@ def test_deterministic_resumed_and_rebuilt_when_features_change(image_features, 
     second = _store(tmp_path / "b", image_features, names[:5])
     with open_features(second) as store:
         part = RetrievalIndex.build(store)
-    np.testing.assert_array_equal(part.codebook, RetrievalIndex.build(
-        open_features(second)).codebook)
+        again = RetrievalIndex.build(store, path=tmp_path / "again.h5")
+    np.testing.assert_array_equal(part.codebook, again.codebook)
     with H5Features(second, writable=True) as store:
         for name in names[5:]:
             store.write(name, image_features[name])
