@@ -294,19 +294,19 @@ def test_write_read_round_trip(r2d2, tmp_path, suffix):
 # A value other than the default for every argument of R2D2Feature.create.
 CHANGED = dict(model="r2d2_WAF_N16", nfeatures=123, scale_f=2**0.5, min_size=200, max_size=800,
                min_scale=0.1, max_scale=0.9, reliability_thr=0.6, repeatability_thr=0.65, unique_radius=2.5,
-               device="cpu", backend="reference", tile_size=0, half=True, subpixel=True,
+               device="cpu", backend="reference", tile_size=0, precision="bf16", subpixel=True,
                num_threads=1, preset="ratio")
 
 
 @pytest.fixture
 def built_runners(monkeypatch):
-    """The runners' arguments, recorded instead of loading networks (half=True needs none)."""
+    """The runners' arguments, recorded instead of loading networks."""
     from cv2r2d2 import feature2d
 
     built = []
 
-    def make_runner(model, device, backend, half=False, num_threads=None):
-        built.append(dict(model=model, device=device, backend=backend, half=half,
+    def make_runner(model, device, backend, precision="fp32", num_threads=None):
+        built.append(dict(model=model, device=device, backend=backend, precision=precision,
                           num_threads=num_threads))
         return types.SimpleNamespace(descriptor_size=128)
 
@@ -328,7 +328,7 @@ def test_every_create_argument_round_trips(name, tmp_path, built_runners):
         assert repr(reader) == "R2D2Feature(preset='paper')"
         return
     assert repr(reader) == repr(written)
-    if name in ("model", "backend", "half", "num_threads"):  # the network is built again
+    if name in ("model", "backend", "precision", "num_threads"):  # the network is built again
         assert built_runners[-1] == dict(built_runners[0], **{name: value})
     again = cv2r2d2.R2D2Feature.create(**{name: value})
     count = len(built_runners)
