@@ -14,12 +14,15 @@ SteeredMatcher(crossCheck=False).knnMatch(d1, d2, 2) with and without trainKeypo
 at rotations 12 and the default, and the angle known: BFMatcher(crossCheck=True) on
 r2d2.steer(d1, angle).
 
-Part "angles": three photos the steerers were not chosen on (--angle-photos, at most
+Part "angles": three photos the steerers were not chosen on (ANGLE_PHOTOS, at most
 --angle-side px, 2000 keypoints), rotated by 0, 7.5, ..., 180 degrees and by the
-mid-points 11.25 + 22.5 k of 22.5-degree steps. MMA@3 (mean over the photos) per angle of
-cross-checked steered matching with 12 (30 deg), 16 (22.5 deg), 24 (15 deg; coarse to
-fine and every angle voting) and 48 (7.5 deg) steering angles; the matching time per pair
-as a ratio to plain mutual nearest neighbours (median, interleaved in one process).
+mid-points 11.25 + 22.5 k of 22.5-degree steps (or --angles). MMA@3 (mean over the photos)
+per angle of cross-checked steered matching with 12 (30 deg), 16 (22.5 deg), 24 (15 deg;
+coarse to fine, and every angle voting) and 48 (7.5 deg) steering angles, and with the 12
+fitted ones plus the geodesic midpoints between them (polar factor of S_a + S_b: no new
+fits); matches per pair, how often the nearest steering angle was found, and the matching
+time per pair as a ratio to plain mutual nearest neighbours (median, interleaved in one
+process).
 """
 from __future__ import annotations
 
@@ -51,7 +54,8 @@ ANGLES = sorted({7.5 * k for k in range(25)} | {11.25 + 22.5 * k for k in range(
 # steering set -> (angle step in degrees, every angle votes)
 SETS = {"12 (30 deg)": (30.0, False), "16 (22.5 deg)": (22.5, False),
         "24 (15 deg)": (15.0, False), "24, every angle votes": (15.0, True),
-        "48 (7.5 deg)": (7.5, False)}
+        "48 (7.5 deg)": (7.5, False), "12 + midpoints (15 deg)": (15.0, False)}
+MIDPOINTS = "12 + midpoints (15 deg)"
 
 View = Tuple[np.ndarray, np.ndarray, np.ndarray]  # xy (N, 2), descriptors (N, D), homography
 
@@ -128,6 +132,17 @@ def fit(r2d2: Any) -> Steerers:
 
 def matrices(steerers: Steerers, step: float) -> np.ndarray:
     return np.stack([steerers.matrix(step * k) for k in range(round(360 / step))])
+
+
+def midpoints(steerers: Steerers) -> np.ndarray:
+    """(24, D, D): the 30-degree steerers and, between each two, the geodesic midpoint
+    on the orthogonal group, U V^T of the SVD of their sum."""
+    fitted = matrices(steerers, 30.0).astype(np.float64)
+    stack = []
+    for k, matrix in enumerate(fitted):
+        u, _, vt = np.linalg.svd(matrix + fitted[(k + 1) % len(fitted)])
+        stack += [matrix, u @ vt]
+    return np.stack(stack).astype(np.float32)
 
 
 def pairs_of(matches: Sequence[cv2.DMatch]) -> np.ndarray:
@@ -212,8 +227,11 @@ def part_ratio(steerers: Steerers, views: Views) -> None:
     print(f"| ratio {RATIO} | " + " | ".join(f"{c} ({n})" for c, n in cells.values()) + " |")
 
 
-def part_angles(steerers: Steerers, views: Views, max_side: int) -> None:
-    stacks = {name: matrices(steerers, step) for name, (step, _) in SETS.items()}
+def part_angles(steerers: Steerers, views: Views, max_side: int,
+                angles: Sequence[float]) -> None:
+    stacks = {name: matrices(steerers, step) for name, (step, _) in SETS.items()
+              if name != MIDPOINTS}
+    stacks[MIDPOINTS] = midpoints(steerers)
     mma: Dict[str, Dict[float, List[float]]] = {m: {} for m in SETS}
     found: Dict[str, List[float]] = {m: [] for m in SETS}
     counts: Dict[str, List[int]] = {m: [] for m in SETS}
@@ -221,7 +239,7 @@ def part_angles(steerers: Steerers, views: Views, max_side: int) -> None:
     coarse = matching.COARSE_VOTES
     for name in ANGLE_PHOTOS:
         xy_a, d_a, _ = views.get(name, max_side, 0, 2000)
-        for angle in ANGLES:
+        for angle in angles:
             xy_b, d_b, homography = views.get(name, max_side, angle, 2000)
             _, plain = timed(mutual_nearest_neighbours, d_a, d_b, device="cpu")
             for method, (step, every) in SETS.items():
@@ -242,7 +260,7 @@ def part_angles(steerers: Steerers, views: Views, max_side: int) -> None:
           "cross-checked steered matching, by steering set")
     print("| angle | " + " | ".join(SETS) + " |")
     print("| --- " * (len(SETS) + 1) + "|")
-    for angle in ANGLES:
+    for angle in angles:
         print(f"| {angle:g} | " + " | ".join(f"{np.mean(mma[m][angle]):.3f}" for m in SETS) + " |")
     rows = {"lowest MMA@3 (over angles)": lambda m: f"{min(np.mean(v) for v in mma[m].values()):.3f}",
             "mean MMA@3": lambda m: f"{np.mean([np.mean(v) for v in mma[m].values()]):.3f}",
@@ -258,6 +276,8 @@ def main() -> None:
     parser.add_argument("--part", choices=("ratio", "angles", "all"), default="all")
     parser.add_argument("--angle-side", type=int, default=480,
                         help="longer side of the photos of part 'angles', pixels")
+    parser.add_argument("--angles", type=float, nargs="+", default=ANGLES,
+                        help="rotations of part 'angles', degrees")
     parser.add_argument("--cache", default=None, help="keep extractions in this folder")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -269,7 +289,7 @@ def main() -> None:
     if args.part in ("ratio", "all"):
         part_ratio(steerers, views)
     if args.part in ("angles", "all"):
-        part_angles(steerers, views, args.angle_side)
+        part_angles(steerers, views, args.angle_side, args.angles)
 
 
 if __name__ == "__main__":

@@ -62,8 +62,8 @@ COARSE_VOTES = 12
 PLACE_RADIUS = 4.0
 """Pixels: keypoints of one image this close are one place for ``nearest_places`` and
 ``SteeredMatcher.knnMatch(trainKeypoints=)``. R2D2 finds a place on two or three pyramid
-levels a few pixels apart; a ratio test at 45 degrees kept 1603 correct matches with 4 px,
-1635 with 12 px and 736 without (benchmarks/bench_steered_ratio.py)."""
+levels a few pixels apart: Lowe's test (0.9) at 45 degrees kept 3207 correct matches with
+4 px, 3274 with 12 px and 1468 without (two photos, benchmarks/bench_steered_ratio.py)."""
 
 Match = Tuple[np.ndarray, np.ndarray]
 
@@ -305,7 +305,7 @@ def mutual_nearest_neighbours(
         descriptors_a: (Na, D) float32 (``NORM_L2``) or uint8 (``NORM_HAMMING``).
         descriptors_b: (Nb, D), same type.
         norm, max_distance, ratio, device, rotations, steerers: as :func:`match_batch`
-            (``rotations=12, steerers=r2d2`` for views that may be rotated).
+            (``rotations=24, steerers=r2d2`` for views that may be rotated).
 
     Returns:
         (M, 2) int64 indices (in a, in b) sorted by the index in a, (M,) float32 distances.
@@ -573,9 +573,12 @@ class SteeredMatcher:
     image 2's: as ``cv2.BFMatcher(cv2.NORM_L2, crossCheck).match(r2d2.steer(d1, angle),
     d2)``. ``rotations=1`` is exactly ``cv2.BFMatcher(cv2.NORM_L2, crossCheck)``.
 
-    >>> matcher = cv2r2d2.SteeredMatcher(r2d2, rotations=12)
+    >>> matcher = cv2r2d2.SteeredMatcher(r2d2)   # rotations=24: every 15 degrees
     >>> matches = matcher.match(d1, d2)     # tuple of cv2.DMatch
     >>> matcher.getRotation()               # e.g. 90.0
+    >>> ratio = cv2r2d2.SteeredMatcher(r2d2, crossCheck=False)
+    >>> good = [m for m, n in ratio.knnMatch(d1, d2, 2, trainKeypoints=kp2)
+    ...         if m.distance < 0.9 * n.distance]   # Lowe's test, second place apart
     """
 
     def __init__(self, steerers: Any, rotations: int = DEFAULT_ROTATIONS,
@@ -584,7 +587,7 @@ class SteeredMatcher:
         Args:
             steerers: the ``R2D2Feature`` that computes the descriptors (its model's
                 steerers are fitted on first use and cached) or its ``getSteerers()``.
-            rotations: steering angles, a divisor of 360 (12: every 30 degrees).
+            rotations: steering angles, a divisor of 360 (24: every 15 degrees).
             crossCheck: keep mutual nearest neighbours only, as ``cv2.BFMatcher``'s.
             device: torch device of the matching (None: CUDA when available).
         """
