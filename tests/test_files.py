@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import read_image, weights_dir, weights_file
+from cv2r2d2.config import R2D2Config
 from cv2r2d2.utils import atomic_dir, atomic_path
 
 
@@ -103,7 +104,8 @@ def test_package_outputs_have_plain_modes(tmp_path, umask, monkeypatch):
     run = new_run_id()
     threads = torch.get_num_threads()
     try:
-        extractor = _Extractor(dict(device="cpu", nfeatures=50, min_size=0, max_size=128), threads)
+        extractor = _Extractor(R2D2Config.from_arguments(device="cpu", nfeatures=50, min_size=0,
+                                                         max_size=128), threads)
     finally:
         torch.set_num_threads(threads)
     listed = [(name, str(images / name)) for name in ("a.png", "b.png")]
