@@ -1,6 +1,7 @@
 """Speed, memory and accuracy of R2D2 extraction on this machine, for every precision (not a test).
 
-    python benchmarks/bench_extract.py [--repeat 3] [--threads 1 2] [--huge]
+    python benchmarks/bench_extract.py [--repeat 3] [--threads 2 1] [--huge]
+        [--modes bf16 int8 ...] [--no-accuracy] [--no-memory]
 
 Prints the CPU (model, torch's capability, its bf16/int8 flags), then for brooklyn.png
 at the paper's settings and each thread count: the median time of interleaved runs of
@@ -214,6 +215,10 @@ def main() -> None:
     parser.add_argument("--huge", action="store_true", help="add the 8000 x 6000 image")
     parser.add_argument("--pairs", type=int, default=5,
                         help="homography pairs per sample image and kind for MMA@3")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                        help="modes to run (reference and exact always run)")
+    parser.add_argument("--no-accuracy", action="store_true", help="skip MMA@3 (speed only)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak RSS runs")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "IMAGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -229,17 +234,17 @@ def main() -> None:
           f"here, {resolve_precision('r2d2_WASF_N16', 'cpu', 'torch', 'auto', avx2)} on an "
           f"AVX2-only CPU (no avx512_bf16/amx_bf16, no VNNI)")
     image = cv2.imread(str(IMAGES / "brooklyn.png"))
-    net = cv2r2d2.load_model("r2d2_WASF_N16", device="cpu")
     levels = [lv for lv in pyramid(*image.shape[:2], ExtractionParams()) if lv.processed]
     pixels = sum(lv.height * lv.width for lv in levels)
     macs = {name: macs_per_pixel(cv2r2d2.load_model(name, device="cpu"))
             for name in ("r2d2_WASF_N16", FASTER)}
 
     first = args.threads[0]
+    chosen = [name for name in MODES if name in ("reference", "exact") or name in args.modes]
     extractors: Dict[str, cv2r2d2.R2D2Feature] = {}
     medians: Dict[int, Dict[str, float]] = {}
     for threads in args.threads:
-        names = MODES if threads == first else EVERY_THREAD_COUNT
+        names = [n for n in chosen if threads == first or n in EVERY_THREAD_COUNT]
         # Every backend takes num_threads (torch's count is set around each call).
         extractors = {name: create(name, num_threads=threads) for name in names}
         counts = {name: len(r2d2.detectAndCompute(image, None)[0])  # warm-up
@@ -256,7 +261,7 @@ def main() -> None:
         for name, seconds in median.items():
             rss, fraction, count = "-", "-", counts.get(name, 5000)
             if name in MODES:
-                if threads == first:
+                if threads == first and not args.no_memory:
                     rss = f"{peak_rss(name, 'brooklyn.png', threads)['peak_mb']:.0f}"
                 model = MODES[name].get("model", "r2d2_WASF_N16")
                 if MODES[name].get("precision", "fp32") == "fp32":
@@ -278,8 +283,17 @@ def main() -> None:
         f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in
         [*timed.seconds.items(), ("image normalisation and NMS/top-k", rest)]))
 
+    if args.huge:
+        print("\n8000x6000 synthetic image, max_size=9999, min_size=0, min_scale=0.3 (one run):")
+        for name in ("exact",):
+            figures = peak_rss(name, "huge", first)
+            print(f"- {name}: {figures['seconds']:.0f} s, peak RSS {figures['peak_mb']:.0f} MB, "
+                  f"{figures['keypoints']} keypoints")
+
+    if args.no_accuracy:
+        return
     pairs = make_pairs(args.pairs)
-    accuracy = {name: mma(all_extractors[name], pairs) for name in MODES if name != "reference"}
+    accuracy = {name: mma(all_extractors[name], pairs) for name in chosen if name != "reference"}
     base = medians[first]
     print(f"\nMMA@3 on {len(pairs)} homography pairs (viewpoint and illumination, "
           f"benchmarks/homography_pairs.py); exact: {accuracy['exact']:.3f}")
@@ -290,26 +304,21 @@ def main() -> None:
               f"| {value:.3f} | {value - accuracy['exact']:+.3f} |")
 
     print("\nTargets (issue 25), on this CPU:")
-    for name in FAST_CANDIDATES:
+    for name in (n for n in FAST_CANDIDATES if n in accuracy):
         speed = {t: medians[t]["reference"] / medians[t][name] for t in medians if name in medians[t]}
         loss = accuracy["exact"] - accuracy[name]
         print(f"- fast candidate {name!r}: "
               + ", ".join(f"{s:.2f}x the reference at {t} thread(s)" for t, s in speed.items())
               + f", MMA@3 {loss:+.3f} below exact: "
               + verdict(min(speed.values()) >= 5 and loss <= 0.01))
+    if "bf16" not in accuracy:
+        return
     speed = {t: medians[t]["exact"] / medians[t]["bf16"] for t in medians}
     loss = abs(accuracy["exact"] - accuracy["bf16"])
     print("- bf16 >= 1.8x exact, MMA@3 within 0.005: "
           + ", ".join(f"{s:.2f}x at {t} thread(s)" for t, s in speed.items())
           + f", MMA@3 {accuracy['bf16'] - accuracy['exact']:+.3f}: "
           + verdict(min(speed.values()) >= 1.8 and loss <= 0.005))
-
-    if args.huge:
-        print("\n8000x6000 synthetic image, max_size=9999, min_size=0, min_scale=0.3 (one run):")
-        for name in ("exact",):
-            figures = peak_rss(name, "huge", first)
-            print(f"- {name}: {figures['seconds']:.0f} s, peak RSS {figures['peak_mb']:.0f} MB, "
-                  f"{figures['keypoints']} keypoints")
 
 
 if __name__ == "__main__":

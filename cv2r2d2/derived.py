@@ -3,8 +3,10 @@ that ``precision="int8"`` runs.
 
 The first use quantises the model (:func:`cv2r2d2.onnx_export.export_int8`) on images
 the package draws itself (:func:`cv2r2d2.steerers.procedural_images`), so it needs
-nothing but the weights: no photos, no network access, no manual step. It takes about
-a minute on 2 cores, with a progress bar on a terminal; later uses read the file.
+nothing but the weights: no photos, no network access, no manual step; a progress bar
+shows on a terminal, and later uses read the file. Measured on a 2-core Zen 4 shared
+with other jobs (load 12-19): 594 s for r2d2_WASF_N16, 294 s for faster2d2_WASF_N16; the
+calibration (16 forward passes at 512 px) is most of it, the accuracy report the rest.
 
 Layout, in :func:`cv2r2d2.weights.cache_dir` (``$CV2R2D2_CACHE_DIR``, else
 ``~/.cache/cv2r2d2``)::
@@ -84,6 +86,11 @@ class Calibration:
                 raise ValueError(f"Calibration.{name} must be >= 64 pixels, got {getattr(self, name)}")
 
 
+# Chosen on r2d2_WASF_N16's MMA@3 on the 40 homography pairs of
+# benchmarks/homography_pairs.py (bench_onnx.py --calibration-study; exact mode 0.831):
+# procedural 16 x 512 px 0.830, 4 x 512 px 0.829, 32 x 256 px 0.828; ten real photos
+# (Sacre-Coeur, 512 px) 0.826. The procedural textures calibrate at least as well as
+# photos, and need none.
 DEFAULT_CALIBRATION = Calibration()
 """The calibration of the int8 network ``precision="int8"`` builds."""
 
