@@ -766,8 +766,8 @@ def _add_fit_steerers(subparsers: Any) -> None:
         "fit-steerers", help="fit the rotation steerers of a model (done on first use anyway)",
         description="Fit a model's steerers (the matrices that turn its descriptors into "
                     "those of the image rotated by an angle, for --rotations) now, on "
-                    "procedural images or on yours, and cache them beside its weights (in "
-                    "the user cache folder when that folder is read-only), replacing "
+                    "procedural images or on yours, and cache them in the package's cache "
+                    "folder ($CV2R2D2_CACHE_DIR, else ~/.cache/cv2r2d2), replacing "
                     "cached ones.",
     )
     _add_model_option(parser, "the model")

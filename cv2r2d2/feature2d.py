@@ -463,7 +463,7 @@ class R2D2Feature:
         ``cv2.BFMatcher(cv2.NORM_L2, crossCheck=True).match(r2d2.steer(d1, 90), d2)``
         matches image 1 against image 2 = image 1 rotated by 90 degrees. The model's
         steerer for an angle (:mod:`cv2r2d2.steerers`) is fitted when first asked for
-        and cached beside its weights.
+        and cached in the package's cache folder.
 
         Args:
             descriptors: (N, 128) float32 descriptors of this model.

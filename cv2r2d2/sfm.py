@@ -552,6 +552,9 @@ def reconstruct(
     torch_device(device)  # the matcher's: checked before the extraction
     from .feature2d import R2D2Feature
 
+    if feature is not None and not isinstance(feature, R2D2Feature):
+        raise TypeError(f"feature must be an R2D2Feature (R2D2Feature.create(...)), got "
+                        f"{type(feature).__name__}")
     if feature is None:
         feature = R2D2Feature(R2D2Config.from_arguments(preset=preset or SFM_PRESET,
                                                         device=device))

@@ -15,9 +15,10 @@ Angles are in degrees, counter-clockwise in the displayed image as
 ``cv2.getRotationMatrix2D`` counts them (90: ``cv2.ROTATE_90_COUNTERCLOCKWISE``).
 
 Steerers depend on the model: they are fitted on first use per model file and cached
-beside it (``<weights stem>.steerers-<sha256[:16]>.npz``; in the user cache folder of
-the weights when the weights' folder is not writable, and read from either), keyed by
-the file's sha256.
+in the package's cache folder (:func:`cv2r2d2.weights.cache_dir`,
+``<weights stem>.steerers-<sha256[:16]>.npz``), keyed by the file's sha256; never in the
+weights folder, which may be read-only. A cache file placed beside the weights is read
+too (first).
 """
 from __future__ import annotations
 
@@ -500,13 +501,9 @@ def _cache_name(model_file: Path, sha256: str) -> str:
 
 
 def cache_file(model_file: PathLike, sha256: str) -> Path:
-    """Where the steerers of a model file are cached: beside it when its folder is
-    writable, else in the user cache folder of the weights
-    (``torch.hub.get_dir()/checkpoints``)."""
-    model_file = Path(model_file)
-    if _writable(model_file.parent):
-        return model_file.parent / _cache_name(model_file, sha256)
-    return cache_dir() / _cache_name(model_file, sha256)
+    """Where the steerers of a model file are cached: in the package's cache folder
+    (:func:`cv2r2d2.weights.cache_dir`), never beside the weights."""
+    return cache_dir() / _cache_name(Path(model_file), sha256)
 
 
 def _read_any_cache(model_file: Path, sha256: str, descriptor_size: int) -> Optional[Steerers]:

@@ -138,13 +138,21 @@ def test_all_views_register_at_their_true_centres(scene, reconstruction):
         assert stat.S_IMODE(path.stat().st_mode) == expected, (path, oct(path.stat().st_mode))
 
 
-def test_database_only_reuses_features_and_matches(scene, reconstruction):
+def _no_extraction(feature, monkeypatch):
+    """The feature of the reconstruction, made to fail any extraction."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the features were extracted again")
+
+    monkeypatch.setattr(feature, "detectFeatures", fail)
+    return feature
+
+
+def test_database_only_reuses_features_and_matches(scene, reconstruction, feature, monkeypatch):
     from cv2r2d2.sfm import reconstruct
 
     _, output = reconstruction
-    # Any extraction would fail: this "extractor" has no network.
-    result = reconstruct(scene[0], output, feature=object(), camera_mode="single",
-                         database_only=True)
+    result = reconstruct(scene[0], output, feature=_no_extraction(feature, monkeypatch),
+                         camera_mode="single", database_only=True)
     assert result.model is None and result.num_registered == 0
     database = pycolmap.Database.open(str(result.database))
     try:
@@ -320,9 +328,11 @@ def test_refinement_resumes_and_writes_nothing_partial(scene, feature, refined, 
         reference.close()
 
 
-def test_shared_camera_needs_one_image_size(scene, reconstruction, tmp_path):
+def test_shared_camera_needs_one_image_size(scene, reconstruction, feature, monkeypatch,
+                                            tmp_path):
     from cv2r2d2.sfm import reconstruct
 
+    feature = _no_extraction(feature, monkeypatch)
     folder = tmp_path / "photos"
     shutil.copytree(scene[0], folder)
     image = cv2.imread(str(folder / "view0.png"))
@@ -336,8 +346,8 @@ def test_shared_camera_needs_one_image_size(scene, reconstruction, tmp_path):
         store.write("view0.png", small)
     with pytest.raises(ValueError, match=r"one size, but view0.png is 160x120 and view1.png "
                                          r"is 320x240.*camera_mode='auto' or 'per_image'"):
-        reconstruct(folder, output, feature=object(), camera_mode="single", database_only=True)
+        reconstruct(folder, output, feature=feature, camera_mode="single", database_only=True)
     assert not (output / "database.db").exists()
-    result = reconstruct(folder, output, feature=object(), camera_mode="per_image",
+    result = reconstruct(folder, output, feature=feature, camera_mode="per_image",
                          database_only=True)
     assert result.num_verified_pairs > 0

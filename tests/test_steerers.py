@@ -21,8 +21,10 @@ SMALL = FitSettings(image_size=64, num_images=1, margin=8)
 
 
 @pytest.fixture()
-def model_copy(tmp_path):
-    """The official weights copied into a writable folder (a checkpoint of one's own)."""
+def model_copy(tmp_path, monkeypatch):
+    """The official weights copied into a writable folder (a checkpoint of one's own);
+    the package's cache folder made empty."""
+    monkeypatch.setenv("CV2R2D2_CACHE_DIR", str(tmp_path / "cache"))
     path = tmp_path / "weights" / "mine.pt"
     path.parent.mkdir()
     shutil.copyfile(weights_file("r2d2_WASF_N16"), path)
@@ -96,12 +98,13 @@ def test_fits_are_orthogonal_deterministic_and_per_angle(r2d2):
     assert (first.cosines[:, 1] > first.cosines[:, 0] + 0.3).all()
 
 
-def test_cached_beside_the_weights_reused_and_refitted_when_the_weights_change(
-        r2d2, model_copy, count_fits):
+def test_cached_in_the_cache_folder_reused_and_refitted_when_the_weights_change(
+        r2d2, model_copy, count_fits, tmp_path):
     torch = pytest.importorskip("torch")
     fitted = load_steerers(r2d2, model_copy, [90], SMALL, show_progress=False)
     path = cache_file(model_copy, fitted.sha256)
-    assert path.parent == model_copy.parent and path.is_file() and count_fits == [[90.0]]
+    assert path.parent == tmp_path / "cache" and path.is_file() and count_fits == [[90.0]]
+    assert sorted(p.name for p in model_copy.parent.iterdir()) == ["mine.pt"]
     data = path.read_bytes()
     # Reused: same matrices, nothing fitted; the same fit writes the same bytes.
     cached = load_steerers(r2d2, model_copy, [90, 270], show_progress=False)
@@ -150,7 +153,6 @@ def test_a_corrupted_cache_is_refitted_with_a_warning(r2d2, model_copy, count_fi
 
 def test_a_read_only_weights_folder_caches_in_the_user_cache_folder(r2d2, model_copy, tmp_path,
                                                                     monkeypatch, count_fits):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
     folder = model_copy.parent
     read_only = stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP
     folder.chmod(read_only)
@@ -158,7 +160,7 @@ def test_a_read_only_weights_folder_caches_in_the_user_cache_folder(r2d2, model_
         fitted = load_steerers(r2d2, model_copy, [90], SMALL, show_progress=False)
         assert sorted(p.name for p in folder.iterdir()) == ["mine.pt"]
         path = cache_file(model_copy, fitted.sha256)
-        assert path.parent == tmp_path / "home" / "hub" / "checkpoints" and path.is_file()
+        assert path.parent == tmp_path / "cache" and path.is_file()
         assert load_steerers(r2d2, model_copy, [90], show_progress=False).matrix(90).tobytes() \
             == fitted.matrix(90).tobytes() and len(count_fits) == 1
         # Steerers placed beside read-only weights are read; a broken one there is passed
