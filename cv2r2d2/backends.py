@@ -29,8 +29,7 @@ from .precision import (
 )
 from .weights import MODELS, WeightsNotFoundError, cache_dir, find_onnx_model
 
-__all__ = ["make_runner", "make_onnx_runner", "onnx_model_file", "resolve_precision",
-           "torch_threads"]
+__all__ = ["make_runner", "make_onnx_runner", "onnx_model_file"]
 
 logger = logging.getLogger(__name__)
 

@@ -47,8 +47,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["Calibration", "DEFAULT_CALIBRATION", "int8_model", "int8_report_file", "read_report",
-           "cache_key"]
+__all__ = ["Calibration", "DEFAULT_CALIBRATION", "int8_model", "int8_report_file", "read_report"]
 
 logger = logging.getLogger(__name__)
 

@@ -29,11 +29,8 @@ __all__ = [
     "NETWORKS",
     "parse_net_string",
     "build_net",
-    "heads_from_raw",
     "reliability_map",
     "repeatability_map",
-    "FoldedNet",
-    "fold_batchnorm",
 ]
 
 

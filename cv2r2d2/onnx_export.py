@@ -42,9 +42,7 @@ from .torch_runner import receptive_halo
 from .utils import atomic_path, progress
 from .weights import MODELS, load_model
 
-__all__ = ["export_fp32", "export_int8", "exporting", "Export", "check_opset", "graph_metadata",
-           "write_graph", "write_metadata", "max_abs_error", "quantize_int8", "int8_report",
-           "keypoint_agreement", "HOMOGRAPHIES"]
+__all__ = ["export_fp32", "export_int8", "exporting", "Export", "graph_metadata", "quantize_int8", "int8_report"]
 
 logger = logging.getLogger(__name__)
 

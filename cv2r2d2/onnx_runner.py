@@ -33,11 +33,9 @@ __all__ = [
     "INPUT_NAME",
     "OUTPUT_NAMES",
     "NUM_THREADS_ENV",
-    "OnnxLevelOutput",
     "OnnxRuntimeRunner",
     "OpenCVRunner",
     "read_metadata",
-    "resize_bilinear",
 ]
 
 logger = logging.getLogger(__name__)

@@ -29,10 +29,8 @@ __all__ = [
     "PRECISIONS",
     "CpuCapability",
     "check_precision",
-    "is_onnx_file",
     "probe_cpu",
     "choose_precision",
-    "warn_if_slower",
 ]
 
 logger = logging.getLogger(__name__)
