@@ -179,14 +179,20 @@ def _add_ray_options(parser: argparse.ArgumentParser, actors: bool) -> None:
                             "the shards")
 
 
-def _check_merge(args: argparse.Namespace) -> None:
-    if args.merge and args.ray is None:
-        raise ValueError("--merge goes with --ray (without it the output is one file)")
+def _executor(args: argparse.Namespace) -> Any:
+    """Where extract and match run: this machine, or the Ray cluster of --ray and its
+    options (a missing Ray fails here, before anything is written)."""
+    if args.ray is None:
+        from .collection import LocalExecutor
 
+        if args.merge:
+            raise ValueError("--merge goes with --ray (without it the output is one file)")
+        return LocalExecutor()
+    from .distributed import RayExecutor
 
-def _print_throughput(count: int, unit: str, seconds: float, where: str = "") -> None:
-    rate = count / seconds if seconds > 0 else 0.0
-    print(f"{count} {unit}(s) in {seconds:.1f} s: {rate:.2f} {unit}s/s{where}")
+    return RayExecutor(address=args.ray, actors=getattr(args, "actors", None),
+                       threads=getattr(args, "threads", None), block_size=args.block_size,
+                       merge=args.merge)
 
 
 def _report_failed(failed: Sequence[Tuple[str, str]]) -> None:
@@ -251,31 +257,14 @@ def _add_extract(subparsers: Any) -> None:
 
 
 def _run_extract(args: argparse.Namespace) -> int:
-    from .collection import extract_collection
     from .image import list_images
-    from .stores import open_features
 
-    _check_merge(args)
+    executor = _executor(args)
     images = list_images(args.images)
-    config = _config(args)
     new_output = _new_paths(args.output)
-    if args.ray is not None:
-        from .distributed import extract_collection_ray
-
-        report = extract_collection_ray(
-            images, args.output, config, format=args.format,
-            overwrite=args.overwrite, show_progress=not args.quiet, address=args.ray,
-            actors=args.actors, threads=args.threads, block_size=args.block_size,
-            merge=args.merge)
-        _print_throughput(len(report.extracted), "image", report.seconds,
-                          f" on {report.actors} actor(s)")
-    else:
-        from .feature2d import R2D2Feature
-
-        feature = R2D2Feature(config)
-        with open_features(args.output, args.format, writable=True) as store:
-            report = extract_collection(images, store, feature, args.overwrite,
-                                        not args.quiet)
+    report = executor.extract(images, args.output, _config(args), args.format,
+                              args.overwrite, not args.quiet)
+    print(report.throughput())
     if report.failed and not (report.extracted or report.skipped):
         _remove(new_output)
         _report_failed(report.failed)
@@ -354,43 +343,26 @@ def _steerers_model(args: argparse.Namespace, model: Optional[str] = None) -> An
 
 
 def _run_match(args: argparse.Namespace) -> int:
-    from .stores import H5Matches, open_features
-    from .collection import match_collection
+    from .collection import MatchingSettings
     from .pairs import parse_pairs
+    from .stores import open_features
 
-    from .steerers import rotation_angles
-
-    _check_merge(args)
-    rotation_angles(args.rotations)  # a bad value fails before the model loads
+    executor = _executor(args)
     with open_features(args.features) as features:
         recorded = features.settings() or {}
     model = args.model or recorded.get("model", DEFAULT_MODEL)
-    matching = _matching(args, args.preset or recorded.get("preset", DEFAULT_PRESET))
-    steerers = (_steerers_model(args, model).getSteerers(args.rotations)
-                if args.rotations > 1 else None)
-    if args.ray is None:
-        from .utils import torch_device
-
-        torch_device(args.device)  # before the output is opened: no file on failure
+    # Made before the model loads: a bad --rotations fails first.
+    settings = MatchingSettings(
+        **_matching(args, args.preset or recorded.get("preset", DEFAULT_PRESET)),
+        rotations=args.rotations, device=args.device)
+    steerers = (_steerers_model(args, model).getSteerers(settings.rotations)
+                if settings.rotations > 1 else None)
     with open_features(args.features) as features:
         pairs = parse_pairs(args.pairs, features.names(), features, not args.quiet)
-        if args.ray is None:
-            with H5Matches(args.output, writable=True) as matches:
-                report = match_collection(features, pairs, matches, matching["max_distance"],
-                                          matching["ratio"], args.device, args.overwrite,
-                                          not args.quiet, rotations=args.rotations,
-                                          steerers=steerers)
-    failed = []
-    if args.ray is not None:
-        from .distributed import match_collection_ray
-
-        report = match_collection_ray(
-            args.features, pairs, args.output, max_distance=matching["max_distance"],
-            ratio=matching["ratio"], device=args.device, overwrite=args.overwrite,
-            show_progress=not args.quiet, address=args.ray, block_size=args.block_size,
-            merge=args.merge, rotations=args.rotations, steerers=steerers)
-        failed = report.failed
-        _print_throughput(len(report.matched), "pair", report.seconds)
+    report = executor.match(args.features, pairs, args.output, settings, steerers,
+                            args.overwrite, not args.quiet)
+    print(report.throughput())
+    failed = report.failed
     mean = sum(report.num_matches) / len(report.num_matches) if report.num_matches else 0.0
     print(f"matched {len(report.matched)} pair(s) ({mean:.0f} "
           f"{'match' if f'{mean:.0f}' == '1' else 'matches'} on average), "

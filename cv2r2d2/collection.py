@@ -2,14 +2,19 @@
 
 :func:`extract_collection` writes the features of many images into a feature store,
 :func:`match_collection` the mutual nearest-neighbour matches of many image pairs into a
-match file (stores: :mod:`cv2r2d2.stores`); both skip what is already done unless told
-to overwrite, and show a progress bar when asked (on a terminal). Both record the
-settings they write with in the output and never add to an output of other settings
-(:mod:`cv2r2d2.provenance`).
+match file (stores: :mod:`cv2r2d2.stores`), as :class:`MatchingSettings` say; both skip
+what is already done unless told to overwrite, and show a progress bar when asked (on a
+terminal). Both record the settings they write with in the output and never add to an
+output of other settings (:mod:`cv2r2d2.provenance`).
+
+:class:`LocalExecutor` runs them on this machine, from and to files; its twin
+:class:`cv2r2d2.distributed.RayExecutor` runs them on a Ray cluster with the same methods
+and arguments, so a caller chooses where the work runs once, by the executor it makes.
 """
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -22,33 +27,50 @@ from .image import read_image
 from .matching import DEFAULT_MAX_ELEMENTS, match_batch
 from .provenance import check_reuse, features_record, matches_record
 from .steerers import as_steerers, rotation_angles
-from .stores import FeatureStore, H5Matches, ImageFeatures
+from .stores import FeatureStore, H5Matches, ImageFeatures, open_features
 from .utils import PathLike, progress, torch_device
 
 if TYPE_CHECKING:
+    from .config import R2D2Config
     from .feature2d import R2D2Feature
 
 __all__ = [
     "ExtractionReport",
     "detect",
     "extract_collection",
+    "MatchingSettings",
     "MatchingReport",
     "match_collection",
-    "matching_record",
     "prepare_output",
+    "LocalExecutor",
 ]
 
 logger = logging.getLogger(__name__)
 
 
+def _throughput(count: int, unit: str, seconds: float) -> str:
+    rate = count / seconds if seconds > 0 else 0.0
+    return f"{count} {unit}(s) in {seconds:.1f} s: {rate:.2f} {unit}s/s"
+
+
 @dataclass
 class ExtractionReport:
-    """What :func:`extract_collection` did: names extracted, skipped (done before) and
-    failed (name, reason)."""
+    """What an extraction did: names extracted, skipped (done before) and failed (name,
+    reason), and the seconds spent extracting (the model loaded)."""
 
     extracted: List[str] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
     failed: List[Tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        """Images extracted per second of the extraction."""
+        return len(self.extracted) / self.seconds if self.seconds > 0 else 0.0
+
+    def throughput(self) -> str:
+        """One line: images extracted, seconds, images per second."""
+        return _throughput(len(self.extracted), "image", self.seconds)
 
 
 def detect(feature: "R2D2Feature", image: np.ndarray) -> Features:
@@ -82,6 +104,7 @@ def extract_collection(
     """
     prepare_output(store, features_record(feature.getConfig()), overwrite)
     report = ExtractionReport()
+    start = time.perf_counter()
     for name, path in progress(images, len(images), show_progress, "extract", unit="image"):
         if not overwrite and name in store:
             report.skipped.append(name)
@@ -96,6 +119,7 @@ def extract_collection(
         store.write(name, ImageFeatures.from_features(features, image.shape[1::-1]))
         logger.debug("wrote %d features of %s", len(features), name)
         report.extracted.append(name)
+    report.seconds = time.perf_counter() - start
     return report
 
 
@@ -110,22 +134,64 @@ def prepare_output(store: Any, record: Dict[str, Any], overwrite: bool) -> None:
         store.set_settings(record)
 
 
-def matching_record(features: Optional[Dict[str, Any]], max_distance: Optional[float],
-                    ratio: Optional[float], rotations: int) -> Dict[str, Any]:
-    """The settings record of matches of features recorded as ``features`` (see
-    :func:`cv2r2d2.provenance.matches_record`)."""
-    return matches_record(features, dict(max_distance=max_distance, ratio=ratio,
-                                         rotations=int(rotations)))
+@dataclass(frozen=True)
+class MatchingSettings:
+    """How :func:`match_collection` matches, validated when made; the defaults are plain
+    mutual nearest neighbours (``cv2.BFMatcher(NORM_L2, crossCheck=True)``'s pairs).
+
+    Made once (the command line makes it from its options) and passed unchanged to
+    whatever runs the matching, the Ray workers included.
+
+    Attributes:
+        max_distance: drop matches farther apart than this L2 distance (None: none).
+        ratio: drop matches failing Lowe's ratio test at this ratio, both ways, in (0, 1]
+            (None: no test).
+        rotations: 1 matches the descriptors as they are; N > 1, a divisor of 360, matches
+            each pair under the best of the steering angles k * 360 / N, with the
+            extractor's steerers (:func:`cv2r2d2.matching.match_batch`).
+        device: the matcher's torch device, e.g. ``"cpu"`` or ``"cuda:0"``; None: CUDA
+            when available, else the CPU. Machine-specific: the executor checks it where
+            the matching runs, before anything is written; not recorded.
+    """
+
+    max_distance: Optional[float] = None
+    ratio: Optional[float] = None
+    rotations: int = 1
+    device: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.max_distance is not None and not self.max_distance >= 0:
+            raise ValueError(f"max_distance must be >= 0 or None, got {self.max_distance!r}")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise ValueError(f"ratio must lie in (0, 1] or be None, got {self.ratio!r}")
+        rotation_angles(self.rotations)
+        object.__setattr__(self, "rotations", int(self.rotations))
+        if self.device is not None and not isinstance(self.device, str):
+            raise TypeError(f"device must be None or a string such as 'cpu' or 'cuda:0', "
+                            f"got {self.device!r}")
+
+    def record(self, features: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+        """The settings record of matches of features recorded as ``features`` (see
+        :func:`cv2r2d2.provenance.matches_record`); the device is not part of it."""
+        return matches_record(features, dict(max_distance=self.max_distance, ratio=self.ratio,
+                                             rotations=self.rotations))
 
 
 @dataclass
 class MatchingReport:
-    """What :func:`match_collection` did: pairs matched and pairs skipped (done before),
-    with the number of matches of each matched pair."""
+    """What a matching did: pairs matched and pairs skipped (done before), with the
+    number of matches of each matched pair; pairs that failed (pair, reason: on a Ray
+    cluster, their worker died; none on one machine); the seconds spent matching."""
 
     matched: List[Tuple[str, str]] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
     num_matches: List[int] = field(default_factory=list)
+    failed: List[Tuple[Tuple[str, str], str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def throughput(self) -> str:
+        """One line: pairs matched, seconds, pairs per second."""
+        return _throughput(len(self.matched), "pair", self.seconds)
 
 
 class _DescriptorCache:
@@ -150,14 +216,11 @@ def match_collection(
     features: FeatureStore,
     pairs: Sequence[Tuple[str, str]],
     matches: H5Matches,
-    max_distance: Optional[float] = None,
-    ratio: Optional[float] = None,
-    device: Optional[str] = None,
+    settings: Optional[MatchingSettings] = None,
+    steerers: Any = None,
     overwrite: bool = False,
     show_progress: bool = False,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
-    rotations: int = 1,
-    steerers: Any = None,
 ) -> MatchingReport:
     """Match image pairs of a feature store and write the matches, resuming a previous run.
 
@@ -166,18 +229,22 @@ def match_collection(
     hloc's nearest-neighbour matcher stores).
 
     Args:
-        features: the feature store (:func:`cv2r2d2.io.open_features`).
-        pairs: (name0, name1) pairs, e.g. from :func:`parse_pairs`.
+        features: the feature store (:func:`cv2r2d2.stores.open_features`).
+        pairs: (name0, name1) pairs, e.g. from :func:`cv2r2d2.pairs.parse_pairs`.
         matches: the writable match file.
-        max_distance, ratio, device, max_elements: as :func:`~cv2r2d2.matching.match_batch`.
-        rotations, steerers: as :func:`~cv2r2d2.matching.match_batch`; ``steerers`` must be
-            those of the model that extracted ``features`` (the stores do not record it).
+        settings: how to match (None: ``MatchingSettings()``, plain mutual nearest
+            neighbours); its device is used as it is (:meth:`LocalExecutor.match` checks
+            it before opening the output).
+        steerers: with ``settings.rotations`` > 1, the ``R2D2Feature`` that extracted
+            ``features`` (its model's steerers; the stores do not record the model) or
+            its ``getSteerers(rotations)``.
+        max_elements: as :func:`~cv2r2d2.matching.match_batch`.
     """
-    torch_device(device)  # before anything is written
-    if rotation_angles(rotations) != (0,):
-        steerers = as_steerers(steerers, rotations)  # fitted once, before any pair
-    prepare_output(matches, matching_record(features.settings(), max_distance, ratio,
-                                            rotations), overwrite)
+    settings = _matching_settings(settings)
+    if settings.rotations > 1:
+        steerers = as_steerers(steerers, settings.rotations)  # fitted once, before any pair
+    prepare_output(matches, settings.record(features.settings()), overwrite)
+    start = time.perf_counter()
     report = MatchingReport()
     todo = []
     for pair in pairs:
@@ -193,8 +260,9 @@ def match_collection(
         for start in range(0, len(todo), chunk):
             group = todo[start : start + chunk]
             descriptors = [(cache[a], cache[b]) for a, b in group]
-            results = match_batch(descriptors, cv2.NORM_L2, max_distance, ratio, device,
-                                  max_elements, rotations, steerers)
+            results = match_batch(descriptors, cv2.NORM_L2, settings.max_distance,
+                                  settings.ratio, settings.device, max_elements,
+                                  settings.rotations, steerers)
             for (a, b), (d_a, _), (indices, distances) in zip(group, descriptors, results):
                 matches.write(a, b, indices, 1 - distances.astype(np.float32) ** 2 / 2, len(d_a))
                 report.matched.append((a, b))
@@ -203,4 +271,75 @@ def match_collection(
 
     for _ in progress(matched(), len(todo), show_progress, "match", unit="pair"):
         pass
+    report.seconds = time.perf_counter() - start
     return report
+
+
+def _matching_settings(settings: Optional[MatchingSettings]) -> MatchingSettings:
+    """``settings``, or the defaults for None; a TypeError for anything else."""
+    if settings is None:
+        return MatchingSettings()
+    if not isinstance(settings, MatchingSettings):
+        raise TypeError(f"settings must be a MatchingSettings, got {type(settings).__name__}")
+    return settings
+
+
+@dataclass(frozen=True)
+class LocalExecutor:
+    """Extraction and matching of a collection on this machine, from and to files.
+
+    :class:`cv2r2d2.distributed.RayExecutor` has the same methods, arguments and
+    outputs, on a Ray cluster: code that takes either runs anywhere
+    (``cv2r2d2 extract`` and ``match`` make one from ``--ray`` and its options).
+    """
+
+    def extract(
+        self,
+        images: Sequence[Tuple[str, PathLike]],
+        output: PathLike,
+        config: Optional["R2D2Config"] = None,
+        format: str = "auto",
+        overwrite: bool = False,
+        show_progress: bool = False,
+    ) -> ExtractionReport:
+        """Extract the features of ``images`` into ``output``, resuming a previous run
+        (:func:`extract_collection`, with an ``R2D2Feature`` of ``config``).
+
+        Args:
+            images: (name, path) pairs, e.g. from :func:`cv2r2d2.image.list_images`.
+            output: an ``.h5`` file or a folder of ``.r2d2`` files, as
+                :func:`cv2r2d2.stores.open_features` takes.
+            config: the extractor's configuration (None: the paper's settings).
+            format: ``"auto"`` (by the suffix), ``"h5"`` or ``"r2d2"``.
+        """
+        from .feature2d import R2D2Feature
+
+        feature = R2D2Feature(config)  # the model and its device before the output opens
+        with open_features(output, format, writable=True) as store:
+            return extract_collection(images, store, feature, overwrite, show_progress)
+
+    def match(
+        self,
+        features: PathLike,
+        pairs: Sequence[Tuple[str, str]],
+        output: PathLike,
+        settings: Optional[MatchingSettings] = None,
+        steerers: Any = None,
+        overwrite: bool = False,
+        show_progress: bool = False,
+    ) -> MatchingReport:
+        """Match ``pairs`` of the features in ``features`` into the matches file
+        ``output``, resuming a previous run (:func:`match_collection`).
+
+        Args:
+            features: a feature file or ``.r2d2`` folder (:func:`cv2r2d2.stores.open_features`).
+            pairs: (name0, name1) pairs, e.g. from :func:`cv2r2d2.pairs.parse_pairs`.
+            output: the matches ``.h5`` file.
+            settings, steerers: as :func:`match_collection`; a device this machine lacks
+                is a ValueError before the output is opened.
+        """
+        settings = _matching_settings(settings)
+        torch_device(settings.device)
+        with open_features(features) as store, H5Matches(output, writable=True) as matches:
+            return match_collection(store, pairs, matches, settings, steerers, overwrite,
+                                    show_progress)

@@ -1,15 +1,19 @@
 """Extraction and matching of photo collections on a Ray cluster (``pip install ray``).
 
-The driver (this process) lists the work, splits it into blocks and hands them to Ray;
-it never receives descriptors, only the names of what each block wrote.
+:class:`RayExecutor` has the methods of :class:`cv2r2d2.collection.LocalExecutor`, with
+the same arguments and files. The driver (this process) lists the work, splits it into
+blocks and hands them to Ray; it never receives descriptors, only the names of what
+each block wrote. The extractor's :class:`~cv2r2d2.config.R2D2Config` and the
+:class:`~cv2r2d2.collection.MatchingSettings` reach the workers as they are.
 
 - Extraction: a pool of actors, each holding one R2D2 model (one GPU per actor when the
   cluster has GPUs, else ``threads`` CPU threads), extracts blocks of images with
-  :func:`cv2r2d2.io.extract_collection`. An ``.h5`` output gets one shard per block,
-  written whole and renamed into place, and a master file of external links
+  :func:`cv2r2d2.collection.extract_collection`. An ``.h5`` output gets one shard per
+  block, written whole and renamed into place, and a master file of external links
   (:mod:`cv2r2d2.shards`); ``.r2d2`` files are written per image, each atomically.
-- Matching: Ray tasks match blocks of pairs with :func:`cv2r2d2.matching.match_collection`,
-  each block into its own shard, read through a master ``matches.h5`` likewise.
+- Matching: Ray tasks match blocks of pairs with
+  :func:`cv2r2d2.collection.match_collection`, each block into its own shard, read
+  through a master ``matches.h5`` likewise.
 
 Runs resume: entries already in any shard (or in the ``.r2d2`` folder) are skipped. The
 driver checks the output's settings record first, as the single-machine functions do:
@@ -19,7 +23,7 @@ actor or task killed mid-block is restarted by Ray and its block done again, up 
 ``RETRIES`` times; the shards it had finished are kept. Images, features and outputs
 must be on a file system that every node of the cluster sees under the same paths.
 
-Ray is imported only here, and only when one of these functions runs.
+Ray is imported only here, and only when a :class:`RayExecutor` is made.
 """
 from __future__ import annotations
 
@@ -30,15 +34,17 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import (
     Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union,
 )
 
+import numpy as np
+
 from .collection import (
-    ExtractionReport, MatchingReport, extract_collection, match_collection, matching_record,
+    ExtractionReport, MatchingReport, MatchingSettings, extract_collection, match_collection,
     prepare_output,
 )
 from .config import TORCH_BACKENDS, R2D2Config
@@ -46,13 +52,11 @@ from .provenance import check_reuse, features_record
 from .stores import H5Features, H5Matches, R2D2Folder, feature_format, open_features, pair_key
 from .utils import atomic_path, import_optional, progress
 from .shards import ShardedH5, new_run_id
-from .steerers import as_steerers, rotation_angles
+from .steerers import as_steerers
 
 __all__ = [
+    "RayExecutor",
     "RayExtractionReport",
-    "RayMatchingReport",
-    "extract_collection_ray",
-    "match_collection_ray",
 ]
 
 logger = logging.getLogger(__name__)
@@ -135,8 +139,6 @@ def _blocks(items: Sequence[Any], block_size: Optional[int], workers: int) -> Li
     ``MAX_BLOCK_SIZE`` items each (what a killed worker costs)."""
     if block_size is None:
         block_size = min(MAX_BLOCK_SIZE, math.ceil(len(items) / (2 * QUEUE_DEPTH * workers)))
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size!r}")
     return [list(items[i : i + block_size]) for i in range(0, len(items), block_size)]
 
 
@@ -186,21 +188,208 @@ def _largest_node_cpus(ray: ModuleType) -> int:
                    default=1)) or 1
 
 
+# --- the executor ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RayExecutor:
+    """Extraction and matching of a collection on a Ray cluster: the methods, arguments
+    and files of :class:`cv2r2d2.collection.LocalExecutor` (bit for bit on the CPU).
+
+    Made, Ray is imported (a missing Ray is an ImportError saying how to install it,
+    before anything is written); each call connects to the cluster and leaves it.
+
+    Attributes:
+        address: None or ``"local"``: a local Ray started for each run; ``"auto"``,
+            ``"host:port"`` or ``"ray://host:port"``: that cluster. Ignored when Ray is
+            already initialised in this process.
+        actors: extraction actors (models) to run; default: one per GPU of the cluster,
+            else its CPUs divided by ``threads``.
+        threads: CPU threads per actor without GPUs (default: 4, at most a node's CPUs).
+        block_size: images or pairs per block, the unit of work, of shards and of loss
+            when a worker dies (default: about 4 blocks per worker, at most 64).
+        merge: end with one plain ``.h5`` file instead of a master over shards.
+    """
+
+    address: Optional[str] = None
+    actors: Optional[int] = None
+    threads: Optional[int] = None
+    block_size: Optional[int] = None
+    merge: bool = False
+
+    def __post_init__(self) -> None:
+        if self.address is not None and not isinstance(self.address, str):
+            raise TypeError(f"address must be None or a string such as 'auto' or "
+                            f"'ray://host:10001', got {self.address!r}")
+        for name in ("actors", "threads", "block_size"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1 (None: the default), got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if not isinstance(self.merge, (bool, np.bool_)):
+            raise TypeError(f"merge must be True or False, got {self.merge!r}")
+        _import_ray()
+
+    def extract(
+        self,
+        images: Sequence[Tuple[str, PathLike]],
+        output: PathLike,
+        config: Optional[R2D2Config] = None,
+        format: str = "auto",
+        overwrite: bool = False,
+        show_progress: bool = False,
+    ) -> RayExtractionReport:
+        """Extract the features of ``images`` on the cluster, resuming a previous run,
+        as :meth:`LocalExecutor.extract <cv2r2d2.collection.LocalExecutor.extract>` does.
+
+        Images already done are skipped unless ``overwrite``, unreadable ones (and those
+        of blocks whose worker died more often than retried) are listed in the report's
+        ``failed``.
+
+        Args:
+            images: (name, path) pairs, e.g. from :func:`cv2r2d2.image.list_images`.
+            output: an ``.h5`` file (a master file over a ``<output>.shards`` folder) or
+                a folder of ``.r2d2`` files, as :func:`cv2r2d2.stores.open_features` takes.
+            config: the extractor's configuration, sent to the actors as it is (None:
+                the paper's settings); ``R2D2Feature.getConfig()`` gives an extractor's.
+            format: ``"auto"`` (by the suffix), ``"h5"`` or ``"r2d2"``.
+        """
+        if config is None:
+            config = R2D2Config()
+        if not isinstance(config, R2D2Config):
+            raise TypeError(f"config must be an R2D2Config, got {type(config).__name__}")
+        record = features_record(config)
+        output = Path(output)
+        is_h5 = feature_format(output, format) == "h5"
+        if self.merge and not is_h5:
+            raise ValueError("merge applies to .h5 outputs; .r2d2 files are one per image")
+        if not is_h5 and output.is_file():
+            raise ValueError(f"{output} is a file; .r2d2 features go in a folder")
+        sharded = ShardedH5(output, "features") if is_h5 else None
+        run_id = new_run_id()
+        report = RayExtractionReport()
+        if sharded is not None:
+            sharded.adopt_plain_file(run_id)
+            sharded.remove_temporary_files()
+            done = set(sharded.scan())
+            if check_reuse(sharded.settings(), record, bool(done), output, overwrite):
+                sharded.clear()
+                done = set()
+        else:
+            folder = R2D2Folder(output)
+            prepare_output(folder, record, overwrite)
+            done = set(folder.names())
+        todo: List[Tuple[str, str]] = []
+        for name, path in images:
+            if name in done and not overwrite:
+                report.skipped.append(name)
+            else:
+                todo.append((name, os.fspath(path)))
+        # Largest files first, in blocks of similar sizes: blocks cost about the same, the
+        # longest ones start first, and an actor sees images of similar shapes in a row.
+        todo.sort(key=lambda item: -_file_size(item[1]))
+        try:
+            if todo:
+                _extract_on_ray(self, todo, output, sharded, run_id, config, overwrite,
+                                show_progress, report)
+        finally:
+            if sharded is not None:
+                _finish(sharded, self.merge, rewrite=bool(todo), record=record)
+        return report
+
+    def match(
+        self,
+        features: PathLike,
+        pairs: Sequence[Tuple[str, str]],
+        output: PathLike,
+        settings: Optional[MatchingSettings] = None,
+        steerers: Any = None,
+        overwrite: bool = False,
+        show_progress: bool = False,
+    ) -> MatchingReport:
+        """Match ``pairs`` on the cluster into a sharded ``matches.h5``, resuming, as
+        :meth:`LocalExecutor.match <cv2r2d2.collection.LocalExecutor.match>` does.
+
+        Pairs already in a shard (either way round) are skipped unless ``overwrite``;
+        pairs of blocks whose worker died more often than retried are listed in the
+        report's ``failed``.
+
+        Args:
+            features: the feature file (a master file too) or ``.r2d2`` folder, which
+                every node reads.
+            pairs: (name0, name1) pairs, e.g. from :func:`cv2r2d2.pairs.parse_pairs`.
+            output: the matches ``.h5`` file (a master over ``<output>.shards``).
+            settings: as :func:`cv2r2d2.collection.match_collection`, sent to the tasks
+                as it is; tasks take one GPU each when the cluster has GPUs and the
+                device allows (a CUDA device on a cluster without GPUs is a ValueError).
+            steerers: as :func:`cv2r2d2.collection.match_collection`; fitted (if
+                needed) here, once, and sent to the tasks.
+        """
+        if settings is None:
+            settings = MatchingSettings()
+        if not isinstance(settings, MatchingSettings):
+            raise TypeError(f"settings must be a MatchingSettings, got {type(settings).__name__}")
+        if settings.rotations > 1:
+            steerers = as_steerers(steerers, settings.rotations)
+        with open_features(features) as store:
+            record = settings.record(store.settings())
+        sharded = ShardedH5(output, "matches")
+        run_id = new_run_id()
+        report = MatchingReport()
+        sharded.adopt_plain_file(run_id)
+        sharded.remove_temporary_files()
+        done = set(sharded.scan())
+        if check_reuse(sharded.settings(), record, bool(done), output, overwrite):
+            sharded.clear()
+            done = set()
+        todo = []
+        for a, b in pairs:
+            if not overwrite and sharded.identity(pair_key(a, b)) in done:
+                report.skipped.append((a, b))
+            else:
+                todo.append((a, b))
+        try:
+            if todo:
+                _match_on_ray(self, todo, os.fspath(features), sharded, run_id, settings,
+                              steerers, show_progress, report)
+        finally:
+            _finish(sharded, self.merge, rewrite=bool(todo), record=record)
+        return report
+
+
+def _finish(sharded: ShardedH5, merge: bool, rewrite: bool, record: Mapping[str, Any]) -> None:
+    """Write the master file (or the merged file) when the run changed the shards or
+    the output is not what was asked; nothing when there is nothing to point at (a run
+    that failed before its first block, with no earlier output)."""
+    is_master = sharded.is_master()
+    if rewrite or (merge and is_master) or (not merge and not is_master) \
+            or sharded.settings() != record:
+        sharded.remove_temporary_files()
+        entries = sharded.scan()
+        if not entries and not sharded.path.exists():
+            return
+        if merge:
+            sharded.merge(entries, record)
+        else:
+            sharded.write_master(entries, record)
+
+
 # --- extraction ------------------------------------------------------------------------
 
 
 @dataclass
 class RayExtractionReport(ExtractionReport):
-    """What :func:`extract_collection_ray` did, as :class:`~cv2r2d2.io.ExtractionReport`,
-    with the number of actors and the seconds spent extracting (actors started)."""
+    """What :meth:`RayExecutor.extract` did, as
+    :class:`~cv2r2d2.collection.ExtractionReport` (its seconds counted once the actors
+    started), with the number of actors."""
 
     actors: int = 0
-    seconds: float = 0.0
 
-    @property
-    def images_per_second(self) -> float:
-        """Images extracted per second of the extraction."""
-        return len(self.extracted) / self.seconds if self.seconds > 0 else 0.0
+    def throughput(self) -> str:
+        """One line: images extracted, seconds, images per second, actors."""
+        return f"{super().throughput()} on {self.actors} actor(s)"
 
 
 class _Extractor:
@@ -233,104 +422,6 @@ class _Extractor:
         return report
 
 
-def extract_collection_ray(
-    images: Sequence[Tuple[str, PathLike]],
-    output: PathLike,
-    config: Optional[R2D2Config] = None,
-    format: str = "auto",
-    overwrite: bool = False,
-    show_progress: bool = False,
-    address: Optional[str] = None,
-    actors: Optional[int] = None,
-    threads: Optional[int] = None,
-    block_size: Optional[int] = None,
-    merge: bool = False,
-) -> RayExtractionReport:
-    """Extract the features of many images on a Ray cluster, resuming a previous run.
-
-    The features are those :func:`cv2r2d2.io.extract_collection` writes (bit for bit on
-    the CPU); images already done are skipped unless ``overwrite``, unreadable ones are
-    listed in the report's ``failed``.
-
-    Args:
-        images: (name, path) pairs, e.g. from :func:`cv2r2d2.io.list_images`.
-        output: an ``.h5`` file (a master file over a ``<output>.shards`` folder) or a
-            folder of ``.r2d2`` files, as :func:`cv2r2d2.io.open_features` takes.
-        config: the extractor's configuration, sent to the actors as it is (None: the
-            paper's settings); ``R2D2Feature.getConfig()`` gives an extractor's.
-        format: ``"auto"`` (by the suffix), ``"h5"`` or ``"r2d2"``.
-        address: None or ``"local"``: a local Ray started for the run; ``"auto"``,
-            ``"host:port"`` or ``"ray://host:port"``: that cluster. Ignored when Ray is
-            already initialised in this process.
-        actors: actors (models) to run; default: one per GPU of the cluster, else its
-            CPUs divided by ``threads``.
-        threads: CPU threads per actor without GPUs (default: 4, at most a node's CPUs).
-        block_size: images per block, the unit of work, of shards and of loss when a
-            worker dies (default: about 4 blocks per actor, at most 64 images).
-        merge: end with one plain ``.h5`` file instead of a master over shards.
-    """
-    _import_ray()  # before anything is written
-    if config is None:
-        config = R2D2Config()
-    if not isinstance(config, R2D2Config):
-        raise TypeError(f"config must be an R2D2Config, got {type(config).__name__}")
-    record = features_record(config)
-    output = Path(output)
-    is_h5 = feature_format(output, format) == "h5"
-    if merge and not is_h5:
-        raise ValueError("merge applies to .h5 outputs; .r2d2 files are one per image")
-    if not is_h5 and output.is_file():
-        raise ValueError(f"{output} is a file; .r2d2 features go in a folder")
-    sharded = ShardedH5(output, "features") if is_h5 else None
-    run_id = new_run_id()
-    report = RayExtractionReport()
-    if sharded is not None:
-        sharded.adopt_plain_file(run_id)
-        sharded.remove_temporary_files()
-        done = set(sharded.scan())
-        if check_reuse(sharded.settings(), record, bool(done), output, overwrite):
-            sharded.clear()
-            done = set()
-    else:
-        folder = R2D2Folder(output)
-        prepare_output(folder, record, overwrite)
-        done = set(folder.names())
-    todo: List[Tuple[str, str]] = []
-    for name, path in images:
-        if name in done and not overwrite:
-            report.skipped.append(name)
-        else:
-            todo.append((name, os.fspath(path)))
-    # Largest files first, in blocks of similar sizes: blocks cost about the same, the
-    # longest ones start first, and an actor sees images of similar shapes in a row.
-    todo.sort(key=lambda item: -_file_size(item[1]))
-    try:
-        if todo:
-            _extract_on_ray(todo, output, sharded, run_id, config, overwrite,
-                            show_progress, address, actors, threads, block_size, report)
-    finally:
-        if sharded is not None:
-            _finish(sharded, merge, rewrite=bool(todo), record=record)
-    return report
-
-
-def _finish(sharded: ShardedH5, merge: bool, rewrite: bool, record: Mapping[str, Any]) -> None:
-    """Write the master file (or the merged file) when the run changed the shards or
-    the output is not what was asked; nothing when there is nothing to point at (a run
-    that failed before its first block, with no earlier output)."""
-    is_master = sharded.is_master()
-    if rewrite or (merge and is_master) or (not merge and not is_master) \
-            or sharded.settings() != record:
-        sharded.remove_temporary_files()
-        entries = sharded.scan()
-        if not entries and not sharded.path.exists():
-            return
-        if merge:
-            sharded.merge(entries, record)
-        else:
-            sharded.write_master(entries, record)
-
-
 def _file_size(path: str) -> int:
     try:
         return os.stat(path).st_size
@@ -338,20 +429,15 @@ def _file_size(path: str) -> int:
         return 0  # reported as unreadable by the actor that gets it
 
 
-def _extract_on_ray(todo: List[Tuple[str, str]], output: Path, sharded: Optional[ShardedH5],
-                    run_id: str, config: R2D2Config, overwrite: bool,
-                    show_progress: bool, address: Optional[str], actors: Optional[int],
-                    threads: Optional[int], block_size: Optional[int],
-                    report: RayExtractionReport) -> None:
+def _extract_on_ray(executor: RayExecutor, todo: List[Tuple[str, str]], output: Path,
+                    sharded: Optional[ShardedH5], run_id: str, config: R2D2Config,
+                    overwrite: bool, show_progress: bool, report: RayExtractionReport) -> None:
     callers_session = _import_ray().is_initialized()
-    with _ray_session(address) as ray:
+    with _ray_session(executor.address) as ray:
         gpus = _cluster_gpus(ray, config.device)
-        if threads is None:
-            threads = min(DEFAULT_THREADS, _largest_node_cpus(ray))
-        if actors is None:
-            actors = gpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
-        if actors < 1 or threads < 1:
-            raise ValueError(f"actors and threads must be >= 1, got {actors!r}, {threads!r}")
+        threads = executor.threads or min(DEFAULT_THREADS, _largest_node_cpus(ray))
+        actors = executor.actors or gpus or max(
+            1, int(ray.cluster_resources().get("CPU", 1)) // threads)
         logger.info("extracting %d image(s) on %d actor(s), %s", len(todo), actors,
                     "one GPU each" if gpus else f"{threads} CPU thread(s) each")
         resources = dict(num_gpus=1, num_cpus=1) if gpus else dict(num_cpus=threads)
@@ -372,7 +458,7 @@ def _extract_on_ray(todo: List[Tuple[str, str]], output: Path, sharded: Optional
                 ray.get([actor.ready.remote() for actor in pool])
             except ray.exceptions.RayActorError as exc:
                 raise RuntimeError(f"the extraction actors could not start: {exc}") from exc
-            blocks = list(enumerate(_blocks(todo, block_size, actors), 1))
+            blocks = list(enumerate(_blocks(todo, executor.block_size, actors), 1))
             report.actors = actors
             start = time.perf_counter()
             results = _stream(ray, [slot(a) for a in pool for _ in range(QUEUE_DEPTH)], blocks)
@@ -411,96 +497,20 @@ def _finished_images(results: Iterable[Tuple[Any, Any]],
 # --- matching --------------------------------------------------------------------------
 
 
-@dataclass
-class RayMatchingReport(MatchingReport):
-    """What :func:`match_collection_ray` did, as :class:`~cv2r2d2.matching.MatchingReport`,
-    with the pairs that failed (pair, reason: their worker died) and the seconds spent
-    matching."""
-
-    failed: List[Tuple[Tuple[str, str], str]] = field(default_factory=list)
-    seconds: float = 0.0
-
-
 def _match_block(features: str, pairs: List[Tuple[str, str]], shard: str,
-                 options: Dict[str, Any]) -> Tuple[List[Tuple[str, str]], List[int]]:
+                 settings: MatchingSettings, steerers: Any) -> Tuple[List[Tuple[str, str]], List[int]]:
     """A Ray task: match ``pairs`` into the h5 file ``shard``, written whole."""
     with open_features(features) as store, atomic_path(shard) as tmp, \
             H5Matches(tmp, writable=True) as matches:
-        report = match_collection(store, pairs, matches, overwrite=True, **options)
+        report = match_collection(store, pairs, matches, settings, steerers, overwrite=True)
     return report.matched, report.num_matches
 
 
-def match_collection_ray(
-    features: PathLike,
-    pairs: Sequence[Tuple[str, str]],
-    output: PathLike,
-    max_distance: Optional[float] = None,
-    ratio: Optional[float] = None,
-    device: Optional[str] = None,
-    overwrite: bool = False,
-    show_progress: bool = False,
-    address: Optional[str] = None,
-    block_size: Optional[int] = None,
-    merge: bool = False,
-    rotations: int = 1,
-    steerers: Any = None,
-) -> RayMatchingReport:
-    """Match image pairs on a Ray cluster into a sharded ``matches.h5``, resuming.
-
-    The matches are those :func:`cv2r2d2.matching.match_collection` writes; pairs
-    already in a shard (either way round) are skipped unless ``overwrite``.
-
-    Args:
-        features: the feature file (a master file too) or ``.r2d2`` folder, which every
-            node reads.
-        pairs: (name0, name1) pairs, e.g. from :func:`cv2r2d2.matching.parse_pairs`.
-        output: the matches ``.h5`` file (a master over ``<output>.shards``).
-        max_distance, ratio, device: as :func:`cv2r2d2.matching.match_batch`; tasks
-            take one GPU each when the cluster has GPUs and ``device`` allows.
-        address: as :func:`extract_collection_ray`.
-        block_size: pairs per task and shard (default: about 4 blocks per CPU, at most
-            64 pairs).
-        merge: end with one plain ``.h5`` file instead of a master over shards.
-        rotations, steerers: as :func:`cv2r2d2.matching.match_batch`; the steerers are
-            fitted (if needed) here, and sent to the tasks.
-    """
-    _import_ray()  # before anything is written
-    if rotation_angles(rotations) != (0,):
-        steerers = as_steerers(steerers, rotations)
-    with open_features(features) as store:
-        record = matching_record(store.settings(), max_distance, ratio, rotations)
-    sharded = ShardedH5(output, "matches")
-    run_id = new_run_id()
-    report = RayMatchingReport()
-    sharded.adopt_plain_file(run_id)
-    sharded.remove_temporary_files()
-    done = set(sharded.scan())
-    if check_reuse(sharded.settings(), record, bool(done), output, overwrite):
-        sharded.clear()
-        done = set()
-    todo = []
-    for a, b in pairs:
-        if not overwrite and sharded.identity(pair_key(a, b)) in done:
-            report.skipped.append((a, b))
-        else:
-            todo.append((a, b))
-    options = dict(max_distance=max_distance, ratio=ratio, device=device, rotations=rotations,
-                   steerers=steerers)
-    try:
-        if todo:
-            _match_on_ray(todo, os.fspath(features), sharded, run_id, options,
-                          show_progress, address, block_size, report)
-    finally:
-        _finish(sharded, merge, rewrite=bool(todo), record=record)
-    return report
-
-
-def _match_on_ray(todo: List[Tuple[str, str]], features: str, sharded: ShardedH5,
-                  run_id: str, options: Dict[str, Any], show_progress: bool,
-                  address: Optional[str], block_size: Optional[int],
-                  report: RayMatchingReport) -> None:
-    with _ray_session(address) as ray:
-        gpus = _cluster_gpus(ray, options["device"])
+def _match_on_ray(executor: RayExecutor, todo: List[Tuple[str, str]], features: str,
+                  sharded: ShardedH5, run_id: str, settings: MatchingSettings, steerers: Any,
+                  show_progress: bool, report: MatchingReport) -> None:
+    with _ray_session(executor.address) as ray:
+        gpus = _cluster_gpus(ray, settings.device)
         workers = gpus or max(1, int(ray.cluster_resources().get("CPU", 1)))
         task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0,
                           max_retries=RETRIES)(_match_block)
@@ -508,9 +518,9 @@ def _match_on_ray(todo: List[Tuple[str, str]], features: str, sharded: ShardedH5
         def submit(numbered: Tuple[int, List[Tuple[str, str]]]) -> Any:
             number, block = numbered
             shard = os.fspath(sharded.shard_path(run_id, number))
-            return task.remote(features, block, shard, options)
+            return task.remote(features, block, shard, settings, steerers)
 
-        blocks = list(enumerate(_blocks(todo, block_size, workers), 1))
+        blocks = list(enumerate(_blocks(todo, executor.block_size, workers), 1))
         start = time.perf_counter()
         results = _stream(ray, [submit] * (QUEUE_DEPTH * workers), blocks)
         try:
@@ -522,7 +532,7 @@ def _match_on_ray(todo: List[Tuple[str, str]], features: str, sharded: ShardedH5
 
 
 def _finished_pairs(results: Iterable[Tuple[Any, Any]],
-                    report: RayMatchingReport) -> Iterator[Tuple[str, str]]:
+                    report: MatchingReport) -> Iterator[Tuple[str, str]]:
     """Add each block's outcome to the report; yield its pairs one by one."""
     for (_, block), result in results:
         if isinstance(result, BaseException):

@@ -25,7 +25,7 @@ from typing import (
 
 import numpy as np
 
-from .collection import extract_collection, match_collection
+from .collection import MatchingSettings, extract_collection, match_collection
 from .config import R2D2Config
 from .presets import SFM_PRESET, get_preset
 from .image import list_images
@@ -587,9 +587,10 @@ def reconstruct(
         names = sorted(set(features.names()) & {name for name, _ in images})
         pair_list = parse_pairs(pairs, names, features, show_progress)
         with H5Matches(output_dir / "matches.h5", writable=True) as matches:
-            match_collection(features, pair_list, matches, matching["max_distance"],
-                             matching["ratio"], device, overwrite, show_progress,
-                             rotations=rotations, steerers=feature)
+            settings = MatchingSettings(matching["max_distance"], matching["ratio"],
+                                        rotations, device)
+            match_collection(features, pair_list, matches, settings, feature, overwrite,
+                             show_progress)
             lap("match")
             database = output_dir / "database.db"
             with atomic_path(database) as tmp:

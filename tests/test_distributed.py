@@ -22,6 +22,7 @@ import pytest
 
 from conftest import ROOT, read_image, record_progress, weights_dir
 from cv2r2d2.cli import main
+from cv2r2d2.collection import MatchingSettings
 from cv2r2d2.config import R2D2Config
 from cv2r2d2.io import H5Matches, list_images, open_features
 
@@ -150,6 +151,19 @@ def test_cuda_on_a_cluster_without_gpus_is_refused():
         _cluster_gpus(cpus_only, "cuda:0")
 
 
+def test_the_executor_is_checked_when_made():
+    pytest.importorskip("ray")
+    from cv2r2d2.distributed import RayExecutor
+
+    for name in ("actors", "threads", "block_size"):
+        for value in (0, True, 2.0):
+            with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+                RayExecutor(**{name: value})
+    with pytest.raises(TypeError, match="merge must be True or False"):
+        RayExecutor(merge="yes")
+    assert RayExecutor(actors=2, merge=True) == RayExecutor(None, 2, merge=True)
+
+
 def test_a_local_ray_prints_nothing_of_its_own(tmp_path):
     """No token-authentication notice at start, no escape sequence at exit (on a terminal)."""
     pytest.importorskip("ray")
@@ -276,7 +290,7 @@ def _actor_processes() -> list:
 
 
 def test_a_killed_actor_costs_only_its_block(cluster, photos, reference, tmp_path):
-    from cv2r2d2.distributed import extract_collection_ray
+    from cv2r2d2.distributed import RayExecutor
 
     output = tmp_path / "features.h5"
     shards = tmp_path / "features.h5.shards"
@@ -296,7 +310,7 @@ def test_a_killed_actor_costs_only_its_block(cluster, photos, reference, tmp_pat
 
     killer = threading.Thread(target=kill_an_actor_mid_run)
     killer.start()
-    report = extract_collection_ray(list_images([photos]), output, OPTIONS, block_size=1)
+    report = RayExecutor(block_size=1).extract(list_images([photos]), output, OPTIONS)
     killer.join()
     assert killed, "no actor was killed"
     assert len(report.extracted) == READABLE and [n for n, _ in report.failed] == ["broken.jpg"]
@@ -309,7 +323,7 @@ def test_a_killed_actor_costs_only_its_block(cluster, photos, reference, tmp_pat
 
 def test_an_interrupted_driver_resumes_with_the_missing_images(
         cluster, photos, reference, tmp_path):
-    from cv2r2d2.distributed import extract_collection_ray
+    from cv2r2d2.distributed import RayExecutor
 
     output = tmp_path / "features.h5"
     shards = tmp_path / "features.h5.shards"
@@ -338,7 +352,7 @@ def test_an_interrupted_driver_resumes_with_the_missing_images(
         shard.unlink()
     done = [name for shard in kept for name in _names(shard)]
     assert len(done) == 2
-    report = extract_collection_ray(list_images([photos]), output, OPTIONS)
+    report = RayExecutor().extract(list_images([photos]), output, OPTIONS)
     assert sorted(report.skipped) == sorted(done)
     assert sorted(report.skipped + report.extracted) == _names(reference)
     _assert_same_file(output, reference)
@@ -382,20 +396,22 @@ assert not any(name == "ray" or name.startswith("ray.") for name in sys.modules)
 
 def test_matching_with_rotations_gives_the_single_machine_file(cluster, reference,
                                                                quarter_steerers, tmp_path):
-    from cv2r2d2.distributed import match_collection_ray
-    from cv2r2d2.matching import estimate_rotation, match_collection, parse_pairs
+    from cv2r2d2.collection import match_collection
+    from cv2r2d2.distributed import RayExecutor
+    from cv2r2d2.matching import estimate_rotation
+    from cv2r2d2.pairs import parse_pairs
 
+    settings = MatchingSettings(rotations=4, device="cpu")
     single = tmp_path / "single.h5"
     with open_features(reference) as store, H5Matches(single, writable=True) as matches:
         pairs = parse_pairs("exhaustive", store.names())
-        match_collection(store, pairs, matches, device="cpu", rotations=4,
-                         steerers=quarter_steerers)
+        match_collection(store, pairs, matches, settings, quarter_steerers)
         descriptors = {name: store.read(name).descriptors for name in store.names()}
     # Some photos are rotated by 90 degrees: their pairs are matched under a steerer.
     assert any(estimate_rotation([(descriptors[a], descriptors[b]) for a, b in pairs],
                                  quarter_steerers.for_rotations(4), device="cpu"))
     output = tmp_path / "matches.h5"
-    report = match_collection_ray(reference, pairs, output, device="cpu", rotations=4,
-                                  steerers=quarter_steerers, block_size=40)
+    report = RayExecutor(block_size=40).match(reference, pairs, output, settings,
+                                              quarter_steerers)
     assert len(report.matched) == len(pairs) and not report.failed
     _assert_same_file(output, single)

@@ -416,10 +416,11 @@ def test_dense_maps_shapes_and_bad_scales(r2d2, boat):
             r2d2.computeDenseMaps(boat, scale=scale)
 
 
-def test_a_device_this_machine_lacks_is_refused_at_creation(monkeypatch):
+def test_a_device_this_machine_lacks_is_refused_at_creation(monkeypatch, tmp_path):
     import torch
 
-    from cv2r2d2.matching import match_batch, match_collection
+    from cv2r2d2.collection import LocalExecutor, MatchingSettings
+    from cv2r2d2.matching import match_batch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
@@ -427,6 +428,8 @@ def test_a_device_this_machine_lacks_is_refused_at_creation(monkeypatch):
     for call in (lambda: cv2r2d2.R2D2Feature.create(device="cuda"),
                  lambda: cv2r2d2.load_model(device="cuda:0"),
                  lambda: match_batch([(np.ones((2, 4), np.float32),) * 2], device="cuda"),
-                 lambda: match_collection(None, [], None, device="cuda")):
+                 lambda: LocalExecutor().match(tmp_path / "none.h5", [], tmp_path / "m.h5",
+                                               MatchingSettings(device="cuda"))):
         with pytest.raises(ValueError, match=r"device 'cuda(:0)?' is not available: .*; available: cpu$"):
             call()
+    assert not list(tmp_path.iterdir())  # refused before any output is opened

@@ -74,6 +74,7 @@ def test_package_outputs_have_plain_modes(tmp_path, umask, monkeypatch):
     import torch
 
     from cv2r2d2 import weights
+    from cv2r2d2.collection import MatchingSettings
     from cv2r2d2.distributed import _Extractor, _match_block
     from cv2r2d2.io import ImageFeatures, R2D2Folder, write_image, write_pairs
     from cv2r2d2.nets import Quad_L2Net_ConfCFS
@@ -114,7 +115,7 @@ def test_package_outputs_have_plain_modes(tmp_path, umask, monkeypatch):
     sharded.write_master(sharded.scan())
     matches = ShardedH5(out / "matches.h5", "matches")
     _match_block(str(sharded.path), [("a.png", "b.png")], str(matches.shard_path(run, 1)),
-                 dict(device="cpu"))
+                 MatchingSettings(device="cpu"), None)
     matches.merge(matches.scan())
     with h5py.File(matches.path, "r") as f:
         assert "a.png" in f

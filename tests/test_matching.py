@@ -152,8 +152,10 @@ def test_pairs_file(tmp_path):
 
 def test_match_collection_writes_and_resumes(r2d2_descriptors, tmp_path):
     pytest.importorskip("h5py")
+    from cv2r2d2.collection import MatchingSettings
     from cv2r2d2.io import H5Features, H5Matches, ImageFeatures
 
+    cpu = MatchingSettings(device="cpu")
     names = ["a.png", "b.png", "c.png"]
     with H5Features(tmp_path / "features.h5", writable=True) as features:
         for name, descriptors in zip(names, r2d2_descriptors):
@@ -162,9 +164,9 @@ def test_match_collection_writes_and_resumes(r2d2_descriptors, tmp_path):
                                                np.ones(n, np.float32), (320, 320)))
         pairs = parse_pairs("exhaustive", features.names())
         with H5Matches(tmp_path / "matches.h5", writable=True) as matches:
-            report = match_collection(features, pairs[:2], matches, device="cpu")
+            report = match_collection(features, pairs[:2], matches, cpu)
             assert report.matched == pairs[:2] and report.skipped == []
-            report = match_collection(features, pairs, matches, device="cpu")
+            report = match_collection(features, pairs, matches, cpu)
             assert report.matched == pairs[2:] and report.skipped == pairs[:2]
             indices, scores = matches.read("b.png", "a.png")
     expected, distances = _bfmatcher(r2d2_descriptors[1], r2d2_descriptors[0], cv2.NORM_L2)
@@ -312,6 +314,7 @@ def test_steered_matching_bad_input_and_empty_sets(r2d2_descriptors, quarter_ste
 
 def test_match_collection_with_rotations(quarter_turns, quarter_steerers, tmp_path):
     pytest.importorskip("h5py")
+    from cv2r2d2.collection import MatchingSettings
     from cv2r2d2.io import H5Features, H5Matches, ImageFeatures
 
     names = ["a.png", "b.png", "c.png"]
@@ -321,8 +324,8 @@ def test_match_collection_with_rotations(quarter_turns, quarter_steerers, tmp_pa
                                                (256, 256)))
         pairs = parse_pairs("exhaustive", features.names())
         with H5Matches(tmp_path / "matches.h5", writable=True) as matches:
-            match_collection(features, pairs, matches, device="cpu", rotations=4,
-                             steerers=quarter_steerers)
+            match_collection(features, pairs, matches,
+                             MatchingSettings(rotations=4, device="cpu"), quarter_steerers)
             stored = {pair: matches.read(*pair)[0] for pair in pairs}
     by_name = dict(zip(names, quarter_turns))
     for (name_a, name_b), indices in stored.items():

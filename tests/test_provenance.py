@@ -11,7 +11,7 @@ import pytest
 
 from conftest import read_image, weights_dir
 from cv2r2d2.cli import main
-from cv2r2d2.collection import extract_collection, match_collection
+from cv2r2d2.collection import MatchingSettings, extract_collection, match_collection
 from cv2r2d2.config import R2D2Config
 from cv2r2d2.provenance import (
     SettingsMismatchError, check_reuse, differences, features_record, matches_record,
@@ -117,16 +117,17 @@ def test_matches_record_their_features_and_options(feature, photos, tmp_path):
     with H5Features(features_path, writable=True) as store:
         extract_collection(images, store, feature)
         with H5Matches(matches_path, writable=True) as matches:
-            match_collection(store, pairs, matches, device="cpu")
+            cpu = MatchingSettings(device="cpu")
+            match_collection(store, pairs, matches, cpu)
             record = matches.settings()
             assert record["kind"] == "matches" and record["settings"]["ratio"] is None
             assert len(record["features"]["weights_sha256"]) == 64
-            again = match_collection(store, pairs, matches, device="cpu")
+            again = match_collection(store, pairs, matches, cpu)
             assert len(again.skipped) == 2
+            ratio = MatchingSettings(ratio=0.9, device="cpu")
             with pytest.raises(SettingsMismatchError, match="ratio: stored None, now 0.9"):
-                match_collection(store, pairs, matches, ratio=0.9, device="cpu")
-            redone = match_collection(store, pairs[:1], matches, ratio=0.9, device="cpu",
-                                      overwrite=True)
+                match_collection(store, pairs, matches, ratio)
+            redone = match_collection(store, pairs[:1], matches, ratio, overwrite=True)
             assert len(redone.matched) == 1 and len(matches.keys()) == 1
     assert check_reuse(None, matches_record(None, {}), False, "x", False) is False
 
