@@ -65,14 +65,14 @@ def peak_rss_mb() -> float:
 
 def child_rss(folder: str, count: int, side: int) -> None:
     """Extract ``count`` photos of ``folder`` on a local Ray started here; print JSON."""
-    from cv2r2d2.distributed import extract_collection_ray
+    from cv2r2d2.distributed import RayExecutor
     from cv2r2d2.io import list_images
 
     images = list_images([folder])[:count]
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        report = extract_collection_ray(images, Path(out) / "features.h5", options(side),
-                                        actors=2, threads=1)
+        report = RayExecutor(actors=2, threads=1).extract(images, Path(out) / "features.h5",
+                                                          options(side))
         wall = time.perf_counter() - start
     print(json.dumps(dict(images=len(report.extracted), peak_mb=peak_rss_mb(), wall=wall,
                           per_second=report.images_per_second)))
@@ -96,10 +96,10 @@ def single_machine(images: List[Tuple[str, Path]], side: int, out: Path) -> Dict
 
 def on_ray(images: List[Tuple[str, Path]], side: int, out: Path, actors: int,
            threads: int) -> Dict[str, float]:
-    from cv2r2d2.distributed import extract_collection_ray
+    from cv2r2d2.distributed import RayExecutor
 
     start = time.perf_counter()
-    report = extract_collection_ray(images, out, options(side), actors=actors, threads=threads)
+    report = RayExecutor(actors=actors, threads=threads).extract(images, out, options(side))
     wall = time.perf_counter() - start
     return dict(per_second=report.images_per_second, startup=wall - report.seconds)
 

@@ -242,7 +242,7 @@ class RayExecutor:
         show_progress: bool = False,
     ) -> RayExtractionReport:
         """Extract the features of ``images`` on the cluster, resuming a previous run,
-        as :meth:`LocalExecutor.extract <cv2r2d2.collection.LocalExecutor.extract>` does.
+        as :meth:`cv2r2d2.collection.LocalExecutor.extract` does.
 
         Images already done are skipped unless ``overwrite``, unreadable ones (and those
         of blocks whose worker died more often than retried) are listed in the report's
@@ -310,7 +310,7 @@ class RayExecutor:
         show_progress: bool = False,
     ) -> MatchingReport:
         """Match ``pairs`` on the cluster into a sharded ``matches.h5``, resuming, as
-        :meth:`LocalExecutor.match <cv2r2d2.collection.LocalExecutor.match>` does.
+        :meth:`cv2r2d2.collection.LocalExecutor.match` does.
 
         Pairs already in a shard (either way round) are skipped unless ``overwrite``;
         pairs of blocks whose worker died more often than retried are listed in the
