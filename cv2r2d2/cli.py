@@ -18,12 +18,16 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from .config import BACKENDS, R2D2Config
 from .presets import DEFAULT_PRESET, SFM_PRESET, preset_names
 from .utils import logging_beside_progress
 from .weights import DEFAULT_MODEL, LICENCE_LOGGER
+
+if TYPE_CHECKING:
+    from .collection import LocalExecutor
+    from .distributed import RayExecutor
 
 __all__ = ["main", "build_parser"]
 
@@ -179,7 +183,7 @@ def _add_ray_options(parser: argparse.ArgumentParser, actors: bool) -> None:
                             "the shards")
 
 
-def _executor(args: argparse.Namespace) -> Any:
+def _executor(args: argparse.Namespace) -> Union["LocalExecutor", "RayExecutor"]:
     """Where extract and match run: this machine, or the Ray cluster of --ray and its
     options (a missing Ray fails here, before anything is written)."""
     if args.ray is None:
