@@ -44,7 +44,7 @@ from .matching import match_batch
 from .presets import get_preset
 from .provenance import SettingsMismatchError, differences, features_record
 from .retrieval import RetrievalIndex
-from .sfm import import_pycolmap
+from .colmap import import_pycolmap
 from .stores import H5Features, H5Matches
 from .utils import PathLike, atomic_path, progress
 
