@@ -51,8 +51,9 @@ from cv2r2d2.colmap import import_pycolmap, incremental_mapping
 from cv2r2d2.config import R2D2Config
 from cv2r2d2.feature2d import R2D2Feature
 from cv2r2d2.image import list_images
-from cv2r2d2.localization import QueryResult, localize, write_results
+from cv2r2d2.localization import localize
 from cv2r2d2.presets import SFM_PRESET, preset_names
+from cv2r2d2.queries import QueryResult, write_results
 from cv2r2d2.sfm import reconstruct
 from cv2r2d2.stores import H5Features
 

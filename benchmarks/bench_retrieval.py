@@ -50,7 +50,8 @@ from cv2r2d2.collection import detect
 from cv2r2d2.colmap import import_pycolmap, verified_matches
 from cv2r2d2.image import list_images, read_image
 from cv2r2d2 import retrieval
-from cv2r2d2.retrieval import RetrievalIndex, RetrievalSettings, top_k_neighbours
+from cv2r2d2.neighbours import top_k_neighbours
+from cv2r2d2.retrieval import RetrievalIndex, RetrievalSettings
 from cv2r2d2.sfm import MatchingOptions, RefinementOptions, reconstruct
 from cv2r2d2.stores import H5Features
 

@@ -446,7 +446,8 @@ def _run_pairs(args: argparse.Namespace) -> int:
 
 
 def _add_localize(subparsers: Any) -> None:
-    from .localization import CAMERA_MODEL, MAX_ERROR, MIN_INLIERS, NUM_RETRIEVED
+    from .localization import MAX_ERROR, MIN_INLIERS, NUM_RETRIEVED
+    from .queries import CAMERA_MODEL
 
     parser = subparsers.add_parser(
         "localize", help="localise photos against a model made by 'cv2r2d2 sfm'",
@@ -484,7 +485,8 @@ def _add_localize(subparsers: Any) -> None:
 
 
 def _run_localize(args: argparse.Namespace) -> int:
-    from .localization import localize, logs_path, write_results
+    from .localization import localize
+    from .queries import logs_path, write_results
 
     params = None
     if args.camera_params is not None:
