@@ -360,7 +360,9 @@ def update_keypoints(database_path: PathLike, keypoints: Mapping[int, np.ndarray
 # --- mapping -----------------------------------------------------------------------------
 
 
-def pipeline_options(options: Optional[Mapping[str, Any]] = None) -> "pycolmap.IncrementalPipelineOptions":
+def pipeline_options(
+    options: Optional[Mapping[str, Any]] = None,
+) -> "pycolmap.IncrementalPipelineOptions":
     """pycolmap's ``IncrementalPipelineOptions`` with ``options`` applied, as hloc's
     ``mapper_options``: ``{"min_model_size": 3, "mapper": {"init_min_num_inliers": 50}}``
     (a nested dict for a nested options object; ``pycolmap.IncrementalPipelineOptions()

@@ -40,7 +40,8 @@ def test_mapper_options_as_hloc_passes_them():
                                        r"option 'min_modelsize'; its options are .*min_model_size"),
     ({"mapper": {"nope": 1}}, ValueError, r"mapper_options\['mapper'\]: "
                                           r"IncrementalMapperOptions has no option 'nope'"),
-    ({"min_model_size": "3"}, ValueError, r"option 'min_model_size' takes int values \(default 10\)"),
+    ({"min_model_size": "3"}, ValueError,
+     r"option 'min_model_size' takes int values \(default 10\)"),
     ({"mapper": 3}, ValueError, r"option 'mapper' takes IncrementalMapperOptions values"),
     ([("min_model_size", 3)], TypeError, "mapper_options must be a dict"),
 ])
