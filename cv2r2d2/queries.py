@@ -80,8 +80,14 @@ def check_camera_model(camera_model: Any) -> str:
 
 
 def given_camera(camera_model: str, params: Sequence[float], width: int, height: int,
-                  where: str) -> "pycolmap.Camera":
-    """A camera of known intrinsics, checked against its model's parameter count."""
+                 where: str) -> "pycolmap.Camera":
+    """A camera of known intrinsics, checked against its model's parameter count.
+
+    Args:
+        camera_model: a COLMAP camera model; params: its parameters, pixels.
+        width, height: the image's size, pixels.
+        where: what the error messages name (a list file's line, an argument).
+    """
     pycolmap = import_pycolmap()
     check_camera_model(camera_model)
     camera = pycolmap.Camera.create_from_model_name(0, camera_model, 1.0, int(width), int(height))
@@ -154,8 +160,14 @@ def _list_line(list_file: Path, line: str) -> Tuple[str, Path]:
 
 def query_camera(query: Query, image_size: Tuple[int, int], camera_model: str,
                   camera_params: Optional[Sequence[float]]) -> Tuple["pycolmap.Camera", str]:
-    """The query's camera and where its focal length comes from: ``given``, ``exif`` or
-    ``guess`` (COLMAP's 1.2 x the longer side)."""
+    """The query's camera and where its focal length comes from: ``given`` (listed with
+    the query, else ``camera_params`` of ``camera_model``), ``exif`` or ``guess``
+    (:data:`FOCAL_LENGTH_FACTOR` x the longer side).
+
+    Args:
+        image_size: (width, height) of the decoded image, pixels (OpenCV applies the EXIF
+            orientation, COLMAP does not).
+    """
     pycolmap = import_pycolmap()
     width, height = image_size
     if query.camera is not None:

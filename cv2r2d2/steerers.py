@@ -8,7 +8,7 @@ of the unrotated image. The steerer of -a is the transpose of that of a, so only
 in (0, 180] are fitted (:func:`fitted_angle`).
 
 This module holds the fitted matrices of one model (:class:`Steerers`), the steering
-angles and the steering itself (:meth:`Steerers.steer`, :func:`steer_descriptors`).
+angles and the steering itself (:meth:`Steerers.steer`).
 They are fitted post hoc on procedural images by :mod:`cv2r2d2.steerer_fitting`, and
 cached per model file by :mod:`cv2r2d2.steerer_cache` (its ``load_steerers`` is what
 ``R2D2Feature.getSteerers`` calls).
@@ -30,8 +30,6 @@ __all__ = [
     "rotation_angles",
     "check_angle",
     "fitted_angle",
-    "check_descriptors",
-    "steer_descriptors",
     "as_steerers",
 ]
 
