@@ -47,12 +47,14 @@ from typing import Any, Dict, List
 import numpy as np
 
 from bench_sfm import agreement, rotation_angle, scene_radius
+from cv2r2d2.colmap import import_pycolmap, incremental_mapping
 from cv2r2d2.config import R2D2Config
 from cv2r2d2.feature2d import R2D2Feature
 from cv2r2d2.image import list_images
-from cv2r2d2.localization import QueryResult, localize, write_results
+from cv2r2d2.localization import localize
 from cv2r2d2.presets import SFM_PRESET, preset_names
-from cv2r2d2.sfm import import_pycolmap, reconstruct
+from cv2r2d2.queries import QueryResult, write_results
+from cv2r2d2.sfm import reconstruct
 from cv2r2d2.stores import H5Features
 
 IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "images" / "sacre_coeur"
@@ -90,24 +92,19 @@ def remap(built: Any, photos: Path, wanted: int) -> str:
     """Map the database of an incomplete model again with other initial-pair settings
     (COLMAP's choice of initial pair decides whether a small collection is reconstructed
     whole), keeping the most complete model in ``built.model``'s place; says what it did."""
-    pycolmap = import_pycolmap()
     registered = {"default": built.num_registered}
     for angle in INIT_MIN_TRI_ANGLES:
-        options = pycolmap.IncrementalPipelineOptions()
-        options.mapper.init_min_tri_angle = angle
         work = built.model.parent.parent / f"sparse_tri{angle:g}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        models = pycolmap.incremental_mapping(os.fspath(built.database), os.fspath(photos),
-                                              os.fspath(work), options=options)
-        best = max(models.values(), key=lambda m: m.num_reg_images(), default=None)
+        models = incremental_mapping(built.database, photos, work, mapper_options={
+            "mapper": {"init_min_tri_angle": angle}})
+        best = models[0][1] if models else None
         registered[f"init_min_tri_angle {angle:g}"] = best.num_reg_images() if best else 0
         if best is not None and best.num_reg_images() > built.num_registered:
             shutil.rmtree(built.model.parent)
             built.model.mkdir(parents=True)
             best.write(os.fspath(built.model))
             built.reconstruction, built.num_registered = best, best.num_reg_images()
-        shutil.rmtree(work)
+        shutil.rmtree(work, ignore_errors=True)
         if built.num_registered >= wanted:
             break
     return ", ".join(f"{k}: {v}" for k, v in registered.items())

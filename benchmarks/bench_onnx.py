@@ -36,7 +36,7 @@ from cv2r2d2.export import export_onnx, read_images
 from cv2r2d2.extractor import ExtractionParams
 from cv2r2d2.onnx_export import export_int8, keypoint_agreement
 from cv2r2d2.precision import probe_cpu
-from cv2r2d2.steerers import procedural_images
+from cv2r2d2.steerer_fitting import procedural_images
 from homography_pairs import make_pairs
 
 ROOT = Path(__file__).resolve().parents[1]

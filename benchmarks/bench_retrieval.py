@@ -47,10 +47,12 @@ import numpy as np
 
 import cv2r2d2
 from cv2r2d2.collection import detect
+from cv2r2d2.colmap import import_pycolmap, verified_matches
 from cv2r2d2.image import list_images, read_image
 from cv2r2d2 import retrieval
-from cv2r2d2.retrieval import RetrievalIndex, RetrievalSettings, top_k_neighbours
-from cv2r2d2.sfm import import_pycolmap, reconstruct, verified_matches
+from cv2r2d2.neighbours import top_k_neighbours
+from cv2r2d2.retrieval import RetrievalIndex, RetrievalSettings
+from cv2r2d2.sfm import MatchingOptions, RefinementOptions, reconstruct
 from cv2r2d2.stores import H5Features
 
 IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "images"
@@ -96,7 +98,8 @@ def sfm_summary(images: Path, output: Path, features: Path, pairs: str) -> Dict[
     if features is not None and not (output / "features.h5").exists():
         shutil.copyfile(features, output / "features.h5")
     result = reconstruct(images, output, feature=cv2r2d2.R2D2Feature.create(device="cpu"),
-                         pairs=pairs, refine=False, device="cpu")
+                         matching=MatchingOptions(pairs), refinement=RefinementOptions(False),
+                         device="cpu")
     summary = summarise(output, result.num_pairs, result.num_verified_pairs, result.seconds)
     record.write_text(json.dumps(summary))
     return summary

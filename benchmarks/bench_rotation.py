@@ -42,7 +42,8 @@ import cv2r2d2
 from bench_accuracy import homography_correct
 from cv2r2d2.evaluation import PairData, mean_matching_accuracy
 from cv2r2d2.matching import match_rotated, mutual_nearest_neighbours
-from cv2r2d2.steerers import DEFAULT_ROTATIONS, fit_steerers, rotate_image, rotation_angles
+from cv2r2d2.steerer_fitting import fit_steerers, rotate_image
+from cv2r2d2.steerers import DEFAULT_ROTATIONS, rotation_angles
 from homography_pairs import IMAGES, load, make_pairs
 
 THRESHOLDS = (1, 3)

@@ -11,9 +11,9 @@ with pycolmap's incremental mapping (a camera per image, COLMAP's "auto" mode):
 - R2D2 configurations through :func:`cv2r2d2.sfm.reconstruct`: ``default``,
   ``subpixel`` (``subpixel=True``), ``descriptor`` (``subpixel="descriptor"``), ``unique``
   (``unique_radius=1``: one keypoint per place across levels), each with and without
-  ``+refine`` (``reconstruct(refine=True)``); ``+refine-int8`` refines with the model's
-  int8 network (``precision="int8"``, built on first use from procedural images and
-  cached), ``+refine-x2`` on levels up to twice
+  ``+refine`` (``reconstruct(refinement=RefinementOptions(True))``); ``+refine-int8``
+  refines with the model's int8 network (``precision="int8"``, built on first use from
+  procedural images and cached), ``+refine-x2`` on levels up to twice
   finer (``RefinementParams.upsampled(2)``), ``+refine-x2-int8`` both, ``+refine-x2.5-int8``
   at 2.5 times.
 
@@ -43,8 +43,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 import cv2r2d2
+from cv2r2d2.colmap import import_pycolmap, incremental_mapping
 from cv2r2d2.refinement import RefinementParams
-from cv2r2d2.sfm import import_pycolmap, incremental_mapping, reconstruct
+from cv2r2d2.sfm import RefinementOptions, reconstruct
 
 IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "images" / "sacre_coeur"
 
@@ -128,8 +129,8 @@ def r2d2(name: str, images: Path, work: Path, repeats: int, shared: Dict[str, Pa
     feature = cv2r2d2.R2D2Feature.create(**options)
     refiner = cv2r2d2.R2D2Feature.create(**options, precision="int8") if int8 else None
     params = RefinementParams.upsampled(upsample) if upsample != 1 else None
-    result = reconstruct(images, folder, feature=feature, refine=refine, refine_params=params,
-                         refine_feature=refiner)
+    result = reconstruct(images, folder, feature=feature,
+                         refinement=RefinementOptions(refine, params, refiner))
     seconds = dict(result.seconds)
     if key in shared:
         seconds.update({stage: shared[key + ":" + stage] for stage in ("extract", "match")})

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_steered_ratio.py [--part ratio|angles|all] [--cache DIR]
 
-Every photo is rotated about its centre on an enlarged canvas (cv2r2d2.steerers.rotate_image;
+Every photo is rotated about its centre on an enlarged canvas (cv2r2d2.steerer_fitting.rotate_image;
 quarter turns exact), the ground truth being the rotation's homography; a match is correct
 within 3 px of it. Steerers are fitted here (default settings, not cached) for every angle
 used, and the fitting time of each steering set is printed.
@@ -39,7 +39,8 @@ import torch
 import cv2r2d2
 from cv2r2d2 import matching
 from cv2r2d2.matching import SteeredMatcher, match_rotated, mutual_nearest_neighbours
-from cv2r2d2.steerers import DEFAULT_ROTATIONS, Steerers, fit_steerers, rotate_image
+from cv2r2d2.steerer_fitting import fit_steerers, rotate_image
+from cv2r2d2.steerers import DEFAULT_ROTATIONS, Steerers
 
 IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "images"
 MAX_ERROR = 3.0

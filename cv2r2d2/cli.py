@@ -422,7 +422,8 @@ def _run_pairs(args: argparse.Namespace) -> int:
 
 
 def _add_localize(subparsers: Any) -> None:
-    from .localization import CAMERA_MODEL, MAX_ERROR, MIN_INLIERS, NUM_RETRIEVED
+    from .localization import MAX_ERROR, MIN_INLIERS, NUM_RETRIEVED
+    from .queries import CAMERA_MODEL
 
     parser = subparsers.add_parser(
         "localize", help="localise photos against a model made by 'cv2r2d2 sfm'",
@@ -460,7 +461,8 @@ def _add_localize(subparsers: Any) -> None:
 
 
 def _run_localize(args: argparse.Namespace) -> int:
-    from .localization import localize, logs_path, write_results
+    from .localization import localize
+    from .queries import logs_path, write_results
 
     params = None
     if args.camera_params is not None:
@@ -484,7 +486,7 @@ def _run_localize(args: argparse.Namespace) -> int:
 
 
 def _add_sfm(subparsers: Any) -> None:
-    from .sfm import CAMERA_MODES
+    from .colmap import CAMERA_MODES
 
     parser = subparsers.add_parser(
         "sfm", help="3-D reconstruction with COLMAP (pycolmap)",
@@ -526,10 +528,11 @@ def _add_sfm(subparsers: Any) -> None:
     parser.set_defaults(run=_run_sfm)
 
 
-def _refinement(args: argparse.Namespace, config: R2D2Config) -> Tuple[Any, Any]:
-    """(refine_params, refine_feature) of the sfm options given (None: the preset's)."""
+def _refinement(args: argparse.Namespace, config: R2D2Config) -> Any:
+    """The sfm command's refinement options (None where the preset decides)."""
     from .feature2d import R2D2Feature
     from .refinement import RefinementParams
+    from .sfm import RefinementOptions
 
     explicit = args.refine_upsample is not None or args.refine_model is not None
     if args.refine is False and explicit:
@@ -544,25 +547,27 @@ def _refinement(args: argparse.Namespace, config: R2D2Config) -> Tuple[Any, Any]
         backend = "onnxruntime" if str(model).lower().endswith(".onnx") else (
             config.backend if config.backend in ("torch", "reference") else "torch")
         feature = R2D2Feature(config.replace(model=model, backend=backend))
-    return params, feature
+    return RefinementOptions(args.refine, params, feature)
 
 
 def _run_sfm(args: argparse.Namespace) -> int:
-    from .sfm import import_pycolmap, reconstruct
+    from .colmap import import_pycolmap
+    from .sfm import CameraOptions, MatchingOptions, reconstruct
 
     import_pycolmap()  # before the long extraction, not after it
     from .feature2d import R2D2Feature
 
     config = _config(args, SFM_PRESET)
-    refine_params, refine_feature = _refinement(args, config)
+    refinement = _refinement(args, config)
     matching = _matching(args, config.preset)
     result = reconstruct(
-        args.image_dir, args.output_dir, feature=R2D2Feature(config), pairs=args.pairs,
-        camera_model=args.camera_model, camera_mode=args.camera_mode,
-        max_distance=matching["max_distance"], ratio=matching["ratio"], device=args.device,
-        rotations=args.rotations, database_only=args.database_only, overwrite=args.overwrite,
-        show_progress=not args.quiet, verbose=args.verbose, refine=args.refine,
-        refine_params=refine_params, refine_feature=refine_feature,
+        args.image_dir, args.output_dir, feature=R2D2Feature(config),
+        matching=MatchingOptions(args.pairs, matching["max_distance"], matching["ratio"],
+                                 args.rotations),
+        camera=CameraOptions(args.camera_model, args.camera_mode),
+        refinement=refinement,
+        device=args.device, database_only=args.database_only, overwrite=args.overwrite,
+        show_progress=not args.quiet, verbose=args.verbose,
     )
     print(result.summary())
     _report_failed(result.failed)

@@ -2,7 +2,7 @@
 that ``precision="int8"`` runs.
 
 The first use quantises the model (:func:`cv2r2d2.onnx_export.export_int8`) on images
-the package draws itself (:func:`cv2r2d2.steerers.procedural_images`), so it needs
+the package draws itself (:func:`cv2r2d2.steerer_fitting.procedural_images`), so it needs
 nothing but the weights: no photos, no network access, no manual step; a progress bar
 shows on a terminal, and later uses read the file. Measured on a 2-core Zen 4 shared
 with other jobs (load 12-19): 594 s for r2d2_WASF_N16, 294 s for faster2d2_WASF_N16; the
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 from .precision import probe_cpu
-from .steerers import procedural_images
+from .steerer_fitting import procedural_images
 from .utils import atomic_path, import_optional
 from .version import __version__
 from .weights import MODELS, cache_dir, resolve_weights, sha256sum
@@ -62,7 +62,7 @@ class Calibration:
     Attributes:
         images: calibration images (their activation ranges set the quantisation).
         size: their side, pixels.
-        seed: the seed of :func:`~cv2r2d2.steerers.procedural_images`.
+        seed: the seed of :func:`~cv2r2d2.steerer_fitting.procedural_images`.
         evaluation_images: further images of the same seed, not calibrated on, on which
             the report measures the int8 network against fp32 (0: no report figures).
         evaluation_size: their side, pixels.

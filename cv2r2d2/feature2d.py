@@ -32,9 +32,9 @@ from .extractor import (
     refine_matches,
 )
 from .image import check_mask, normalize_image
-from .steerers import (
-    DEFAULT_ROTATIONS, FitSettings, Steerers, check_angle, load_steerers, rotation_angles,
-)
+from .steerer_cache import load_steerers
+from .steerer_fitting import FitSettings
+from .steerers import DEFAULT_ROTATIONS, Steerers, check_angle, rotation_angles
 from .provenance import model_file
 
 __all__ = ["R2D2Feature", "R2D2_create"]

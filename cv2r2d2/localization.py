@@ -4,7 +4,7 @@ For each query photo, as hloc's ``localize_sfm`` does with R2D2's own features:
 
 1. its features, extracted with the settings the model's ``features.h5`` records (other
    settings would make descriptors the model's cannot be matched with: they are refused);
-2. the K most similar images of the model, by the VLAD vectors of
+2. the K most similar images of the model, by the bag-of-words vectors of
    :mod:`cv2r2d2.retrieval` (kept beside the features, ``features.retrieval.h5``);
 3. mutual nearest-neighbour matches to those images (with the matching settings the
    model's ``matches.h5`` records), kept where the image's keypoint observes a 3-D point of
@@ -12,7 +12,8 @@ For each query photo, as hloc's ``localize_sfm`` does with R2D2's own features:
    is keypoint ``i`` of its features);
 4. an absolute pose by LO-RANSAC and its non-linear refinement
    (``pycolmap.estimate_and_refine_absolute_pose``), with the camera of the photo's EXIF
-   focal length and size, or given intrinsics.
+   focal length and size, or given intrinsics (:mod:`cv2r2d2.queries`: the query photos
+   and their cameras).
 
 A query is localised when the pose has at least ``min_inliers`` inlier correspondences:
 30 by default, the bar COLMAP's incremental mapper sets to register an image in a model
@@ -20,17 +21,15 @@ A query is localised when the pose has at least ``min_inliers`` inlier correspon
 the reason, never with a pose.
 
 Poses are COLMAP's ``cam_from_world`` (world to camera: ``x_cam = R x_world + t``), in the
-model's frame. :func:`write_results` writes hloc's results format.
+model's frame. :func:`cv2r2d2.queries.write_results` writes hloc's results format.
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -38,15 +37,19 @@ import cv2
 import numpy as np
 
 from .collection import detect
+from .colmap import import_pycolmap
 from .config import R2D2Config
-from .image import list_images, read_image
+from .image import read_image
 from .matching import match_batch
 from .presets import get_preset
 from .provenance import SettingsMismatchError, differences, features_record
+from .queries import (
+    CAMERA_MODEL, Query, QueryResult, check_camera_model, given_camera, query_camera,
+    read_queries,
+)
 from .retrieval import RetrievalIndex
-from .sfm import import_pycolmap
 from .stores import H5Features, H5Matches
-from .utils import PathLike, atomic_path, progress
+from .utils import PathLike, progress
 
 if TYPE_CHECKING:
     import pycolmap
@@ -57,15 +60,9 @@ __all__ = [
     "MIN_INLIERS",
     "MAX_ERROR",
     "NUM_RETRIEVED",
-    "Query",
-    "QueryResult",
     "LocalizationModel",
-    "read_queries",
     "recorded_config",
     "localize",
-    "write_results",
-    "read_results",
-    "logs_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,146 +73,11 @@ MIN_INLIERS = 30
 MAX_ERROR = 12.0
 NUM_RETRIEVED = 10
 """Model images each query is matched with by default (``--retrieval``)."""
-CAMERA_MODEL = "SIMPLE_RADIAL"
-# Without EXIF, COLMAP's focal length guess: this factor times the longer side.
-FOCAL_LENGTH_FACTOR = 1.2
 # A refined camera outside these bounds is no camera (COLMAP's mapper's bounds).
 _FOCAL_RATIO = (0.1, 10.0)
 _MAX_EXTRA_PARAM = 1.0
 # Database images whose descriptors and 3-D points are kept between queries.
 _CACHED_IMAGES = 64
-
-
-# --- queries and their cameras -------------------------------------------------------
-
-
-@dataclass
-class Query:
-    """A photo to localise.
-
-    Attributes:
-        name: its name in the results (its path relative to the folder or list file).
-        path: the image file.
-        camera: its intrinsics (None: from EXIF and the image size, or the caller's).
-    """
-
-    name: str
-    path: Path
-    camera: Optional["pycolmap.Camera"] = None
-
-
-def _camera_models() -> List[str]:
-    pycolmap = import_pycolmap()
-    return [name for name in pycolmap.CameraModelId.__members__ if name != "INVALID"]
-
-
-def _check_camera_model(camera_model: Any) -> str:
-    models = _camera_models()
-    if camera_model not in models:
-        raise ValueError(f"camera_model must be one of {', '.join(models)}, got {camera_model!r}")
-    return camera_model
-
-
-def _given_camera(camera_model: str, params: Sequence[float], width: int, height: int,
-                  where: str) -> "pycolmap.Camera":
-    """A camera of known intrinsics, checked against its model's parameter count."""
-    pycolmap = import_pycolmap()
-    _check_camera_model(camera_model)
-    camera = pycolmap.Camera.create_from_model_name(0, camera_model, 1.0, int(width), int(height))
-    try:
-        values = [float(value) for value in params]
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: camera parameters must be numbers, got {params!r}") from None
-    if len(values) != len(camera.params) or not all(map(math.isfinite, values)):
-        raise ValueError(f"{where}: a {camera_model} camera takes {len(camera.params)} finite "
-                         f"parameters ({camera.params_info}), got {params!r}")
-    camera.params = values
-    camera.has_prior_focal_length = True
-    return camera
-
-
-def read_queries(queries: Union[PathLike, Sequence[PathLike]]) -> List[Query]:
-    """The photos named by an image file, a folder (searched recursively) or a ``.txt``
-    list (or several of these), as :func:`cv2r2d2.image.list_images` finds them.
-
-    A list line may give the photo's intrinsics as hloc's query lists do:
-    ``name MODEL WIDTH HEIGHT p1 p2 ...`` (COLMAP camera model and parameters); other
-    lines are paths, relative to the list's folder.
-
-    Raises:
-        FileNotFoundError: a query that does not exist.
-        ValueError: no image found, a malformed intrinsics line.
-    """
-    inputs = [queries] if isinstance(queries, (str, os.PathLike)) else list(queries)
-    found: List[Query] = []
-    for item in inputs:
-        path = Path(item)
-        if not (path.is_file() and path.suffix.lower() == ".txt"):
-            found += [Query(name, file) for name, file in list_images([path])]
-            continue
-        models = set(_camera_models())
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            words = line.split()
-            if len(words) >= 5 and words[1] in models:
-                where = f"{path} line {number}"
-                try:
-                    width, height = int(words[2]), int(words[3])
-                except ValueError:
-                    raise ValueError(f"{where}: WIDTH and HEIGHT must be integers, got "
-                                     f"{words[2]!r} {words[3]!r}") from None
-                camera = _given_camera(words[1], words[4:], width, height, where)
-                name, file = _list_line(path, words[0])
-                found.append(Query(name, file, camera))
-            elif line.strip() and not line.strip().startswith("#"):
-                name, file = _list_line(path, line.strip())
-                found.append(Query(name, file))
-    if not found:
-        raise ValueError(f"no query images in {', '.join(map(os.fspath, inputs))}")
-    seen: Dict[str, Path] = {}
-    for query in found:
-        if seen.setdefault(query.name, query.path) != query.path:
-            raise ValueError(f"two queries have the name {query.name!r}: {seen[query.name]} "
-                             f"and {query.path}")
-    return found
-
-
-def _list_line(list_file: Path, line: str) -> Tuple[str, Path]:
-    """(name, path) of one line of a list file, named as :func:`list_images` names it."""
-    listed = Path(line)
-    outside = listed.is_absolute() or ".." in listed.parts
-    path = list_file.parent / listed
-    if not path.is_file():
-        raise FileNotFoundError(f"no such query image: {path} (listed in {list_file})")
-    return listed.name if outside else listed.as_posix(), path
-
-
-def _query_camera(query: Query, image_size: Tuple[int, int], camera_model: str,
-                  camera_params: Optional[Sequence[float]]) -> Tuple["pycolmap.Camera", str]:
-    """The query's camera and where its focal length comes from: ``given``, ``exif`` or
-    ``guess`` (COLMAP's 1.2 x the longer side)."""
-    pycolmap = import_pycolmap()
-    width, height = image_size
-    if query.camera is not None:
-        camera = query.camera
-        if (camera.width, camera.height) != (width, height):
-            raise ValueError(f"{query.name} is {width}x{height} pixels but its listed camera "
-                             f"is {camera.width}x{camera.height}")
-        return camera, "given"
-    if camera_params is not None:
-        return _given_camera(camera_model, camera_params, width, height, query.name), "given"
-    focal, source = FOCAL_LENGTH_FACTOR * max(width, height), "guess"
-    try:
-        exif = pycolmap.infer_camera_from_image(
-            os.fspath(query.path), pycolmap.ImageReaderOptions(camera_model=camera_model))
-        if exif.has_prior_focal_length:
-            focal, source = float(exif.mean_focal_length()), "exif"
-    except ValueError as exc:  # a format COLMAP cannot read: no EXIF then
-        logger.debug("no EXIF focal length for %s: %s", query.name, exc)
-    # The size is the decoded image's: OpenCV applies the EXIF orientation, COLMAP does
-    # not (a portrait photo stored landscape), and the keypoints are OpenCV's.
-    camera = pycolmap.Camera.create_from_model_name(0, camera_model, focal, width, height)
-    camera.has_prior_focal_length = source == "exif"
-    return camera, source
 
 
 # --- the model ---------------------------------------------------------------------------
@@ -369,57 +231,6 @@ class LocalizationModel:
 # --- localisation ------------------------------------------------------------------------
 
 
-@dataclass
-class QueryResult:
-    """The outcome of one query.
-
-    Attributes:
-        name: the query's name.
-        success: whether it was localised (``min_inliers`` inliers or more).
-        qvec: (w, x, y, z) unit quaternion of the rotation of ``cam_from_world``, or None.
-        tvec: (x, y, z) translation of ``cam_from_world`` (model units), or None.
-        num_inliers: inlier 2D-3D correspondences of the pose (0 without one).
-        num_correspondences: distinct 2D-3D correspondences found.
-        database_images: the retrieved model images, most similar first.
-        inliers_per_image: inliers through each of them.
-        camera: the camera's model, width, height and params (after refinement when
-            localised), and where its focal length came from (``given``, ``exif``,
-            ``guess``).
-        reason: why it was not localised (None when it was).
-        seconds: wall time per stage (``extract``, ``retrieve``, ``match``, ``pose``).
-    """
-
-    name: str
-    success: bool
-    qvec: Optional[Tuple[float, float, float, float]] = None
-    tvec: Optional[Tuple[float, float, float]] = None
-    num_inliers: int = 0
-    num_correspondences: int = 0
-    database_images: List[str] = field(default_factory=list)
-    inliers_per_image: List[int] = field(default_factory=list)
-    camera: Dict[str, Any] = field(default_factory=dict)
-    reason: Optional[str] = None
-    seconds: Dict[str, float] = field(default_factory=dict)
-
-    def rotation(self) -> np.ndarray:
-        """(3, 3) world-to-camera rotation matrix (a localised query only)."""
-        w, x, y, z = self._pose()[0]
-        return np.array([
-            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-        ])
-
-    def projection_center(self) -> np.ndarray:
-        """(3,) camera centre in the model's frame, ``-R^T t``."""
-        return -self.rotation().T @ np.asarray(self._pose()[1])
-
-    def _pose(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-        if self.qvec is None or self.tvec is None:
-            raise ValueError(f"{self.name} was not localised: it has no pose")
-        return self.qvec, self.tvec
-
-
 def _extractor(record: Optional[Dict[str, Any]], feature: Any, device: Optional[str],
                features_path: Path) -> "R2D2Feature":
     """The extractor of the queries: the model's recorded one, or ``feature`` when it
@@ -495,8 +306,9 @@ def localize(
         model_dir: the folder :func:`cv2r2d2.sfm.reconstruct` wrote (``features.h5``,
             ``matches.h5``, ``sparse/<k>``); the retrieval index is written beside the
             features when missing or out of date.
-        queries: an image, a folder, a ``.txt`` list (see :func:`read_queries`), several
-            of them, or :class:`Query` objects.
+        queries: an image, a folder, a ``.txt`` list (see
+            :func:`cv2r2d2.queries.read_queries`), several of them, or
+            :class:`~cv2r2d2.queries.Query` objects.
         feature: None (the extractor the features record), or an extractor / config,
             which must have the recorded settings (required when there is no record).
         num_retrieved: model images (K) each query is matched with.
@@ -524,14 +336,14 @@ def localize(
     _check_positive(num_retrieved, "num_retrieved", integer=True)
     _check_positive(min_inliers, "min_inliers", integer=True)
     _check_positive(max_error, "max_error", integer=False)
-    _check_camera_model(camera_model)
+    check_camera_model(camera_model)
     if not isinstance(queries, (str, os.PathLike)) and queries \
             and all(isinstance(q, Query) for q in queries):
         query_list = list(queries)  # type: ignore[arg-type]
     else:
         query_list = read_queries(queries)  # type: ignore[arg-type]
     if camera_params is not None:
-        _given_camera(camera_model, camera_params, 1, 1, "camera_params")
+        given_camera(camera_model, camera_params, 1, 1, "camera_params")
     with LocalizationModel(model_dir, show_progress) as model:
         extractor = _extractor(model.record, feature, device, model.folder / "features.h5")
         _check_readable(query_list)
@@ -569,8 +381,8 @@ def _localize_one(model: LocalizationModel, extractor: "R2D2Feature", query: Que
     features = detect(extractor, image)
     lap("extract")
     result = QueryResult(query.name, False, seconds=seconds)
-    camera, source = _query_camera(query, (image.shape[1], image.shape[0]), camera_model,
-                                   camera_params)
+    camera, source = query_camera(query, (image.shape[1], image.shape[0]), camera_model,
+                                  camera_params)
     result.camera = _camera_dict(camera, source)
     if not len(features):
         result.reason = "no keypoints"
@@ -579,36 +391,88 @@ def _localize_one(model: LocalizationModel, extractor: "R2D2Feature", query: Que
     result.database_images = [name for name, _ in retrieved]
     lap("retrieve")
     database = [model.database_image(name) for name in result.database_images]
-    matching = model.matching
-    matched = match_batch([(features.descriptors, item.descriptors) for item in database],
+    found = _correspondences(features.descriptors, database, model.matching, device,
+                             extractor)
+    result.num_correspondences = len(found.first)
+    lap("match")
+    result.inliers_per_image = [0] * len(database)
+    if len(found.first) < max(min_inliers, 4):
+        result.reason = (f"{len(found.first)} 2D-3D correspondences through "
+                         f"{len(database)} model image(s), fewer than the {min_inliers} "
+                         "inliers a pose needs")
+        return result
+    # COLMAP's pixel convention: the centre of the top-left pixel at (0.5, 0.5).
+    points2D = features.xy[found.keypoints[found.first]].astype(np.float64) + 0.5
+    pose = _absolute_pose(pycolmap, points2D, found.xyz[found.first], camera, source,
+                          max_error, seed)
+    lap("pose")
+    if pose is None:
+        result.reason = f"RANSAC found no pose from {len(found.first)} 2D-3D correspondences"
+        return result
+    inliers = np.asarray(pose["inlier_mask"], bool)
+    result.num_inliers = int(pose["num_inliers"])
+    result.inliers_per_image = np.bincount(found.images[inliers[found.inverse]],
+                                           minlength=len(database)).tolist()
+    result.camera = _camera_dict(camera, source)
+    if result.num_inliers < min_inliers:
+        result.reason = (f"{result.num_inliers} inliers of {len(found.first)} 2D-3D "
+                         f"correspondences, fewer than {min_inliers}")
+    elif camera.has_bogus_params(*_FOCAL_RATIO, _MAX_EXTRA_PARAM):
+        result.reason = (f"the refined camera is implausible ({camera.params_to_string()}), "
+                         f"with {result.num_inliers} inliers")
+    else:
+        result.qvec, result.tvec = _quaternion_and_translation(pose["cam_from_world"])
+        result.success = True
+    return result
+
+
+@dataclass
+class _Correspondences:
+    """A query's matches with model keypoints that observe 3-D points.
+
+    Attributes:
+        keypoints: (M,) the query keypoint of each match.
+        xyz: (M, 3) the 3-D point of each match.
+        images: (M,) the retrieved image each match comes from.
+        first: one match per distinct (query keypoint, 3-D point), whichever images
+            gave it: the 2D-3D correspondences.
+        inverse: (M,) each match's correspondence (an index into ``first``).
+    """
+
+    keypoints: np.ndarray
+    xyz: np.ndarray
+    images: np.ndarray
+    first: np.ndarray
+    inverse: np.ndarray
+
+
+def _correspondences(descriptors: np.ndarray, database: Sequence[_DatabaseImage],
+                     matching: Dict[str, Any], device: Optional[str],
+                     extractor: "R2D2Feature") -> _Correspondences:
+    """The query's (N, D) ``descriptors`` matched with the retrieved model images'."""
+    matched = match_batch([(descriptors, item.descriptors) for item in database],
                           cv2.NORM_L2, matching["max_distance"], matching["ratio"], device,
                           rotations=matching["rotations"],
                           steerers=extractor if matching["rotations"] > 1 else None)
-    keypoints, point_ids, xyz, source_image = [], [], [], []
+    keypoints, point_ids, xyz, images = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], \
+        [np.zeros((0, 3))], [np.zeros(0, np.int64)]
     for k, (item, (indices, _)) in enumerate(zip(database, matched)):
         rows = item.rows[indices[:, 1]]
         keep = rows >= 0
         keypoints.append(indices[keep, 0])
         point_ids.append(item.point3D_ids[rows[keep]])
         xyz.append(item.xyz[rows[keep]])
-        source_image.append(np.full(int(keep.sum()), k))
-    keypoints_all = np.concatenate(keypoints) if keypoints else np.zeros(0, np.int64)
-    ids_all = np.concatenate(point_ids) if point_ids else np.zeros(0, np.int64)
-    # One correspondence per (query keypoint, 3-D point), whichever images gave it.
+        images.append(np.full(int(keep.sum()), k))
+    keypoints_all, ids_all = np.concatenate(keypoints), np.concatenate(point_ids)
     _, first, inverse = np.unique(np.stack([keypoints_all, ids_all], axis=1), axis=0,
                                   return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    result.num_correspondences = len(first)
-    lap("match")
-    result.inliers_per_image = [0] * len(database)
-    if len(first) < max(min_inliers, 4):
-        result.reason = (f"{len(first)} 2D-3D correspondences through "
-                         f"{len(database)} model image(s), fewer than the {min_inliers} "
-                         "inliers a pose needs")
-        return result
-    # COLMAP's pixel convention: the centre of the top-left pixel at (0.5, 0.5).
-    points2D = features.xy[keypoints_all[first]].astype(np.float64) + 0.5
-    points3D = np.concatenate(xyz)[first]
+    return _Correspondences(keypoints_all, np.concatenate(xyz), np.concatenate(images),
+                            first, inverse.reshape(-1))
+
+
+def _absolute_pose(pycolmap: Any, points2D: np.ndarray, points3D: np.ndarray, camera: Any,
+                   source: str, max_error: float, seed: int) -> Optional[Dict[str, Any]]:
+    """pycolmap's LO-RANSAC pose and its refinement (``camera`` refined in place), or None."""
     estimation = pycolmap.AbsolutePoseEstimationOptions()
     estimation.ransac.max_error = float(max_error)
     estimation.ransac.random_seed = int(seed)
@@ -618,83 +482,22 @@ def _localize_one(model: LocalizationModel, extractor: "R2D2Feature", query: Que
     refinement = pycolmap.AbsolutePoseRefinementOptions()
     refinement.refine_focal_length = source != "given"
     refinement.refine_extra_params = source != "given"
-    found = pycolmap.estimate_and_refine_absolute_pose(points2D, points3D, camera,
-                                                       estimation, refinement)
-    lap("pose")
-    if found is None:
-        result.reason = f"RANSAC found no pose from {len(first)} 2D-3D correspondences"
-        return result
-    inliers = np.asarray(found["inlier_mask"], bool)
-    result.num_inliers = int(found["num_inliers"])
-    result.inliers_per_image = np.bincount(
-        np.concatenate(source_image)[inliers[inverse]], minlength=len(database)).tolist()
-    result.camera = _camera_dict(camera, source)
-    if result.num_inliers < min_inliers:
-        result.reason = (f"{result.num_inliers} inliers of {len(first)} 2D-3D "
-                         f"correspondences, fewer than {min_inliers}")
-        return result
-    if camera.has_bogus_params(*_FOCAL_RATIO, _MAX_EXTRA_PARAM):
-        result.reason = (f"the refined camera is implausible ({camera.params_to_string()}), "
-                         f"with {result.num_inliers} inliers")
-        return result
-    pose = found["cam_from_world"]
+    return pycolmap.estimate_and_refine_absolute_pose(points2D, points3D, camera, estimation,
+                                                      refinement)
+
+
+def _quaternion_and_translation(pose: Any) -> Tuple[Tuple[float, float, float, float],
+                                                    Tuple[float, float, float]]:
+    """(w, x, y, z) and (x, y, z) of a ``pycolmap.Rigid3d``, w >= 0 as COLMAP writes them
+    (one of the two quaternions of a rotation)."""
     x, y, z, w = (float(v) for v in pose.rotation.quat)
-    if w < 0:  # one of the two quaternions of a rotation, as COLMAP writes them
+    if w < 0:
         w, x, y, z = -w, -x, -y, -z
-    result.qvec = (w, x, y, z)
-    result.tvec = tuple(float(v) for v in pose.translation)  # type: ignore[assignment]
-    result.success = True
-    return result
+    tx, ty, tz = (float(v) for v in pose.translation)
+    return (w, x, y, z), (tx, ty, tz)
 
 
 def _camera_dict(camera: Any, source: str) -> Dict[str, Any]:
     return {"model": camera.model_name, "width": int(camera.width),
             "height": int(camera.height), "params": [float(p) for p in camera.params],
             "focal_length_from": source}
-
-
-# --- results files -------------------------------------------------------------------------
-
-
-def logs_path(results: PathLike) -> Path:
-    """The log written beside a results file: ``<results>_logs.json`` (hloc writes
-    ``<results>_logs.pkl``)."""
-    return Path(f"{os.fspath(results)}_logs.json")
-
-
-def write_results(path: PathLike, results: Sequence[QueryResult]) -> None:
-    """Write the poses in hloc's format and every query's outcome beside them.
-
-    ``path`` gets one ``name qw qx qy qz tx ty tz`` line per localised query (COLMAP's
-    ``cam_from_world``, as hloc's ``localize_sfm`` writes); queries that were not
-    localised have no line there. :func:`logs_path` gets all of them as JSON (name,
-    success, reason, inliers, correspondences, retrieved images, camera, times). Both
-    files are written atomically, together.
-    """
-    spaced = [result.name for result in results if result.success and " " in result.name]
-    if spaced:
-        raise ValueError(f"hloc's results format cannot hold image names with spaces: "
-                         f"{spaced[0]!r}")
-    lines = [" ".join([result.name, *(repr(v) for v in (*result.qvec, *result.tvec))])
-             for result in results if result.success
-             and result.qvec is not None and result.tvec is not None]
-    logs = {"localized": sum(result.success for result in results), "queries": len(results),
-            "results": [asdict(result) for result in results]}
-    with atomic_path(logs_path(path)) as logs_tmp, atomic_path(path) as tmp:
-        Path(logs_tmp).write_text(json.dumps(logs, indent=1), encoding="utf-8")
-        Path(tmp).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-
-
-def read_results(path: PathLike) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-    """The poses of an hloc results file: name -> ((4,) qw qx qy qz, (3,) t)."""
-    poses = {}
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        words = line.split()
-        if not words or words[0].startswith("#"):
-            continue
-        if len(words) != 8:
-            raise ValueError(f"{path} line {number}: expected 'name qw qx qy qz tx ty tz', "
-                             f"got {line!r}")
-        values = np.array([float(v) for v in words[1:]])
-        poses[words[0]] = (values[:4], values[4:])
-    return poses

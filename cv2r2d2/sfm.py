@@ -2,229 +2,139 @@
 
 :func:`reconstruct` runs the whole chain on a folder of photos: R2D2 extraction into
 ``features.h5``, mutual nearest-neighbour matching into ``matches.h5`` (both resumable,
-see :mod:`cv2r2d2.io`), a COLMAP database (cameras from the image size, or the EXIF
-focal length when present; keypoints; descriptors; matches), COLMAP's geometric
-verification and incremental mapping into ``sparse/``. Each step is also a function
-of its own, for users who run COLMAP themselves.
+see :mod:`cv2r2d2.collection`), a COLMAP database (cameras from the image size, or the
+EXIF focal length when present; keypoints; descriptors; matches), COLMAP's geometric
+verification, the featuremetric refinement of the verified tracks
+(:func:`refine_database`, cached) and incremental mapping into ``sparse/``. Its choices
+come in option objects (:class:`MatchingOptions`, :class:`CameraOptions`,
+:class:`RefinementOptions`) and pycolmap's own mapper options as a dict. The COLMAP
+steps are functions of :mod:`cv2r2d2.colmap`, for users who run COLMAP themselves.
 """
 from __future__ import annotations
 
-import collections
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import (
-    TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union,
-)
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .collection import MatchingSettings, extract_collection, match_collection
+from .colmap import (
+    check_camera_mode, import_pycolmap, incremental_mapping, most_inliers, pipeline_options,
+    read_verified_edges, update_keypoints, verify_matches, write_database,
+)
 from .config import R2D2Config
-from .presets import SFM_PRESET, get_preset
 from .image import list_images
 from .pairs import parse_pairs
-from .stores import FeatureStore, H5Features, H5Matches
-from .utils import MissingDependencyError, atomic_dir, atomic_path, import_optional, torch_device
-from .steerers import rotation_angles
+from .presets import SFM_PRESET, Preset, get_preset
 from .refinement import RefinementParams, RefinementReport, refine_keypoints
+from .stores import FeatureStore, H5Features, H5Matches
+from .utils import PathLike, atomic_path, torch_device
 
 if TYPE_CHECKING:
-    import pycolmap
-
     from .feature2d import R2D2Feature
 
 __all__ = [
-    "CAMERA_MODES",
+    "MatchingOptions",
+    "CameraOptions",
+    "RefinementOptions",
     "SfMResult",
-    "import_pycolmap",
-    "write_database",
-    "verify_matches",
-    "verified_matches",
     "refine_database",
-    "incremental_mapping",
     "reconstruct",
 ]
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
-CAMERA_MODES = ("auto", "single", "per_folder", "per_image")
-"""``camera_mode`` values: COLMAP's choice, one camera, one per folder, one per image."""
-PYCOLMAP_MIN = (4, 2)
+
+# --- options -----------------------------------------------------------------------------
 
 
-def import_pycolmap() -> Any:
-    """Import pycolmap, or raise an error naming the pip command (it must be >= 4.2)."""
-    pycolmap = import_optional("pycolmap", "COLMAP reconstruction")
-    version = tuple(int(p) for p in pycolmap.__version__.split(".")[:2] if p.isdigit())
-    if version < PYCOLMAP_MIN:
-        raise MissingDependencyError(
-            f"COLMAP reconstruction needs pycolmap >= {'.'.join(map(str, PYCOLMAP_MIN))}, "
-            f"found {pycolmap.__version__}: pip install -U pycolmap"
-        )
-    return pycolmap
+@dataclass(frozen=True)
+class MatchingOptions:
+    """Which image pairs :func:`reconstruct` matches, and how.
 
-
-@contextlib.contextmanager
-def _colmap_log_level(pycolmap: Any, verbose: bool) -> Iterator[None]:
-    """COLMAP's own log (glog, on stderr) only when verbose (its errors too: the package
-    says what failed in its own words); restored afterwards."""
-    level = pycolmap.logging.minloglevel
-    pycolmap.logging.minloglevel = level if verbose else max(level, 3)
-    try:
-        yield
-    finally:
-        pycolmap.logging.minloglevel = level
-
-
-def write_database(
-    database_path: PathLike,
-    image_dir: PathLike,
-    features: FeatureStore,
-    matches: H5Matches,
-    pairs: Sequence[Tuple[str, str]],
-    camera_model: str = "SIMPLE_RADIAL",
-    camera_mode: str = "auto",
-) -> Dict[str, int]:
-    """Write a new COLMAP database with cameras, images, keypoints, descriptors, matches.
-
-    COLMAP reads each image's size and EXIF focal length (without EXIF, the focal
-    length prior is 1.2 x the longer side). Keypoints are stored in COLMAP's pixel
-    convention (+0.5); descriptors as their float32 bytes (N x 512 uint8 blobs, feature
-    type UNDEFINED), for reference: COLMAP's matchers do not use them, the matches
-    come from ``matches``.
-
-    Args:
-        database_path: the database file to create (it must not exist, or be empty).
-        image_dir: the folder the image names are relative to.
-        features: the images' features; every name in it is imported.
-        matches: the match file holding every pair of ``pairs``.
-        pairs: (name0, name1) pairs to import.
-        camera_model: a COLMAP camera model (``SIMPLE_RADIAL``, ``PINHOLE``, ...).
-        camera_mode: ``auto`` (a camera per image unless EXIF says otherwise),
-            ``single``, ``per_folder`` or ``per_image``.
-
-    Returns:
-        The COLMAP image id of each imported name.
+    Attributes:
+        pairs: ``exhaustive``, ``sequential[:k]``, ``retrieval:k`` or a pairs file (see
+            :func:`cv2r2d2.pairs.parse_pairs`).
+        max_distance, ratio: as :func:`cv2r2d2.matching.match_batch`; None: the preset's.
+        rotations: as :func:`cv2r2d2.matching.match_batch`, with the extractor's steerers
+            (views that may be rotated in the image plane).
     """
-    pycolmap = import_pycolmap()
-    if camera_mode not in CAMERA_MODES:
-        raise ValueError(f"camera_mode must be one of {', '.join(CAMERA_MODES)}, got {camera_mode!r}")
-    database_path = Path(database_path)
-    # An empty file (atomic_path's placeholder) is an empty SQLite database.
-    if database_path.exists() and database_path.stat().st_size:
-        raise FileExistsError(f"{database_path} exists; write the database to a new file")
-    names = features.names()
-    if camera_mode in ("single", "per_folder"):
-        _check_shared_sizes(features, names, camera_mode)
-    pycolmap.Database.open(str(database_path)).close()
-    try:
-        pycolmap.import_images(
-            str(database_path), str(image_dir),
-            camera_mode=getattr(pycolmap.CameraMode, camera_mode.upper()),
-            image_names=names,
-            options=pycolmap.ImageReaderOptions(camera_model=camera_model),
-        )
-    except ValueError as exc:
-        raise ValueError(f"COLMAP could not import the images of {image_dir}: {exc}") from exc
-    database = pycolmap.Database.open(str(database_path))
-    try:
-        ids = {image.name: image.image_id for image in database.read_all_images()}
-        for name in names:
-            if name not in ids:
-                logger.warning("COLMAP could not read %s; it is left out", name)
-                continue
-            stored = features.read(name)
-            database.write_keypoints(ids[name], stored.keypoints.astype(np.float32) + 0.5)
-            database.write_descriptors(ids[name], pycolmap.FeatureDescriptors(
-                pycolmap.FeatureExtractorType.UNDEFINED,
-                np.ascontiguousarray(stored.descriptors, np.float32).view(np.uint8),
-            ))
-        for name0, name1 in pairs:
-            if name0 in ids and name1 in ids:
-                indices, _ = matches.read(name0, name1)
-                database.write_matches(ids[name0], ids[name1], indices.astype(np.uint32))
-    finally:
-        database.close()
-    return {name: ids[name] for name in names if name in ids}
+
+    pairs: str = "exhaustive"
+    max_distance: Optional[float] = None
+    ratio: Optional[float] = None
+    rotations: int = 1
+
+    def __post_init__(self) -> None:
+        # The matcher's own checks, before the extraction (None: the preset's, later).
+        MatchingSettings(self.max_distance, self.ratio, self.rotations)
+
+    def settings(self, device: Optional[str]) -> MatchingSettings:
+        """The matcher's settings for a run on ``device``."""
+        return MatchingSettings(self.max_distance, self.ratio, self.rotations, device)
 
 
-def _check_shared_sizes(features: FeatureStore, names: Sequence[str], camera_mode: str) -> None:
-    """Images that share a camera must have one size: COLMAP leaves the others out
-    (CAMERA_SINGLE_DIM_ERROR), which would surface as unreadable images."""
-    first: Dict[str, Tuple[str, Tuple[int, int]]] = {}
-    for name in names:
-        group = name.rpartition("/")[0] if camera_mode == "per_folder" else ""
-        size = tuple(features.read(name).image_size)
-        seen = first.setdefault(group, (name, size))
-        if seen[1] != size:
-            where = f" of folder {group!r}" if camera_mode == "per_folder" else ""
-            raise ValueError(
-                f"camera_mode={camera_mode!r} gives the images{where} one camera, so they "
-                f"must have one size, but {seen[0]} is {seen[1][0]}x{seen[1][1]} and {name} is "
-                f"{size[0]}x{size[1]} pixels; use camera_mode='auto' or 'per_image' (a "
-                "camera per image), or photos of one size"
-            )
+@dataclass(frozen=True)
+class CameraOptions:
+    """The cameras of the COLMAP database (see :func:`cv2r2d2.colmap.write_database`).
 
-
-def verified_matches(database: "pycolmap.Database") -> List[Tuple[int, int, Any]]:
-    """The image pairs of an open database that passed geometric verification.
-
-    pycolmap's ``num_verified_image_pairs`` counts every two-view geometry, those of
-    pairs that failed too; these are the ones with inlier matches.
-
-    Returns:
-        (image_id1, image_id2, two-view geometry) per verified pair.
+    Attributes:
+        model: a COLMAP camera model (``SIMPLE_RADIAL``, ``PINHOLE``, ...).
+        mode: ``auto`` (a camera per image unless EXIF says otherwise), ``single``,
+            ``per_folder`` or ``per_image``.
     """
-    pycolmap = import_pycolmap()
-    failed = (pycolmap.TwoViewGeometryConfiguration.UNDEFINED,
-              pycolmap.TwoViewGeometryConfiguration.DEGENERATE)
-    found = []
-    for pair_id, geometry in zip(*database.read_two_view_geometries()):
-        if geometry.config not in failed and len(geometry.inlier_matches):
-            found.append((*pycolmap.pair_id_to_image_pair(pair_id), geometry))
-    return found
+
+    model: str = "SIMPLE_RADIAL"
+    mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_camera_mode(self.mode)
 
 
-def verify_matches(database_path: PathLike, num_threads: int = -1, verbose: bool = False) -> int:
-    """COLMAP's geometric verification of all the database's matched pairs.
+@dataclass(frozen=True)
+class RefinementOptions:
+    """The featuremetric keypoint refinement of the verified tracks before mapping
+    (:func:`refine_database`).
 
-    Args:
-        num_threads: worker threads (-1: all cores).
-
-    Returns:
-        The number of image pairs that passed (see :func:`verified_matches`).
+    Attributes:
+        enabled: refine; None: as the preset does (the ``sfm`` preset refines).
+        params: its settings (None: the preset's, else the defaults).
+        feature: the extractor whose network computes the refinement's descriptors
+            (None: the preset's refinement network, else the extraction's).
     """
-    pycolmap = import_pycolmap()
-    database = pycolmap.Database.open(os.fspath(database_path))
-    try:
-        cameras = {camera.camera_id: camera for camera in database.read_all_cameras()}
-        users = collections.Counter(image.camera_id for image in database.read_all_images())
-    finally:
-        database.close()
-    # pycolmap 4.2's shared-focal 6-point solver, used for pairs of one camera without
-    # a focal-length prior, crashes the process when run in parallel (seen on
-    # about half of the runs); it is stable on one thread.
-    if any(count > 1 and not cameras[camera].has_prior_focal_length
-           for camera, count in users.items()):
-        num_threads = 1
-    with _colmap_log_level(pycolmap, verbose):
-        pycolmap.geometric_verification(
-            os.fspath(database_path),
-            pycolmap.GeometricVerifierOptions(num_threads=num_threads),
-        )
-    database = pycolmap.Database.open(os.fspath(database_path))
-    try:
-        return len(verified_matches(database))
-    finally:
-        database.close()
+
+    enabled: Optional[bool] = None
+    params: Optional[RefinementParams] = None
+    feature: Optional["R2D2Feature"] = None
+
+    def __post_init__(self) -> None:
+        if self.enabled is not None and not isinstance(self.enabled, (bool, np.bool_)):
+            raise TypeError(f"RefinementOptions.enabled must be None, True or False, got "
+                            f"{self.enabled!r}")
+        if self.params is not None and not isinstance(self.params, RefinementParams):
+            raise TypeError(f"RefinementOptions.params must be a RefinementParams, got "
+                            f"{type(self.params).__name__}")
+        if self.feature is not None and not hasattr(self.feature, "computeDescriptorWindows"):
+            raise TypeError(f"RefinementOptions.feature must be an R2D2Feature, got "
+                            f"{type(self.feature).__name__}")
+
+
+def _options(value: Any, kind: type, name: str) -> Any:
+    """``value`` (None: the defaults) if it is a ``kind``, else a TypeError."""
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} must be a {kind.__name__} (or None), got {type(value).__name__}")
+    return value
+
+
+# --- refinement of a database, cached ------------------------------------------------------
 
 
 def _fingerprint(feature: "R2D2Feature", params: RefinementParams, names: Sequence[str],
@@ -262,29 +172,6 @@ def _write_refined(path: Path, fingerprint: str, names: Sequence[str],
                  keypoints=np.concatenate(keypoints).astype(np.float32))
 
 
-def _unit_descriptors(descriptors: Any) -> np.ndarray:
-    """A database's descriptors as unit float32 rows: cv2r2d2 stores float32 bytes
-    (type UNDEFINED), COLMAP's SIFT uint8 values."""
-    pycolmap = import_pycolmap()
-    data = np.asarray(descriptors.data)
-    if descriptors.type == pycolmap.FeatureExtractorType.UNDEFINED and data.dtype == np.uint8 \
-            and data.shape[1] % 4 == 0:
-        data = np.ascontiguousarray(data).view(np.float32)
-    data = data.astype(np.float32)
-    return data / np.maximum(np.linalg.norm(data, axis=1, keepdims=True), 1e-12)
-
-
-def _stored_sizes(keypoints: np.ndarray) -> Optional[np.ndarray]:
-    """Keypoint scales of COLMAP's keypoint rows: (x, y, scale, orientation) or the
-    affine shape (x, y, a11, a12, a21, a22); None for bare (x, y)."""
-    if keypoints.shape[1] == 4:
-        return keypoints[:, 2].astype(np.float32)
-    if keypoints.shape[1] == 6:
-        return np.sqrt(np.abs(keypoints[:, 2] * keypoints[:, 5]
-                              - keypoints[:, 3] * keypoints[:, 4])).astype(np.float32)
-    return None
-
-
 def refine_database(
     database_path: PathLike,
     image_dir: PathLike,
@@ -305,7 +192,7 @@ def refine_database(
     detector's keypoints can be refined this way (COLMAP's SIFT too).
 
     Args:
-        database_path: a COLMAP database after :func:`verify_matches`.
+        database_path: a COLMAP database after :func:`cv2r2d2.colmap.verify_matches`.
         image_dir: the folder its image names are relative to.
         feature: the R2D2 extractor whose dense descriptors guide the refinement.
         params: refinement settings (None: the defaults).
@@ -316,49 +203,17 @@ def refine_database(
             on the same inputs (keypoints, sizes, matches, settings, model) reads them
             instead of running the network again, unless ``overwrite``.
     """
-    pycolmap = import_pycolmap()
     params = params if params is not None else RefinementParams()
-    watermark = pycolmap.TwoViewGeometryConfiguration.WATERMARK
-    database = pycolmap.Database.open(os.fspath(database_path))
-    try:
-        images = sorted(database.read_all_images(), key=lambda image: image.image_id)
-        cameras = {camera.camera_id: camera for camera in database.read_all_cameras()}
-        index = {image.image_id: i for i, image in enumerate(images)}
-        stored = [database.read_keypoints(image.image_id) for image in images]
-        edges = [
-            np.column_stack([np.full(len(inliers), index[id1]), inliers[:, 0],
-                             np.full(len(inliers), index[id2]), inliers[:, 1]])
-            for id1, id2, geometry in verified_matches(database)
-            for inliers in [np.asarray(geometry.inlier_matches, np.int64)]
-            if len(inliers) >= params.min_inliers and geometry.config != watermark
-        ]
-        edges = np.concatenate(edges) if edges else np.zeros((0, 4), np.int64)
-        # Each end's descriptor, an image at a time: joins go best similarity first.
-        ends = np.zeros((2, len(edges), 0), np.float32)
-        for i, image in enumerate(images):
-            for side in (0, 1):
-                rows = np.flatnonzero(edges[:, 2 * side] == i)
-                if not len(rows):
-                    continue
-                vectors = _unit_descriptors(database.read_descriptors(image.image_id))
-                if ends.shape[2] != vectors.shape[1]:
-                    ends = np.zeros((2, len(edges), vectors.shape[1]), np.float32)
-                ends[side, rows] = vectors[edges[rows, 2 * side + 1]]
-    finally:
-        database.close()
-    names = [image.name for image in images]
-    image_sizes = [(cameras[image.camera_id].width, cameras[image.camera_id].height)
-                   for image in images]
-    # COLMAP's pixel convention puts the top-left pixel's centre at (0.5, 0.5).
-    keypoints = [points[:, :2] - 0.5 for points in stored]
+    verified = read_verified_edges(database_path, params.min_inliers)
+    names = verified.names
     if sizes is not None:
-        detected = [np.asarray(sizes[name], np.float32) for name in names]
+        detected: Optional[List[np.ndarray]] = [np.asarray(sizes[name], np.float32)
+                                                for name in names]
     else:
-        detected = [_stored_sizes(points) for points in stored]
-        detected = None if any(d is None for d in detected) else detected
-    scores = (ends[0] * ends[1]).sum(axis=1) if ends.shape[2] else None
+        detected = None if any(s is None for s in verified.sizes) else verified.sizes
     fingerprint = _fingerprint(feature, params, names, [
-        *keypoints, *(detected or []), edges, np.asarray(image_sizes, np.int64)])
+        *verified.keypoints, *(detected or []), verified.edges,
+        np.asarray(verified.image_sizes, np.int64)])
     refined = None
     if cache is not None and not overwrite:
         refined = _read_refined(Path(cache), fingerprint, names)
@@ -367,46 +222,16 @@ def refine_database(
         report = RefinementReport(cached=True)
     else:
         refined, report = refine_keypoints(
-            feature, [Path(image_dir) / name for name in names], keypoints, edges,
-            sizes=detected, image_sizes=image_sizes, scores=scores, params=params,
-            show_progress=show_progress)
+            feature, [Path(image_dir) / name for name in names], verified.keypoints,
+            verified.edges, sizes=detected, image_sizes=verified.image_sizes,
+            scores=verified.similarities, params=params, show_progress=show_progress)
         if cache is not None:
             _write_refined(Path(cache), fingerprint, names, refined)
-    database = pycolmap.Database.open(os.fspath(database_path))
-    try:
-        for image, points, new in zip(images, stored, refined):
-            if not np.array_equal(points[:, :2] - 0.5, new):
-                points = points.copy()
-                points[:, :2] = new + 0.5
-                database.update_keypoints(image.image_id, points)
-    finally:
-        database.close()
+    update_keypoints(database_path, dict(zip(verified.image_ids, refined)))
     return report
 
 
-def incremental_mapping(
-    database_path: PathLike, image_dir: PathLike, output_dir: PathLike, verbose: bool = False,
-) -> List[Tuple[Path, "pycolmap.Reconstruction"]]:
-    """COLMAP's incremental mapping; models are written to ``output_dir/0``, ``/1``...
-
-    An existing ``output_dir`` is replaced once mapping has finished; when COLMAP makes
-    no model, it is removed (it would hold the models of other matches).
-
-    Returns:
-        (folder, reconstruction) of each model, largest (most registered images) first;
-        empty when COLMAP made none.
-    """
-    pycolmap = import_pycolmap()
-    output_dir = Path(output_dir)
-    with atomic_dir(output_dir) as work, _colmap_log_level(pycolmap, verbose):
-        models = pycolmap.incremental_mapping(
-            os.fspath(database_path), os.fspath(image_dir), os.fspath(work),
-        )
-    if not models:
-        shutil.rmtree(output_dir, ignore_errors=True)
-        return []
-    found = [(output_dir / str(index), model) for index, model in models.items()]
-    return sorted(found, key=lambda item: -item[1].num_reg_images())
+# --- the whole chain ---------------------------------------------------------------------
 
 
 def _sizes(features: FeatureStore) -> Optional[Dict[str, np.ndarray]]:
@@ -488,21 +313,17 @@ def reconstruct(
     image_dir: PathLike,
     output_dir: PathLike,
     feature: Optional["R2D2Feature"] = None,
-    pairs: str = "exhaustive",
-    camera_model: str = "SIMPLE_RADIAL",
-    camera_mode: str = "auto",
-    max_distance: Optional[float] = None,
-    ratio: Optional[float] = None,
+    *,
+    preset: Optional[str] = None,
+    matching: Optional[MatchingOptions] = None,
+    camera: Optional[CameraOptions] = None,
+    refinement: Optional[RefinementOptions] = None,
+    mapper_options: Optional[Mapping[str, Any]] = None,
     device: Optional[str] = None,
     database_only: bool = False,
     overwrite: bool = False,
     show_progress: bool = False,
     verbose: bool = False,
-    rotations: int = 1,
-    refine: Optional[bool] = None,
-    refine_params: Optional[RefinementParams] = None,
-    refine_feature: Optional["R2D2Feature"] = None,
-    preset: Optional[str] = None,
 ) -> SfMResult:
     """Photos in, sparse COLMAP model out.
 
@@ -517,147 +338,176 @@ def reconstruct(
         image_dir: the photos (searched recursively).
         output_dir: where to write.
         feature: the extractor; None: ``preset``'s (``"sfm"`` by default) on ``device``.
-        pairs: ``exhaustive``, ``sequential[:k]``, ``retrieval:k`` or a pairs file (see
-            :func:`cv2r2d2.pairs.parse_pairs`).
-        camera_model, camera_mode: as :func:`write_database`.
-        max_distance, ratio: as :func:`cv2r2d2.matching.match_batch`; None: the preset's.
-        device: the torch device of the matching (and of the extractor made here).
-        database_only: stop after the database and its geometric verification.
-        overwrite: extract and match again instead of reusing earlier results.
-        show_progress: progress bars (on a terminal).
-        verbose: COLMAP's own log on stderr.
-        rotations: as :func:`cv2r2d2.matching.match_batch`, with ``feature``'s steerers
-            (views that may be rotated in the image plane).
-        refine: featuremetric keypoint refinement of the verified tracks before
-            mapping (:func:`refine_database`); None: as the preset does.
-        refine_params: its settings (None: the preset's, else the defaults).
-        refine_feature: the extractor whose network computes the refinement's
-            descriptors (None: the preset's refinement network, else ``feature``).
         preset: the name of the settings (:data:`cv2r2d2.presets.PRESETS`) of the
             matching and the refinement, and of the extraction when ``feature`` is None;
             None: ``feature``'s preset, or ``"sfm"`` without a feature.
+        matching: the pairs and the matcher (None: exhaustive, the preset's matcher).
+        camera: the database's cameras (None: ``SIMPLE_RADIAL``, COLMAP's choice).
+        refinement: the keypoint refinement (None: as the preset does).
+        mapper_options: pycolmap's ``IncrementalPipelineOptions`` to change, as hloc's
+            (see :func:`cv2r2d2.colmap.pipeline_options`); an unknown one is a ValueError.
+        device: the torch device of the matching (and of the extractor made here).
+        database_only: stop after the database, its geometric verification and the
+            refinement.
+        overwrite: extract and match again instead of reusing earlier results.
+        show_progress: progress bars (on a terminal).
+        verbose: COLMAP's own log on stderr.
     """
+    matching = _options(matching, MatchingOptions, "matching")
+    camera = _options(camera, CameraOptions, "camera")
+    refinement = _options(refinement, RefinementOptions, "refinement")
     import_pycolmap()
-    if refine_feature is not None and not hasattr(refine_feature, "computeDescriptorWindows"):
-        raise TypeError(f"refine_feature must be an R2D2Feature, got "
-                        f"{type(refine_feature).__name__}")
-    if refine is not None and not isinstance(refine, (bool, np.bool_)):
-        raise TypeError(f"refine must be None, True or False, got {refine!r}")
+    pipeline_options(mapper_options)  # a bad option fails before the extraction
     if preset is not None:
         get_preset(preset)
-    rotation_angles(rotations)  # a bad value fails before the extraction, not after it
     image_dir, output_dir = Path(image_dir), Path(output_dir)
     if not image_dir.is_dir():
         raise NotADirectoryError(f"no such image folder: '{image_dir}'")
     torch_device(device)  # the matcher's: checked before the extraction
-    from .feature2d import R2D2Feature
-
-    if feature is not None and not isinstance(feature, R2D2Feature):
-        raise TypeError(f"feature must be an R2D2Feature (R2D2Feature.create(...)), got "
-                        f"{type(feature).__name__}")
-    if feature is None:
-        feature = R2D2Feature(R2D2Config.from_arguments(preset=preset or SFM_PRESET,
-                                                        device=device))
+    feature = _extractor(feature, preset, device)
     chosen = get_preset(preset or feature.getPreset())
-    matching = dict(dict(max_distance=None, ratio=None), **chosen.matching)
-    matching.update({k: v for k, v in dict(max_distance=max_distance, ratio=ratio).items()
-                     if v is not None})
-    if refine is None:
-        refine = chosen.refinement is not None
-    if refine and chosen.refinement is not None:
-        if refine_params is None and chosen.refinement.get("upsample", 1.0) != 1.0:
-            refine_params = RefinementParams.upsampled(chosen.refinement["upsample"])
-        if refine_feature is None and chosen.refinement.get("network"):
-            refine_feature = R2D2Feature(feature.getConfig().replace(
-                **chosen.refinement["network"]))
-    images = list_images([image_dir])
-    output_dir.mkdir(parents=True, exist_ok=True)
-    seconds: Dict[str, float] = {}
-    clock = [time.perf_counter()]
-
-    def lap(stage: str) -> None:
-        now = time.perf_counter()
-        seconds[stage] = now - clock[0]
-        clock[0] = now
-
-    refinement = None
-    with H5Features(output_dir / "features.h5", writable=True) as features:
-        extraction = extract_collection(images, features, feature, overwrite, show_progress)
-        lap("extract")
-        names = sorted(set(features.names()) & {name for name, _ in images})
-        pair_list = parse_pairs(pairs, names, features, show_progress)
-        with H5Matches(output_dir / "matches.h5", writable=True) as matches:
-            settings = MatchingSettings(matching["max_distance"], matching["ratio"],
-                                        rotations, device)
-            match_collection(features, pair_list, matches, settings, feature, overwrite,
-                             show_progress)
-            lap("match")
-            database = output_dir / "database.db"
-            with atomic_path(database) as tmp:
-                write_database(tmp, image_dir, features, matches, pair_list, camera_model,
-                               camera_mode)
-                lap("database")
-                verified = verify_matches(tmp, verbose=verbose)
-                lap("verify")
-                if refine and verified:
-                    refinement = refine_database(
-                        tmp, image_dir, refine_feature or feature, refine_params, _sizes(features),
-                        cache=output_dir / "refined_keypoints.npz", overwrite=overwrite,
-                        show_progress=show_progress)
-                    lap("refine")
-    result = SfMResult(num_images=len(images), database=database, failed=extraction.failed,
-                       num_pairs=len(pair_list), num_verified_pairs=verified,
-                       refinement=refinement, seconds=seconds)
-    if not verified:
-        result.failure = _failure(
-            image_dir, f"no image pair passed COLMAP's geometric verification (of "
-                       f"{len(pair_list)} pair(s) matched)", rotations)
+    run = _Run(image_dir, output_dir, feature, _preset_matching(matching, chosen), camera,
+               _preset_refinement(refinement, chosen, feature), device, overwrite,
+               show_progress, verbose)
+    result = run.database()
+    if not result.num_verified_pairs:
+        result.failure = run.failure(
+            f"no image pair passed COLMAP's geometric verification (of "
+            f"{result.num_pairs} pair(s) matched)")
         # A model of earlier matches would not be this run's.
         shutil.rmtree(output_dir / "sparse", ignore_errors=True)
-        return result
-    if database_only:
-        return result
-    models = incremental_mapping(database, image_dir, output_dir / "sparse", verbose)
-    lap("map")
-    if not models:
-        result.failure = _failure(
-            image_dir, "COLMAP found no initial image pair to start a model from "
-                       f"({verified} of {len(pair_list)} pair(s) verified, the best with "
-                       f"{_most_inliers(database)} inlier matches)", rotations)
-        return result
-    result.model, best = models[0]
-    result.reconstruction = best
-    result.num_models = len(models)
-    result.num_registered = best.num_reg_images()
-    result.num_points3D = best.num_points3D()
-    result.mean_track_length = float(best.compute_mean_track_length())
-    result.mean_reprojection_error = float(best.compute_mean_reprojection_error())
-    readable = len(images) - len(extraction.failed)
-    if result.num_registered < readable:
-        logger.warning("%d of %d images have no pose in the largest model (%d model(s) "
-                       "made): they overlap too little with the others, or need "
-                       "--rotations 12 if they are turned in the image plane",
-                       readable - result.num_registered, readable, len(models))
+    elif not database_only:
+        run.map(result, mapper_options)
     return result
 
 
-def _failure(image_dir: Path, stage: str, rotations: int) -> str:
-    """What failed and what to try, for a reconstruction of ``image_dir`` that made no model."""
-    hints = ["photos that overlap more (each scene part seen by three or more photos)",
-             "--camera-mode single if one camera took them all"]
-    if rotations == 1:
-        hints.append("--rotations 12 if some are turned in the image plane")
-    hints.append("another preset (--preset accurate or paper)")
-    return (f"COLMAP could not reconstruct anything from '{image_dir}': {stage}. Try "
-            + "; ".join(hints) + ". COLMAP's own log: -v.")
+def _extractor(feature: Optional["R2D2Feature"], preset: Optional[str],
+               device: Optional[str]) -> "R2D2Feature":
+    """``feature``, checked, or the preset's extractor (``sfm`` without a preset)."""
+    from .feature2d import R2D2Feature
+
+    if feature is None:
+        return R2D2Feature(R2D2Config.from_arguments(preset=preset or SFM_PRESET, device=device))
+    if not isinstance(feature, R2D2Feature):
+        raise TypeError(f"feature must be an R2D2Feature (R2D2Feature.create(...)), got "
+                        f"{type(feature).__name__}")
+    return feature
 
 
-def _most_inliers(database_path: Path) -> int:
-    """The largest inlier match count of a verified pair of the database."""
-    pycolmap = import_pycolmap()
-    database = pycolmap.Database.open(os.fspath(database_path))
-    try:
-        return max((len(geometry.inlier_matches) for *_, geometry in verified_matches(database)),
-                   default=0)
-    finally:
-        database.close()
+def _preset_matching(matching: MatchingOptions, preset: Preset) -> MatchingOptions:
+    """``matching`` with the preset's ``max_distance`` and ``ratio`` where it has None."""
+    return replace(matching, **{key: preset.matching.get(key) for key in ("max_distance", "ratio")
+                                if getattr(matching, key) is None})
+
+
+def _preset_refinement(refinement: RefinementOptions, preset: Preset,
+                       feature: "R2D2Feature") -> RefinementOptions:
+    """``refinement`` with what it leaves to the preset chosen: whether to refine, the
+    upsampling and the network."""
+    from .feature2d import R2D2Feature
+
+    enabled = preset.refinement is not None if refinement.enabled is None \
+        else bool(refinement.enabled)
+    params, network = refinement.params, refinement.feature
+    if enabled and preset.refinement is not None:
+        if params is None and preset.refinement.get("upsample", 1.0) != 1.0:
+            params = RefinementParams.upsampled(preset.refinement["upsample"])
+        if network is None and preset.refinement.get("network"):
+            network = R2D2Feature(feature.getConfig().replace(**preset.refinement["network"]))
+    return RefinementOptions(enabled, params, network or feature)
+
+
+class _Run:
+    """One :func:`reconstruct` call's stages, with their wall times."""
+
+    def __init__(self, image_dir: Path, output_dir: Path, feature: "R2D2Feature",
+                 matching: MatchingOptions, camera: CameraOptions,
+                 refinement: RefinementOptions, device: Optional[str], overwrite: bool,
+                 show_progress: bool, verbose: bool) -> None:
+        self.image_dir, self.output_dir, self.feature = image_dir, output_dir, feature
+        self.matching, self.camera, self.refinement = matching, camera, refinement
+        self.device, self.overwrite = device, overwrite
+        self.show_progress, self.verbose = show_progress, verbose
+        self.seconds: Dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = now - self._clock
+        self._clock = now
+
+    def database(self) -> SfMResult:
+        """Extraction, matching, the database, its verification and refinement."""
+        images = list_images([self.image_dir])
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        database = self.output_dir / "database.db"
+        refinement = None
+        with H5Features(self.output_dir / "features.h5", writable=True) as features:
+            extraction = extract_collection(images, features, self.feature, self.overwrite,
+                                            self.show_progress)
+            self.lap("extract")
+            names = sorted(set(features.names()) & {name for name, _ in images})
+            pairs = parse_pairs(self.matching.pairs, names, features, self.show_progress)
+            with H5Matches(self.output_dir / "matches.h5", writable=True) as matches:
+                self.match(features, pairs, matches)
+                with atomic_path(database) as tmp:
+                    write_database(tmp, self.image_dir, features, matches, pairs,
+                                   self.camera.model, self.camera.mode)
+                    self.lap("database")
+                    verified = verify_matches(tmp, verbose=self.verbose)
+                    self.lap("verify")
+                    if self.refinement.enabled and verified:
+                        refinement = self.refine(tmp, features)
+        return SfMResult(num_images=len(images), database=database, failed=extraction.failed,
+                         num_pairs=len(pairs), num_verified_pairs=verified,
+                         refinement=refinement, seconds=self.seconds)
+
+    def match(self, features: FeatureStore, pairs: Sequence[Tuple[str, str]],
+              matches: H5Matches) -> None:
+        match_collection(features, pairs, matches, self.matching.settings(self.device),
+                         self.feature, self.overwrite, self.show_progress)
+        self.lap("match")
+
+    def refine(self, database: Path, features: FeatureStore) -> RefinementReport:
+        report = refine_database(
+            database, self.image_dir, self.refinement.feature, self.refinement.params,
+            _sizes(features), cache=self.output_dir / "refined_keypoints.npz",
+            overwrite=self.overwrite, show_progress=self.show_progress)
+        self.lap("refine")
+        return report
+
+    def map(self, result: SfMResult, mapper_options: Optional[Mapping[str, Any]]) -> None:
+        """Incremental mapping of the verified database into ``sparse/``; the largest
+        model's figures into ``result``."""
+        models = incremental_mapping(result.database, self.image_dir,
+                                     self.output_dir / "sparse", self.verbose, mapper_options)
+        self.lap("map")
+        if not models:
+            result.failure = self.failure(
+                "COLMAP found no initial image pair to start a model from "
+                f"({result.num_verified_pairs} of {result.num_pairs} pair(s) verified, the "
+                f"best with {most_inliers(result.database)} inlier matches)")
+            return
+        result.model, best = models[0]
+        result.reconstruction = best
+        result.num_models = len(models)
+        result.num_registered = best.num_reg_images()
+        result.num_points3D = best.num_points3D()
+        result.mean_track_length = float(best.compute_mean_track_length())
+        result.mean_reprojection_error = float(best.compute_mean_reprojection_error())
+        readable = result.num_images - len(result.failed)
+        if result.num_registered < readable:
+            logger.warning("%d of %d images have no pose in the largest model (%d model(s) "
+                           "made): they overlap too little with the others, or need "
+                           "--rotations 12 if they are turned in the image plane",
+                           readable - result.num_registered, readable, len(models))
+
+    def failure(self, stage: str) -> str:
+        """What failed and what to try, when COLMAP made no model."""
+        hints = ["photos that overlap more (each scene part seen by three or more photos)",
+                 "--camera-mode single if one camera took them all"]
+        if self.matching.rotations == 1:
+            hints.append("--rotations 12 if some are turned in the image plane")
+        hints.append("another preset (--preset accurate or paper)")
+        return (f"COLMAP could not reconstruct anything from '{self.image_dir}': {stage}. "
+                "Try " + "; ".join(hints) + ". COLMAP's own log: -v.")

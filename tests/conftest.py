@@ -76,7 +76,7 @@ def r2d2():
 def quarter_steerers(r2d2):
     """r2d2's steerers for 90, 180 (and so 270) degrees, fitted on two 128 px procedural
     images (not cached): enough to match exact quarter turns."""
-    from cv2r2d2.steerers import FitSettings, fit_steerers
+    from cv2r2d2.steerer_fitting import FitSettings, fit_steerers
 
     return fit_steerers(r2d2, [90, 180], FitSettings(image_size=128, num_images=2),
                         show_progress=False)

@@ -332,17 +332,20 @@ def test_export_onnx(tmp_path, capsys):
     assert (captured.out + captured.err).count("max_abs_error") == 1  # the report, once
 
 
-def _model_copy(folder: Path) -> Path:
-    """The official weights copied into a writable folder (their steerers cached beside)."""
+def _model_copy(folder: Path, monkeypatch) -> Path:
+    """The official weights copied into a folder of their own, and a cache folder of
+    their own for their steerers (``folder / "cache"``)."""
+    monkeypatch.setenv("CV2R2D2_CACHE_DIR", str(folder / "cache"))
     path = folder / "mine.pt"
     shutil.copyfile(weights_file("r2d2_WASF_N16"), path)
     return path
 
 
-def test_match_with_rotations(features, r2d2, tmp_path, capsys):
-    from cv2r2d2.steerers import FitSettings, load_steerers
+def test_match_with_rotations(features, r2d2, tmp_path, capsys, monkeypatch):
+    from cv2r2d2.steerer_cache import load_steerers
+    from cv2r2d2.steerer_fitting import FitSettings
 
-    model = _model_copy(tmp_path)
+    model = _model_copy(tmp_path, monkeypatch)
     # Small steerers cached beforehand: the command reads them instead of fitting.
     load_steerers(r2d2, model, [90, 180], FitSettings(image_size=64, num_images=1, margin=8),
                   show_progress=False)
@@ -362,8 +365,7 @@ def test_match_with_rotations(features, r2d2, tmp_path, capsys):
 
 def test_fit_steerers(tmp_path, capsys, monkeypatch):
     weights_dir()
-    monkeypatch.setenv("CV2R2D2_CACHE_DIR", str(tmp_path / "cache"))
-    model = _model_copy(tmp_path)
+    model = _model_copy(tmp_path, monkeypatch)
     images = tmp_path / "images"
     images.mkdir()
     cv2.imwrite(str(images / "boat.png"), read_image("boat.png")[100:300, 100:300])

@@ -154,7 +154,7 @@ class SteeredR2D2:
 
 
 def test_r2d2_with_rotations_matches_rotated_views(r2d2, quarter_steerers, tmp_path):
-    from cv2r2d2.steerers import rotate_image
+    from cv2r2d2.steerer_fitting import rotate_image
 
     folder = tmp_path / "v_turns"
     folder.mkdir()

@@ -66,7 +66,7 @@ def localized(reconstruction, queries, tmp_path_factory):  # noqa: F811
 
 def test_held_out_views_are_localised_within_tolerance(scene, reconstruction, queries,  # noqa: F811
                                                        localized):
-    from cv2r2d2.localization import read_results
+    from cv2r2d2.queries import read_results
 
     code, results = localized
     assert code == 0
@@ -94,7 +94,8 @@ def test_held_out_views_are_localised_within_tolerance(scene, reconstruction, qu
 
 
 def test_other_scene_is_reported_not_localised(localized):
-    from cv2r2d2.localization import MIN_INLIERS, logs_path
+    from cv2r2d2.localization import MIN_INLIERS
+    from cv2r2d2.queries import logs_path
 
     _, results = localized
     assert FOREIGN not in results.read_text()
@@ -168,47 +169,3 @@ def test_an_unreadable_query_stops_the_run_before_anything_is_written(
     error = capsys.readouterr().err
     assert "broken.png" in error and "cannot be read" in error
     assert not results.parent.exists()
-
-
-def test_query_lists_give_intrinsics_as_hlocs_do(queries, tmp_path):
-    from cv2r2d2.localization import read_queries
-
-    shutil.copyfile(queries[0] / "between.png", tmp_path / "between.png")
-    shutil.copyfile(queries[0] / "closer.png", tmp_path / "closer.png")
-    listed = tmp_path / "queries.txt"
-    listed.write_text("# name MODEL WIDTH HEIGHT params\n"
-                      f"between.png SIMPLE_RADIAL {WIDTH} {HEIGHT} 384 160 120 0\n"
-                      "closer.png\n")
-    between, closer = read_queries(listed)
-    assert (between.name, closer.name) == ("between.png", "closer.png")
-    assert between.camera.model_name == "SIMPLE_RADIAL"
-    assert list(between.camera.params) == [384, 160, 120, 0]
-    assert closer.camera is None
-    listed.write_text(f"between.png PINHOLE {WIDTH} {HEIGHT} 384 160 120\n")
-    with pytest.raises(ValueError, match="a PINHOLE camera takes 4 finite parameters"):
-        read_queries(listed)
-    listed.write_text("missing.png\n")
-    with pytest.raises(FileNotFoundError, match="missing.png"):
-        read_queries(listed)
-
-
-def test_results_are_written_in_hlocs_format(tmp_path):
-    from cv2r2d2.localization import QueryResult, logs_path, read_results, write_results
-
-    localised = QueryResult("a/b.jpg", True, qvec=(0.5, 0.5, -0.5, 0.5), tvec=(1.0, -2.0, 3.5),
-                            num_inliers=40, num_correspondences=90)
-    failed = QueryResult("c.jpg", False, reason="no keypoints")
-    path = tmp_path / "results.txt"
-    write_results(path, [localised, failed])
-    assert path.read_text() == "a/b.jpg 0.5 0.5 -0.5 0.5 1.0 -2.0 3.5\n"
-    poses = read_results(path)
-    np.testing.assert_array_equal(poses["a/b.jpg"][0], [0.5, 0.5, -0.5, 0.5])
-    logs = json.loads(logs_path(path).read_text())
-    assert logs["results"][1]["reason"] == "no keypoints"
-    # The pose helpers agree with pycolmap's (x, y, z, w) quaternions.
-    rotation = pycolmap.Rotation3d(np.array([0.5, -0.5, 0.5, 0.5])).matrix()
-    np.testing.assert_allclose(localised.rotation(), rotation, atol=1e-12)
-    np.testing.assert_allclose(localised.projection_center(), -rotation.T @ [1.0, -2.0, 3.5])
-    with pytest.raises(ValueError, match="c.jpg was not localised"):
-        failed.projection_center()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.txt", "results.txt_logs.json"]

@@ -13,9 +13,8 @@ from cv2r2d2.matching import (
     exhaustive_pairs, match_batch, match_collection, match_rotated, mutual_nearest_neighbours,
     nearest_places, parse_pairs, sequential_pairs,
 )
-from cv2r2d2.steerers import (
-    DEFAULT_ROTATIONS, FitSettings, fit_steerers, rotate_image, rotation_angles,
-)
+from cv2r2d2.steerer_fitting import FitSettings, fit_steerers, rotate_image
+from cv2r2d2.steerers import DEFAULT_ROTATIONS, rotation_angles
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

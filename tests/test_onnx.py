@@ -396,11 +396,14 @@ def test_sfm_refine_model_runs_an_onnx_export_on_onnxruntime(exported):
     args = build_parser().parse_args(
         ["sfm", "photos", "out", "--refine", "--refine-model", str(path), "--refine-upsample",
          "2", "--max-size", "640", "--backend", "torch", "--device", "cpu"])
-    params, feature = _refinement(args, _config(args))
-    assert params == RefinementParams.upsampled(2)
+    refinement = _refinement(args, _config(args))
+    assert refinement.enabled and refinement.params == RefinementParams.upsampled(2)
+    feature = refinement.feature
     assert feature.getModel() == str(path) and feature.getBackend() == "onnxruntime"
     assert feature.getParams().max_size == 640
     args = build_parser().parse_args(["sfm", "photos", "out", "--refine", "--device", "cpu",
                                       "--refine-model", MODEL, "--backend", "onnxruntime"])
-    params, feature = _refinement(args, _config(args))
-    assert params is None and feature.getBackend() == "torch" and feature.getModel() == MODEL
+    refinement = _refinement(args, _config(args))
+    feature = refinement.feature
+    assert refinement.params is None and feature.getBackend() == "torch" \
+        and feature.getModel() == MODEL

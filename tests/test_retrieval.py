@@ -11,9 +11,8 @@ import pytest
 from conftest import image_path, weights_dir
 from cv2r2d2.cli import main
 from cv2r2d2.pairs import exhaustive_pairs, parse_pairs, read_pairs
-from cv2r2d2.retrieval import (
-    RetrievalIndex, RetrievalSettings, index_path, retrieval_pairs, top_k_neighbours,
-)
+from cv2r2d2.neighbours import top_k_neighbours
+from cv2r2d2.retrieval import RetrievalIndex, RetrievalSettings, index_path, retrieval_pairs
 from cv2r2d2.stores import H5Features, ImageFeatures, open_features
 
 h5py = pytest.importorskip("h5py")

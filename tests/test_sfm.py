@@ -12,6 +12,8 @@ import pytest
 
 from conftest import read_image
 
+from cv2r2d2.sfm import CameraOptions, RefinementOptions
+
 pycolmap = pytest.importorskip("pycolmap")
 pytest.importorskip("h5py")
 
@@ -20,6 +22,7 @@ WIDTH, HEIGHT = 320, 240
 FOCAL = 1.2 * WIDTH
 GROUND = 4.0  # side of the textured ground square: the scene's size
 NUM_VIEWS = 8
+SINGLE = CameraOptions(mode="single")  # the views are of one camera
 
 
 def _texture(name: str, crop=None, side: int = 256) -> np.ndarray:
@@ -110,7 +113,7 @@ def reconstruction(scene, feature, tmp_path_factory):
     output = tmp_path_factory.mktemp("sfm")
     previous = os.umask(0o027)  # a real umask: the outputs must follow it
     try:
-        return reconstruct(scene[0], output, feature=feature, camera_mode="single"), output
+        return reconstruct(scene[0], output, feature=feature, camera=SINGLE), output
     finally:
         os.umask(previous)
 
@@ -152,7 +155,7 @@ def test_database_only_reuses_features_and_matches(scene, reconstruction, featur
 
     _, output = reconstruction
     result = reconstruct(scene[0], output, feature=_no_extraction(feature, monkeypatch),
-                         camera_mode="single", database_only=True)
+                         camera=SINGLE, database_only=True)
     assert result.model is None and result.num_registered == 0
     database = pycolmap.Database.open(str(result.database))
     try:
@@ -176,12 +179,38 @@ def test_database_only_reuses_features_and_matches(scene, reconstruction, featur
     assert not list(Path(output).glob("*.tmp"))
 
 
-def test_write_database_refuses_an_existing_file(tmp_path):
-    from cv2r2d2.sfm import write_database
+def test_options_are_checked_before_any_work(scene, reconstruction, feature, monkeypatch,
+                                            tmp_path):
+    from cv2r2d2.sfm import MatchingOptions, reconstruct
 
-    (tmp_path / "database.db").write_bytes(b"SQLite format 3")
-    with pytest.raises(FileExistsError):
-        write_database(tmp_path / "database.db", tmp_path, None, None, [])
+    feature = _no_extraction(feature, monkeypatch)
+    with pytest.raises(ValueError, match="has no option 'init_min_inliers'.*init_min_num_inliers"):
+        reconstruct(scene[0], tmp_path, feature=feature,
+                    mapper_options={"mapper": {"init_min_inliers": 50}})
+    with pytest.raises(ValueError, match="'min_model_size' takes int values"):
+        reconstruct(scene[0], tmp_path, feature=feature, mapper_options={"min_model_size": "3"})
+    with pytest.raises(TypeError, match="camera must be a CameraOptions"):
+        reconstruct(scene[0], tmp_path, feature=feature, camera={"mode": "single"})
+    with pytest.raises(ValueError, match="camera_mode must be one of"):
+        CameraOptions(mode="shared")
+    with pytest.raises(ValueError, match="rotations must be a positive divisor of 360"):
+        MatchingOptions(rotations=7)
+    with pytest.raises(TypeError, match="RefinementOptions.enabled"):
+        RefinementOptions("yes")
+    assert not list(tmp_path.iterdir())
+
+
+def test_mapper_options_reach_the_mapper(scene, reconstruction, feature, monkeypatch, tmp_path):
+    """No image pair has the initial pair's inliers that the mapper options ask for: no
+    model, the failure says so, and no sparse/ is left."""
+    from cv2r2d2.sfm import reconstruct
+
+    output = _resumed_copy(reconstruction[1], tmp_path / "out")
+    result = reconstruct(scene[0], output, feature=_no_extraction(feature, monkeypatch),
+                         camera=SINGLE, refinement=RefinementOptions(False),
+                         mapper_options={"mapper": {"init_min_num_inliers": 100_000}})
+    assert result.model is None and "no initial image pair" in result.failure
+    assert not (output / "sparse").exists()
 
 
 def _resumed_copy(output: Path, folder: Path) -> Path:
@@ -197,7 +226,8 @@ def refined(scene, feature, reconstruction, tmp_path_factory):
     from cv2r2d2.sfm import reconstruct
 
     output = _resumed_copy(reconstruction[1], tmp_path_factory.mktemp("refined"))
-    return reconstruct(scene[0], output, feature=feature, camera_mode="single", refine=True), output
+    return reconstruct(scene[0], output, feature=feature, camera=SINGLE,
+                         refinement=RefinementOptions(True)), output
 
 
 def test_refinement_lowers_the_reprojection_error(scene, reconstruction, refined):
@@ -255,15 +285,15 @@ def test_refinement_on_finer_levels_with_another_network(scene, feature, reconst
     shutil.copyfile(refined[1] / "refined_keypoints.npz", output / "refined_keypoints.npz")
     params = RefinementParams.upsampled(2)
     assert (params.window_radius, params.max_displacement, params.upsample) == (4, 3.5, 2.0)
-    result = reconstruct(scene[0], output, feature=feature, camera_mode="single", refine=True,
-                         refine_params=params, refine_feature=refiner)
+    result = reconstruct(scene[0], output, feature=feature, camera=SINGLE,
+                         refinement=RefinementOptions(True, params, refiner))
     # The default settings' cached keypoints are not taken for these.
     assert not result.refinement.cached and calls["refiner"] == NUM_VIEWS
     assert result.num_registered == NUM_VIEWS
     assert result.mean_reprojection_error < 0.85 * plain.mean_reprojection_error, \
         (plain.mean_reprojection_error, result.mean_reprojection_error)
-    with pytest.raises(TypeError, match="refine_feature"):
-        reconstruct(scene[0], output, feature=feature, refine=True, refine_feature="int8.onnx")
+    with pytest.raises(TypeError, match="RefinementOptions.feature"):
+        RefinementOptions(True, feature="int8.onnx")
 
 
 def test_without_refinement_the_database_is_the_features(reconstruction, tmp_path):
@@ -302,7 +332,8 @@ def test_refinement_resumes_and_writes_nothing_partial(scene, feature, refined, 
 
     monkeypatch.setattr(R2D2Feature, "computeDescriptorWindows", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        reconstruct(scene[0], output, feature=feature, camera_mode="single", refine=True)
+        reconstruct(scene[0], output, feature=feature, camera=SINGLE,
+                    refinement=RefinementOptions(True))
     assert sorted(p.name for p in output.iterdir()) == ["features.h5", "matches.h5"]
     monkeypatch.undo()
     # A rerun of the same inputs finds the refined keypoints and runs no network.
@@ -313,8 +344,8 @@ def test_refinement_resumes_and_writes_nothing_partial(scene, feature, refined, 
 
     monkeypatch.setattr(cv2r2d2.refinement, "refine_keypoints", no_network)
     monkeypatch.setattr("cv2r2d2.sfm.refine_keypoints", no_network)
-    result = reconstruct(scene[0], output, feature=feature, camera_mode="single", refine=True,
-                         database_only=True)
+    result = reconstruct(scene[0], output, feature=feature, camera=SINGLE,
+                         refinement=RefinementOptions(True), database_only=True)
     assert result.refinement.cached
     database = pycolmap.Database.open(str(result.database))
     reference = pycolmap.Database.open(str(done / "database.db"))
@@ -346,8 +377,8 @@ def test_shared_camera_needs_one_image_size(scene, reconstruction, feature, monk
         store.write("view0.png", small)
     with pytest.raises(ValueError, match=r"one size, but view0.png is 160x120 and view1.png "
                                          r"is 320x240.*camera_mode='auto' or 'per_image'"):
-        reconstruct(folder, output, feature=feature, camera_mode="single", database_only=True)
+        reconstruct(folder, output, feature=feature, camera=SINGLE, database_only=True)
     assert not (output / "database.db").exists()
-    result = reconstruct(folder, output, feature=feature, camera_mode="per_image",
+    result = reconstruct(folder, output, feature=feature, camera=CameraOptions(mode="per_image"),
                          database_only=True)
     assert result.num_verified_pairs > 0

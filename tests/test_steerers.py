@@ -1,4 +1,5 @@
-"""Steerers: Procrustes fits, the cache beside the weights, R2D2Feature.steer."""
+"""Steerers (cv2r2d2.steerers), their Procrustes fits (steerer_fitting), their cache
+(steerer_cache), R2D2Feature.steer."""
 from __future__ import annotations
 
 import logging
@@ -10,11 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import read_image, weights_file
-from cv2r2d2 import steerers as steerers_module
-from cv2r2d2.steerers import (
-    FitSettings, Steerers, cache_file, check_angle, fit_steerers, load_steerers,
-    procedural_images, rotate_image, rotation_angles,
-)
+from cv2r2d2 import steerer_cache
+from cv2r2d2.steerer_cache import cache_file, load_steerers, read_cache
+from cv2r2d2.steerer_fitting import FitSettings, fit_steerers, procedural_images, rotate_image
+from cv2r2d2.steerers import Steerers, check_angle, fitted_angle, rotation_angles
 
 # Tiny fits (one 64 px image: two network runs per angle) where only the mechanics matter.
 SMALL = FitSettings(image_size=64, num_images=1, margin=8)
@@ -35,14 +35,14 @@ def model_copy(tmp_path, monkeypatch):
 def count_fits(monkeypatch):
     """The angles of each fit_steerers call that load_steerers makes; the default
     settings made small."""
-    monkeypatch.setattr(steerers_module, "DEFAULT_SETTINGS", SMALL)
+    monkeypatch.setattr(steerer_cache, "DEFAULT_SETTINGS", SMALL)
     calls = []
 
     def counted(feature, angles, *args, **kwargs):
         calls.append(list(angles))
         return fit_steerers(feature, angles, *args, **kwargs)
 
-    monkeypatch.setattr(steerers_module, "fit_steerers", counted)
+    monkeypatch.setattr(steerer_cache, "fit_steerers", counted)
     return calls
 
 
@@ -59,6 +59,7 @@ def test_angles():
             check_angle(bad)
     with pytest.raises(TypeError):
         check_angle("90")
+    assert [fitted_angle(a) for a in (0, 30, 330, -90, 180, 540)] == [0, 30, 30, 90, 180, 180]
 
 
 def test_rotate_image_quarter_turns_are_exact_and_the_homography_maps_pixels():
@@ -143,12 +144,12 @@ def test_a_corrupted_cache_is_refitted_with_a_warning(r2d2, model_copy, count_fi
             stored["sha256"] = np.str_("0" * 64)
         with open(path, "wb") as f:
             np.savez(f, **stored)
-    with caplog.at_level(logging.WARNING, logger="cv2r2d2.steerers"):
+    with caplog.at_level(logging.WARNING, logger="cv2r2d2.steerer_cache"):
         refitted = load_steerers(r2d2, model_copy, [90], show_progress=False)
     assert "ignoring the steerer cache" in caplog.text and str(path) in caplog.text
     assert len(count_fits) == 2
     assert refitted.matrix(90).tobytes() == fitted.matrix(90).tobytes()
-    assert steerers_module.read_cache(path, fitted.sha256) is not None  # rewritten whole
+    assert read_cache(path, fitted.sha256) is not None  # rewritten whole
 
 
 def test_a_read_only_weights_folder_caches_in_the_user_cache_folder(r2d2, model_copy, tmp_path,
