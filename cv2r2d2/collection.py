@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence,
 import cv2
 import numpy as np
 
-from .extractor import Features
+from .params import Features
 from .image import read_image
 from .matching import DEFAULT_MAX_ELEMENTS, match_batch
 from .provenance import check_reuse, features_record, matches_record
@@ -55,7 +55,7 @@ def detect(feature: "R2D2Feature", image: np.ndarray) -> Features:
     """R2D2 features of one OpenCV image as arrays (no ``cv2.KeyPoint`` objects).
 
     Returns:
-        :class:`~cv2r2d2.extractor.Features`, positions in pixels, best first.
+        :class:`~cv2r2d2.params.Features`, positions in pixels, best first.
     """
     return feature.detectFeatures(image)
 
@@ -166,7 +166,7 @@ def match_collection(
     hloc's nearest-neighbour matcher stores).
 
     Args:
-        features: the feature store (:func:`cv2r2d2.io.open_features`).
+        features: the feature store (:func:`cv2r2d2.stores.open_features`).
         pairs: (name0, name1) pairs, e.g. from :func:`parse_pairs`.
         matches: the writable match file.
         max_distance, ratio, device, max_elements: as :func:`~cv2r2d2.matching.match_batch`.

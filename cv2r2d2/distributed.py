@@ -5,10 +5,10 @@ it never receives descriptors, only the names of what each block wrote.
 
 - Extraction: a pool of actors, each holding one R2D2 model (one GPU per actor when the
   cluster has GPUs, else ``threads`` CPU threads), extracts blocks of images with
-  :func:`cv2r2d2.io.extract_collection`. An ``.h5`` output gets one shard per block,
+  :func:`cv2r2d2.collection.extract_collection`. An ``.h5`` output gets one shard per block,
   written whole and renamed into place, and a master file of external links
   (:mod:`cv2r2d2.shards`); ``.r2d2`` files are written per image, each atomically.
-- Matching: Ray tasks match blocks of pairs with :func:`cv2r2d2.matching.match_collection`,
+- Matching: Ray tasks match blocks of pairs with :func:`cv2r2d2.collection.match_collection`,
   each block into its own shard, read through a master ``matches.h5`` likewise.
 
 Runs resume: entries already in any shard (or in the ``.r2d2`` folder) are skipped. The
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import (
-    Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union,
+    Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple,
 )
 
 from .collection import (
@@ -44,7 +44,7 @@ from .collection import (
 from .config import TORCH_BACKENDS, R2D2Config
 from .provenance import check_reuse, features_record
 from .stores import H5Features, H5Matches, R2D2Folder, feature_format, open_features, pair_key
-from .utils import atomic_path, import_optional, progress
+from .utils import PathLike, atomic_path, import_optional, progress
 from .shards import ShardedH5, new_run_id
 from .steerers import as_steerers, rotation_angles
 
@@ -57,7 +57,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 # Times Ray runs a block again after the process running it died.
 RETRIES = 3
 # Blocks queued per actor (or per CPU for matching tasks): one running, one waiting.
@@ -191,7 +190,7 @@ def _largest_node_cpus(ray: ModuleType) -> int:
 
 @dataclass
 class RayExtractionReport(ExtractionReport):
-    """What :func:`extract_collection_ray` did, as :class:`~cv2r2d2.io.ExtractionReport`,
+    """What :func:`extract_collection_ray` did, as :class:`~cv2r2d2.collection.ExtractionReport`,
     with the number of actors and the seconds spent extracting (actors started)."""
 
     actors: int = 0
@@ -233,6 +232,19 @@ class _Extractor:
         return report
 
 
+def _resumed(sharded: ShardedH5, run_id: str, record: Mapping[str, Any], output: PathLike,
+             overwrite: bool) -> Set[str]:
+    """What earlier runs left in a sharded output: the names done (none once a run with
+    other settings is cleared, as ``check_reuse`` decides), its temporary files removed."""
+    sharded.adopt_plain_file(run_id)
+    sharded.remove_temporary_files()
+    done = set(sharded.scan())
+    if check_reuse(sharded.settings(), record, bool(done), output, overwrite):
+        sharded.clear()
+        return set()
+    return done
+
+
 def extract_collection_ray(
     images: Sequence[Tuple[str, PathLike]],
     output: PathLike,
@@ -248,14 +260,14 @@ def extract_collection_ray(
 ) -> RayExtractionReport:
     """Extract the features of many images on a Ray cluster, resuming a previous run.
 
-    The features are those :func:`cv2r2d2.io.extract_collection` writes (bit for bit on
+    The features are those :func:`cv2r2d2.collection.extract_collection` writes (bit for bit on
     the CPU); images already done are skipped unless ``overwrite``, unreadable ones are
     listed in the report's ``failed``.
 
     Args:
-        images: (name, path) pairs, e.g. from :func:`cv2r2d2.io.list_images`.
+        images: (name, path) pairs, e.g. from :func:`cv2r2d2.image.list_images`.
         output: an ``.h5`` file (a master file over a ``<output>.shards`` folder) or a
-            folder of ``.r2d2`` files, as :func:`cv2r2d2.io.open_features` takes.
+            folder of ``.r2d2`` files, as :func:`cv2r2d2.stores.open_features` takes.
         config: the extractor's configuration, sent to the actors as it is (None: the
             paper's settings); ``R2D2Feature.getConfig()`` gives an extractor's.
         format: ``"auto"`` (by the suffix), ``"h5"`` or ``"r2d2"``.
@@ -285,12 +297,7 @@ def extract_collection_ray(
     run_id = new_run_id()
     report = RayExtractionReport()
     if sharded is not None:
-        sharded.adopt_plain_file(run_id)
-        sharded.remove_temporary_files()
-        done = set(sharded.scan())
-        if check_reuse(sharded.settings(), record, bool(done), output, overwrite):
-            sharded.clear()
-            done = set()
+        done = _resumed(sharded, run_id, record, output, overwrite)
     else:
         folder = R2D2Folder(output)
         prepare_output(folder, record, overwrite)
@@ -413,7 +420,7 @@ def _finished_images(results: Iterable[Tuple[Any, Any]],
 
 @dataclass
 class RayMatchingReport(MatchingReport):
-    """What :func:`match_collection_ray` did, as :class:`~cv2r2d2.matching.MatchingReport`,
+    """What :func:`match_collection_ray` did, as :class:`~cv2r2d2.collection.MatchingReport`,
     with the pairs that failed (pair, reason: their worker died) and the seconds spent
     matching."""
 
@@ -447,13 +454,13 @@ def match_collection_ray(
 ) -> RayMatchingReport:
     """Match image pairs on a Ray cluster into a sharded ``matches.h5``, resuming.
 
-    The matches are those :func:`cv2r2d2.matching.match_collection` writes; pairs
+    The matches are those :func:`cv2r2d2.collection.match_collection` writes; pairs
     already in a shard (either way round) are skipped unless ``overwrite``.
 
     Args:
         features: the feature file (a master file too) or ``.r2d2`` folder, which every
             node reads.
-        pairs: (name0, name1) pairs, e.g. from :func:`cv2r2d2.matching.parse_pairs`.
+        pairs: (name0, name1) pairs, e.g. from :func:`cv2r2d2.pairs.parse_pairs`.
         output: the matches ``.h5`` file (a master over ``<output>.shards``).
         max_distance, ratio, device: as :func:`cv2r2d2.matching.match_batch`; tasks
             take one GPU each when the cluster has GPUs and ``device`` allows.
@@ -472,12 +479,7 @@ def match_collection_ray(
     sharded = ShardedH5(output, "matches")
     run_id = new_run_id()
     report = RayMatchingReport()
-    sharded.adopt_plain_file(run_id)
-    sharded.remove_temporary_files()
-    done = set(sharded.scan())
-    if check_reuse(sharded.settings(), record, bool(done), output, overwrite):
-        sharded.clear()
-        done = set()
+    done = _resumed(sharded, run_id, record, output, overwrite)
     todo = []
     for a, b in pairs:
         if not overwrite and sharded.identity(pair_key(a, b)) in done:

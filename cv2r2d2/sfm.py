@@ -2,7 +2,7 @@
 
 :func:`reconstruct` runs the whole chain on a folder of photos: R2D2 extraction into
 ``features.h5``, mutual nearest-neighbour matching into ``matches.h5`` (both resumable,
-see :mod:`cv2r2d2.io`), a COLMAP database (cameras from the image size, or the EXIF
+see :mod:`cv2r2d2.collection`), a COLMAP database (cameras from the image size, or the EXIF
 focal length when present; keypoints; descriptors; matches), COLMAP's geometric
 verification and incremental mapping into ``sparse/``. Each step is also a function
 of its own, for users who run COLMAP themselves.

@@ -23,7 +23,8 @@ import pytest
 from conftest import ROOT, read_image, record_progress, weights_dir
 from cv2r2d2.cli import main
 from cv2r2d2.config import R2D2Config
-from cv2r2d2.io import H5Matches, list_images, open_features
+from cv2r2d2.image import list_images
+from cv2r2d2.stores import H5Matches, open_features
 
 h5py = pytest.importorskip("h5py")
 
@@ -355,9 +356,9 @@ class NoRay(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, NoRay())
 import numpy as np
-import cv2r2d2, cv2r2d2.io, cv2r2d2.matching, cv2r2d2.shards, cv2r2d2.distributed
+import cv2r2d2, cv2r2d2.collection, cv2r2d2.stores, cv2r2d2.matching, cv2r2d2.shards, cv2r2d2.distributed
 from cv2r2d2.cli import main
-from cv2r2d2.io import H5Features, ImageFeatures
+from cv2r2d2.stores import H5Features, ImageFeatures
 
 assert main(["extract", "--help"]) == 0
 assert main(["extract", {str(photos)!r}, "-o", {str(tmp_path / "f.h5")!r}, "--ray"]) == 1
@@ -383,7 +384,9 @@ assert not any(name == "ray" or name.startswith("ray.") for name in sys.modules)
 def test_matching_with_rotations_gives_the_single_machine_file(cluster, reference,
                                                                quarter_steerers, tmp_path):
     from cv2r2d2.distributed import match_collection_ray
-    from cv2r2d2.matching import estimate_rotation, match_collection, parse_pairs
+    from cv2r2d2.collection import match_collection
+    from cv2r2d2.matching import estimate_rotation
+    from cv2r2d2.pairs import parse_pairs
 
     single = tmp_path / "single.h5"
     with open_features(reference) as store, H5Matches(single, writable=True) as matches:

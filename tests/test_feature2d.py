@@ -419,7 +419,8 @@ def test_dense_maps_shapes_and_bad_scales(r2d2, boat):
 def test_a_device_this_machine_lacks_is_refused_at_creation(monkeypatch):
     import torch
 
-    from cv2r2d2.matching import match_batch, match_collection
+    from cv2r2d2.collection import match_collection
+    from cv2r2d2.matching import match_batch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
