@@ -11,9 +11,9 @@ than OpenCV's direct computation. Ties go to the lower index, as in OpenCV.
 Views rotated against each other in the image plane are matched with ``rotations=N``
 and the descriptors' steerers (:mod:`cv2r2d2.steerers`): :func:`estimate_rotation`
 picks, per pair, the steering angle k * 360 / N with the most mutual nearest
-neighbours, and :func:`match_rotated` matches under it; ``SteeredMatcher`` does
-both behind the ``cv2.BFMatcher`` interface
-(:class:`~cv2r2d2.steered_matcher.SteeredMatcher`).
+neighbours, and :func:`match_rotated` matches under it;
+:class:`~cv2r2d2.steered_matcher.SteeredMatcher` does both behind the ``cv2.BFMatcher``
+interface.
 
 Pair generation lives in :mod:`cv2r2d2.pairs` and matching a whole collection in
 :mod:`cv2r2d2.collection`.
