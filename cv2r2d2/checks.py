@@ -110,15 +110,20 @@ def check_mask(mask: Any, shape: Tuple[int, int], name: str = "mask") -> Optiona
     return mask
 
 
+def _instances(items: Any, kind: type, name: str) -> List[Any]:
+    """``items`` as a list, each checked to be an OpenCV ``kind`` (``cv2.KeyPoint``...)."""
+    items = list(items)
+    for i, item in enumerate(items):
+        if not isinstance(item, kind):
+            raise TypeError(f"{name}[{i}] must be a cv2.{kind.__name__}, got {type(item).__name__}")
+    return items
+
+
 def check_keypoints(keypoints: Any) -> List[cv2.KeyPoint]:
     """``keypoints`` as a list, once checked to hold only ``cv2.KeyPoint`` objects."""
     if keypoints is None:
         raise TypeError("keypoints must be a sequence of cv2.KeyPoint, got None")
-    keypoints = list(keypoints)
-    for i, kp in enumerate(keypoints):
-        if not isinstance(kp, cv2.KeyPoint):
-            raise TypeError(f"keypoints[{i}] must be a cv2.KeyPoint, got {type(kp).__name__}")
-    return keypoints
+    return _instances(keypoints, cv2.KeyPoint, "keypoints")
 
 
 def check_matches(matches: Any) -> np.ndarray:
@@ -130,10 +135,7 @@ def check_matches(matches: Any) -> np.ndarray:
         return matches.astype(np.int64)
     if matches is None:
         raise TypeError("matches must be cv2.DMatch objects or an M x 2 integer array, got None")
-    matches = list(matches)
-    for i, m in enumerate(matches):
-        if not isinstance(m, cv2.DMatch):
-            raise TypeError(f"matches[{i}] must be a cv2.DMatch, got {type(m).__name__}")
+    matches = _instances(matches, cv2.DMatch, "matches")
     return np.array([(m.queryIdx, m.trainIdx) for m in matches], np.int64).reshape(-1, 2)
 
 

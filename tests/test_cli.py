@@ -333,7 +333,7 @@ def test_export_onnx(tmp_path, capsys):
 
 
 def _model_copy(folder: Path) -> Path:
-    """The official weights copied into a writable folder (their steerers cached beside)."""
+    """The official weights copied into a folder of the test's, as a model of its own."""
     path = folder / "mine.pt"
     shutil.copyfile(weights_file("r2d2_WASF_N16"), path)
     return path
@@ -360,8 +360,9 @@ def test_match_with_rotations(features, r2d2, tmp_path, capsys):
     assert "divisor of 360" in capsys.readouterr().err
 
 
-def test_fit_steerers(tmp_path, capsys):
+def test_fit_steerers(tmp_path, capsys, monkeypatch):
     weights_dir()
+    monkeypatch.setenv("CV2R2D2_CACHE_DIR", str(tmp_path / "cache"))
     model = _model_copy(tmp_path)
     images = tmp_path / "images"
     images.mkdir()
@@ -372,7 +373,7 @@ def test_fit_steerers(tmp_path, capsys):
                  "--rotations", "2", "--device", "cpu", "-q"]) == 0
     out = capsys.readouterr().out
     assert "1 steerer(s) of" in out and "180 deg:" in out
-    [cache] = tmp_path.glob("mine.steerers-*.npz")
+    [cache] = (tmp_path / "cache").glob("mine.steerers-*.npz")  # never beside the weights
     with np.load(cache) as data:
         assert str(images) in str(data["settings"])
     assert main(["fit-steerers", "--images", str(tmp_path / "none")]) == 1
