@@ -33,7 +33,9 @@ from torch import nn
 import cv2r2d2
 from cv2r2d2.backends import resolve_precision
 from cv2r2d2.evaluation import homography_matching_accuracy
-from cv2r2d2.extractor import ExtractionParams, extract, pyramid
+from cv2r2d2.extractor import extract
+from cv2r2d2.params import ExtractionParams
+from cv2r2d2.pyramid import pyramid
 from cv2r2d2.image import normalize_image
 from cv2r2d2.precision import CpuCapability, probe_cpu
 from homography_pairs import IMAGES, by_image, make_pairs

@@ -33,7 +33,7 @@ from bench_extract import mma
 from cv2r2d2.config import NUM_THREADS_ENV
 from cv2r2d2.evaluation import parity_figures
 from cv2r2d2.export import export_onnx, read_images
-from cv2r2d2.extractor import ExtractionParams
+from cv2r2d2.params import ExtractionParams
 from cv2r2d2.onnx_export import export_int8, keypoint_agreement
 from cv2r2d2.precision import probe_cpu
 from cv2r2d2.steerer_fitting import procedural_images

@@ -66,7 +66,7 @@ def peak_rss_mb() -> float:
 def child_rss(folder: str, count: int, side: int) -> None:
     """Extract ``count`` photos of ``folder`` on a local Ray started here; print JSON."""
     from cv2r2d2.distributed import RayExecutor
-    from cv2r2d2.io import list_images
+    from cv2r2d2.image import list_images
 
     images = list_images([folder])[:count]
     with tempfile.TemporaryDirectory() as out:
@@ -82,7 +82,8 @@ def single_machine(images: List[Tuple[str, Path]], side: int, out: Path) -> Dict
     import torch
 
     import cv2r2d2
-    from cv2r2d2.io import extract_collection, open_features
+    from cv2r2d2.collection import extract_collection
+    from cv2r2d2.stores import open_features
 
     torch.set_num_threads(2)
     start = time.perf_counter()

@@ -38,7 +38,8 @@ import torch
 
 import cv2r2d2
 from cv2r2d2 import matching
-from cv2r2d2.matching import SteeredMatcher, match_rotated, mutual_nearest_neighbours
+from cv2r2d2.matching import match_rotated, mutual_nearest_neighbours
+from cv2r2d2.steered_matcher import SteeredMatcher
 from cv2r2d2.steerer_fitting import fit_steerers, rotate_image
 from cv2r2d2.steerers import DEFAULT_ROTATIONS, Steerers
 

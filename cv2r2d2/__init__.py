@@ -24,7 +24,7 @@ def __getattr__(name: str) -> Any:
 
         return draw_heatmap
     if name == "SteeredMatcher":
-        from .matching import SteeredMatcher
+        from .steered_matcher import SteeredMatcher
 
         return SteeredMatcher
     raise AttributeError(f"module 'cv2r2d2' has no attribute {name!r}")

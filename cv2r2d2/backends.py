@@ -21,8 +21,9 @@ import sys
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-from .config import ONNX_BACKENDS, TORCH_BACKENDS, check_backend
-from .extractor import NetworkRunner
+from .checks import check_backend
+from .config import BACKENDS, ONNX_BACKENDS, TORCH_BACKENDS
+from .runner import NetworkRunner
 from .onnx_runner import OnnxRuntimeRunner, OpenCVRunner
 from .precision import (
     CpuCapability, check_precision, choose_precision, is_onnx_file, probe_cpu, warn_if_slower,
@@ -42,7 +43,7 @@ def make_runner(model: str, device: Optional[str], backend: str, precision: str 
     ``num_threads`` is the ONNX session's (torch's count is process-wide: see
     :func:`torch_threads`).
     """
-    check_backend(backend)
+    check_backend(backend, BACKENDS)
     precision = resolve_precision(model, device, backend, precision)
     if precision == "int8":
         from .derived import int8_model

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence,
 import cv2
 import numpy as np
 
-from .extractor import Features
+from .params import Features
 from .image import read_image
 from .matching import DEFAULT_MAX_ELEMENTS, match_batch
 from .provenance import check_reuse, features_record, matches_record
@@ -77,7 +77,7 @@ def detect(feature: "R2D2Feature", image: np.ndarray) -> Features:
     """R2D2 features of one OpenCV image as arrays (no ``cv2.KeyPoint`` objects).
 
     Returns:
-        :class:`~cv2r2d2.extractor.Features`, positions in pixels, best first.
+        :class:`~cv2r2d2.params.Features`, positions in pixels, best first.
     """
     return feature.detectFeatures(image)
 

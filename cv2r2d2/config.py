@@ -2,12 +2,13 @@
 argument of ``R2D2Feature.create``.
 
 It holds the preset it starts from (:mod:`cv2r2d2.presets`), the extraction parameters
-(:class:`~cv2r2d2.extractor.ExtractionParams`), the model, and how the network runs
+(:class:`~cv2r2d2.params.ExtractionParams`), the model, and how the network runs
 (device, backend, tiles, precision, threads). ``create()``, ``write``/``read`` (OpenCV's
 FileStorage), ``repr``, the command line's R2D2 options and the Ray workers all derive
 from it; :meth:`R2D2Config.from_arguments` applies a preset and the arguments that
-override it. Each option is validated here and nowhere else, with an error that names the
-option, the value and what is expected.
+override it. Each option is validated when the configuration is made (with the checks of
+:mod:`cv2r2d2.checks`), with an error that names the option, the value and what is
+expected.
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple, Union
 
 import cv2
-import numpy as np
 
-from .extractor import DEFAULT_TILE_SIZE, ExtractionParams, check_subpixel
+from .checks import check_backend, check_num_threads, check_subpixel, check_tile_size
+from .params import ExtractionParams
 from .precision import check_precision
 from .presets import DEFAULT_PRESET, get_preset
+from .tiling import DEFAULT_TILE_SIZE
 from .weights import DEFAULT_MODEL
 
 __all__ = [
@@ -29,10 +31,6 @@ __all__ = [
     "TORCH_BACKENDS",
     "ONNX_BACKENDS",
     "NUM_THREADS_ENV",
-    "check_backend",
-    "check_flag",
-    "check_num_threads",
-    "check_tile_size",
     "thread_count",
 ]
 
@@ -44,38 +42,6 @@ BACKENDS = TORCH_BACKENDS + ONNX_BACKENDS
 """Every ``backend=`` value."""
 # Thread count of the ONNX backends when the caller gives none (0: the runtime's default).
 NUM_THREADS_ENV = "CV2R2D2_NUM_THREADS"
-
-
-def check_backend(backend: Any, choices: tuple = BACKENDS) -> str:
-    """Validate a backend name (one of ``choices``)."""
-    if backend not in choices:
-        raise ValueError(f"backend must be one of {', '.join(choices)}, got {backend!r}")
-    return backend
-
-
-def check_flag(value: Any, name: str) -> bool:
-    """Validate a boolean option (``True``/``False``, numpy's too)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def check_tile_size(tile_size: Any) -> int:
-    """Validate a tile side: 0 (never tile) or an integer >= 64 pixels."""
-    if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 0:
-        raise ValueError(f"tile_size must be an integer >= 0, got {tile_size!r}")
-    if 0 < tile_size < 64:
-        raise ValueError(f"tile_size must be 0 or >= 64 pixels, got {tile_size!r}")
-    return int(tile_size)
-
-
-def check_num_threads(num_threads: Any, name: str = "num_threads") -> int:
-    """Validate a thread count: an integer >= 0 (0: the runtime's default)."""
-    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer >= 0 (0: the runtime's default), got {num_threads!r}")
-    if num_threads < 0:
-        raise ValueError(f"{name} must be an integer >= 0 (0: the runtime's default), got {num_threads!r}")
-    return int(num_threads)
 
 
 def thread_count(num_threads: Optional[int]) -> int:
@@ -110,7 +76,7 @@ class R2D2Config:
             (:data:`cv2r2d2.presets.PRESETS`); the fields hold the resulting values.
         model: an official model name or a checkpoint / ``.onnx`` path.
         params: the extraction parameters (``nfeatures``, ``scale_f``... see
-            :class:`~cv2r2d2.extractor.ExtractionParams`).
+            :class:`~cv2r2d2.params.ExtractionParams`).
         device: torch device; None: CUDA when available, else the CPU. Machine-specific:
             not stored by :meth:`write`.
         backend: one of :data:`BACKENDS`.
@@ -147,7 +113,7 @@ class R2D2Config:
                             f"got {self.device!r}")
         get_preset(self.preset)
         object.__setattr__(self, "model", os.fspath(self.model))
-        check_backend(self.backend)
+        check_backend(self.backend, BACKENDS)
         object.__setattr__(self, "tile_size", check_tile_size(self.tile_size))
         object.__setattr__(self, "subpixel", check_subpixel(self.subpixel))
         if self.num_threads is not None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import (
-    Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union,
+    Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple,
 )
 
 import numpy as np
@@ -50,7 +50,7 @@ from .collection import (
 from .config import TORCH_BACKENDS, R2D2Config
 from .provenance import check_reuse, features_record
 from .stores import H5Features, H5Matches, R2D2Folder, feature_format, open_features, pair_key
-from .utils import atomic_path, import_optional, progress
+from .utils import PathLike, atomic_path, import_optional, progress
 from .shards import ShardedH5, new_run_id
 from .steerers import as_steerers
 
@@ -61,7 +61,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 # Times Ray runs a block again after the process running it died.
 RETRIES = 3
 # Blocks queued per actor (or per CPU for matching tasks): one running, one waiting.
@@ -271,12 +270,7 @@ class RayExecutor:
         run_id = new_run_id()
         report = RayExtractionReport()
         if sharded is not None:
-            sharded.adopt_plain_file(run_id)
-            sharded.remove_temporary_files()
-            done = set(sharded.scan())
-            if check_reuse(sharded.settings(), record, bool(done), output, overwrite):
-                sharded.clear()
-                done = set()
+            done = _resumed(sharded, run_id, record, output, overwrite)
         else:
             folder = R2D2Folder(output)
             prepare_output(folder, record, overwrite)
@@ -338,12 +332,7 @@ class RayExecutor:
         sharded = ShardedH5(output, "matches")
         run_id = new_run_id()
         report = MatchingReport()
-        sharded.adopt_plain_file(run_id)
-        sharded.remove_temporary_files()
-        done = set(sharded.scan())
-        if check_reuse(sharded.settings(), record, bool(done), output, overwrite):
-            sharded.clear()
-            done = set()
+        done = _resumed(sharded, run_id, record, output, overwrite)
         todo = []
         for a, b in pairs:
             if not overwrite and sharded.identity(pair_key(a, b)) in done:
@@ -357,6 +346,19 @@ class RayExecutor:
         finally:
             _finish(sharded, self.merge, rewrite=bool(todo), record=record)
         return report
+
+
+def _resumed(sharded: ShardedH5, run_id: str, record: Mapping[str, Any], output: PathLike,
+             overwrite: bool) -> Set[str]:
+    """What earlier runs left in a sharded output: the names done (none once a run with
+    other settings is cleared, as ``check_reuse`` decides), its temporary files removed."""
+    sharded.adopt_plain_file(run_id)
+    sharded.remove_temporary_files()
+    done = set(sharded.scan())
+    if check_reuse(sharded.settings(), record, bool(done), output, overwrite):
+        sharded.clear()
+        return set()
+    return done
 
 
 def _finish(sharded: ShardedH5, merge: bool, rewrite: bool, record: Mapping[str, Any]) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -41,7 +40,7 @@ import cv2
 import numpy as np
 
 from .image import read_image
-from .utils import atomic_path, import_optional, progress, torch_device
+from .utils import PathLike, atomic_path, import_optional, progress, torch_device
 from .matching import mutual_nearest_neighbours
 from .steerers import rotation_angles
 
@@ -66,7 +65,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 HIGH_RESOLUTION_SEQUENCES = frozenset({
     "i_contruction", "i_crownnight", "i_dc", "i_pencils", "i_whitebuilding",
     "v_artisans", "v_astronautis", "v_talent",

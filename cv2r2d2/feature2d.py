@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, ContextManager, List, Optional, Sequence, Tuple, Union
+from typing import Any, ContextManager, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -19,19 +19,13 @@ from .backends import make_runner as _make_runner  # a module name: tests replac
 from .backends import torch_threads
 from .config import R2D2Config
 from .presets import DEFAULT_PRESET
-from .extractor import (
-    ExtractionParams,
-    Features,
-    NetworkRunner,
-    describe,
-    dense_maps,
-    descriptor_windows,
-    extract,
-    pyramid,
-    reference_pyramid,
-    refine_matches,
-)
-from .image import check_mask, normalize_image
+from .checks import check_keypoints, check_mask, check_matches
+from .extractor import extract
+from .image import normalize_image
+from .params import ExtractionParams, Features, inside_image
+from .pyramid import pyramid, reference_pyramid
+from .runner import NetworkRunner
+from .sampling import dense_maps, describe, descriptor_windows, refine_matches
 from .steerer_cache import load_steerers
 from .steerer_fitting import FitSettings
 from .steerers import DEFAULT_ROTATIONS, Steerers, check_angle, rotation_angles
@@ -86,40 +80,13 @@ def _is_image_list(images: Any) -> bool:
     return isinstance(images, (list, tuple))
 
 
-def check_keypoints(keypoints: Any) -> List[cv2.KeyPoint]:
-    """``keypoints`` as a list, once checked to hold only ``cv2.KeyPoint`` objects."""
-    if keypoints is None:
-        raise TypeError("keypoints must be a sequence of cv2.KeyPoint, got None")
-    keypoints = list(keypoints)
-    for i, kp in enumerate(keypoints):
-        if not isinstance(kp, cv2.KeyPoint):
-            raise TypeError(f"keypoints[{i}] must be a cv2.KeyPoint, got {type(kp).__name__}")
-    return keypoints
-
-
-def _match_indices(matches: Any) -> np.ndarray:
-    """cv2.DMatch sequence or (M, 2) integer array -> (M, 2) int64 (index in 1, in 2)."""
-    if isinstance(matches, np.ndarray):
-        if matches.ndim != 2 or matches.shape[1] != 2 or not np.issubdtype(matches.dtype, np.integer):
-            raise TypeError(f"matches must be cv2.DMatch objects or an M x 2 integer array, "
-                            f"got {matches.dtype} {matches.shape}")
-        return matches.astype(np.int64)
-    if matches is None:
-        raise TypeError("matches must be cv2.DMatch objects or an M x 2 integer array, got None")
-    matches = list(matches)
-    for i, m in enumerate(matches):
-        if not isinstance(m, cv2.DMatch):
-            raise TypeError(f"matches[{i}] must be a cv2.DMatch, got {type(m).__name__}")
-    return np.array([(m.queryIdx, m.trainIdx) for m in matches], np.int64).reshape(-1, 2)
-
-
 class R2D2Feature:
     """R2D2 keypoint detector and descriptor extractor with the ``cv2.Feature2D`` API.
 
     Create it with :meth:`create` (or ``cv2r2d2.R2D2_create``). Keypoints are
     ``cv2.KeyPoint`` with ``pt`` in image pixels (the original's positions by default,
     OpenCV's pixel-centre convention with ``subpixel=True``: see
-    :class:`~cv2r2d2.extractor.Features`), ``size`` the patch diameter
+    :class:`~cv2r2d2.params.Features`), ``size`` the patch diameter
     (32 / pyramid scale), ``response`` the score (reliability x repeatability),
     ``octave`` the pyramid step (scale = scale_f ** -octave), ``angle`` -1; descriptors
     are float32 N x 128, L2-normalised, to be matched with ``cv2.NORM_L2``.
@@ -327,7 +294,7 @@ class R2D2Feature:
         """Detect and describe, returning arrays rather than ``cv2.KeyPoint`` objects.
 
         Returns:
-            :class:`~cv2r2d2.extractor.Features`: ``xy`` (N, 2), ``sizes``, ``scores``,
+            :class:`~cv2r2d2.params.Features`: ``xy`` (N, 2), ``sizes``, ``scores``,
             ``octaves`` (N,), ``descriptors`` (N, 128), sorted by decreasing score;
             the same keypoints as :meth:`detectAndCompute`.
         """
@@ -362,7 +329,7 @@ class R2D2Feature:
             ``cv2.findHomography(points1, refined, ...)``.
         """
         keypoints2 = check_keypoints(keypoints2)
-        pairs = _match_indices(matches)
+        pairs = check_matches(matches)
         descriptors1 = np.asarray(descriptors1)
         if descriptors1.dtype != np.float32 or descriptors1.ndim != 2 \
                 or descriptors1.shape[1] != self.descriptorSize():
@@ -411,7 +378,7 @@ class R2D2Feature:
             dtype: ``np.float32`` or ``np.float16`` (half the memory).
             upsample: > 1 adds levels finer than the pyramid's finest (2: down to twice
                 its resolution; the image is upsampled bilinearly), among which ``sizes``
-                pick as before (``extractor.upsampled_pyramid``).
+                pick as before (``pyramid.upsampled_pyramid``).
 
         Returns:
             (N, K, 128) windows and (N, 2) float32 image pixels per level pixel (x, y).
@@ -423,8 +390,7 @@ class R2D2Feature:
             raise TypeError(f"points must be an N x 2 array of positions, got {points.dtype} "
                             f"{points.shape}")
         points = points.astype(np.float32)
-        outside = ~(np.isfinite(points).all(axis=1) & (points >= 0).all(axis=1)
-                    & (points[:, 0] < width) & (points[:, 1] < height))
+        outside = ~inside_image(points, height, width)
         if outside.any():
             raise ValueError(f"points must lie inside the {width}x{height} image, got "
                              f"{points[outside][0].tolist()} (and {outside.sum() - 1} more)")
@@ -525,7 +491,7 @@ class R2D2Feature:
         return self._runner is None
 
     def getRunner(self) -> NetworkRunner:
-        """The network runner (:class:`~cv2r2d2.extractor.NetworkRunner`) behind this
+        """The network runner (:class:`~cv2r2d2.runner.NetworkRunner`) behind this
         extractor, for the extractor's functions (``extract``, ``describe``...) directly."""
         return self._runner
 

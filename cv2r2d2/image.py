@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -19,7 +19,7 @@ import numpy as np
 from .utils import PathLike, atomic_path
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "to_rgb01", "normalize_image", "check_mask",
+    "IMAGENET_MEAN", "IMAGENET_STD", "to_rgb01", "normalize_image",
     "IMAGE_SUFFIXES", "is_image_file", "list_images", "read_image", "check_image_suffix",
     "write_image",
 ]
@@ -93,27 +93,6 @@ def normalize_image(image: Any, name: str = "image") -> np.ndarray:
     # Subtract then divide in float32, the order torchvision's Normalize uses.
     out = (rgb - IMAGENET_MEAN) / IMAGENET_STD
     return np.ascontiguousarray(out.transpose(2, 0, 1))
-
-
-def check_mask(mask: Any, shape: Tuple[int, int], name: str = "mask") -> Optional[np.ndarray]:
-    """Validate a detection mask: ``None`` or uint8 (H, W) matching the image.
-
-    Returns:
-        The (H, W) uint8 mask, or ``None``.
-    """
-    if mask is None:
-        return None
-    if not isinstance(mask, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array or None, got {type(mask).__name__}")
-    if mask.dtype != np.uint8:
-        raise TypeError(f"{name} must be uint8 (CV_8UC1), got {mask.dtype}")
-    if mask.ndim == 3 and mask.shape[2] == 1:
-        mask = mask[:, :, 0]
-    if mask.shape != tuple(shape):
-        raise ValueError(
-            f"{name} must have the image's size {tuple(shape)}, got shape {mask.shape}"
-        )
-    return mask
 
 
 # --- image files -------------------------------------------------------------------

@@ -11,12 +11,12 @@ than OpenCV's direct computation. Ties go to the lower index, as in OpenCV.
 Views rotated against each other in the image plane are matched with ``rotations=N``
 and the descriptors' steerers (:mod:`cv2r2d2.steerers`): :func:`estimate_rotation`
 picks, per pair, the steering angle k * 360 / N with the most mutual nearest
-neighbours, and :func:`match_rotated` matches under it; :class:`SteeredMatcher` does
-both behind the ``cv2.BFMatcher`` interface.
+neighbours, and :func:`match_rotated` matches under it;
+:class:`~cv2r2d2.steered_matcher.SteeredMatcher` does both behind the ``cv2.BFMatcher``
+interface.
 
 Pair generation lives in :mod:`cv2r2d2.pairs` and matching a whole collection in
-:mod:`cv2r2d2.collection`; their names are reachable from here as before
-(``cv2r2d2.matching.parse_pairs``, ``cv2r2d2.matching.match_collection``).
+:mod:`cv2r2d2.collection`.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from .pairs import SEQUENTIAL_OVERLAP, exhaustive_pairs, parse_pairs, sequential_pairs
-from .steerers import DEFAULT_ROTATIONS, as_steerers, rotation_angles, steer_descriptors
+from .checks import check_count, check_descriptors, check_positions, check_radius
+from .steerers import as_steerers, rotation_angles, steer_descriptors
 from .utils import torch_device
 
 __all__ = [
@@ -36,15 +36,9 @@ __all__ = [
     "match_batch",
     "estimate_rotation",
     "match_rotated",
-    "SteeredMatcher",
     "nearest_places",
     "PLACE_RADIUS",
-    "exhaustive_pairs",
-    "sequential_pairs",
-    "parse_pairs",
-    "SEQUENTIAL_OVERLAP",
-    "MatchingReport",
-    "match_collection",
+    "steered_by",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,22 +76,6 @@ def _exact_float32_matmul() -> Iterator[None]:
     finally:
         torch.set_float32_matmul_precision(precision)
         torch.backends.cuda.matmul.allow_tf32 = tf32
-
-
-def _check_descriptors(descriptors: np.ndarray, norm: int, name: str) -> np.ndarray:
-    if not isinstance(descriptors, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(descriptors).__name__}")
-    if descriptors.ndim != 2:
-        raise ValueError(f"{name} must be N x D, got shape {descriptors.shape}")
-    if norm == cv2.NORM_HAMMING:
-        if descriptors.dtype != np.uint8:
-            raise TypeError(f"{name} must be uint8 for NORM_HAMMING, got {descriptors.dtype}")
-        return descriptors
-    if descriptors.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must be float32 for NORM_L2, got {descriptors.dtype}")
-    if not np.isfinite(descriptors).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return descriptors.astype(np.float32, copy=False)
 
 
 def _as_vectors(descriptors: np.ndarray, norm: int) -> np.ndarray:
@@ -249,8 +227,8 @@ def match_batch(
     device = torch_device(device)
     checked = []
     for i, (a, b) in enumerate(pairs):
-        a = _check_descriptors(a, norm, f"pairs[{i}][0]")
-        b = _check_descriptors(b, norm, f"pairs[{i}][1]")
+        a = check_descriptors(a, f"pairs[{i}][0]", norm)
+        b = check_descriptors(b, f"pairs[{i}][1]", norm)
         if a.shape[1] != b.shape[1]:
             raise ValueError(f"pairs[{i}]: descriptor sizes differ: {a.shape[1]} and {b.shape[1]}")
         checked.append((a, b))
@@ -314,39 +292,6 @@ def mutual_nearest_neighbours(
                        rotations=rotations, steerers=steerers)[0]
 
 
-def _check_positions(keypoints: Any, count: int, name: str) -> np.ndarray:
-    """(count, 2) float32 positions of a sequence of ``cv2.KeyPoint`` or an (N, 2) array."""
-    if isinstance(keypoints, np.ndarray):
-        positions = keypoints
-    else:
-        try:
-            keypoints = list(keypoints)
-        except TypeError:
-            raise TypeError(f"{name} must be a sequence of cv2.KeyPoint or an N x 2 array of "
-                            f"pixel positions, got {type(keypoints).__name__}") from None
-        if not all(isinstance(k, cv2.KeyPoint) for k in keypoints):
-            raise TypeError(f"{name} must be a sequence of cv2.KeyPoint or an N x 2 array of "
-                            f"pixel positions")
-        positions = cv2.KeyPoint_convert(keypoints) if keypoints else np.zeros((0, 2))
-    if positions.dtype.kind not in "fiu" or positions.ndim != 2 or positions.shape[1] != 2:
-        raise ValueError(f"{name} must be N x 2 pixel positions, got "
-                         f"{positions.dtype} {positions.shape}")
-    if len(positions) != count:
-        raise ValueError(f"{name} has {len(positions)} keypoints for {count} descriptors: "
-                         f"they must be the same image's")
-    if not np.isfinite(positions).all():
-        raise ValueError(f"{name} contains NaN or infinite positions")
-    return positions.astype(np.float32)
-
-
-def _check_radius(radius: Any) -> float:
-    if isinstance(radius, bool) or not isinstance(radius, (int, float, np.integer, np.floating)):
-        raise TypeError(f"radius must be a number of pixels, got {type(radius).__name__}")
-    if not 0 <= radius < float("inf"):
-        raise ValueError(f"radius must be a finite number of pixels >= 0, got {radius!r}")
-    return float(radius)
-
-
 def nearest_places(
     queries: np.ndarray,
     candidates: np.ndarray,
@@ -376,14 +321,13 @@ def nearest_places(
         (Nq, k) int64 candidate indices (-1 where fewer places remain) and (Nq, k)
         float32 L2 distances (inf there), nearest first.
     """
-    queries = _check_descriptors(queries, cv2.NORM_L2, "queries")
-    candidates = _check_descriptors(candidates, cv2.NORM_L2, "candidates")
+    queries = check_descriptors(queries, "queries")
+    candidates = check_descriptors(candidates, "candidates")
     if queries.shape[1] != candidates.shape[1]:
         raise ValueError(f"descriptor sizes differ: {queries.shape[1]} and {candidates.shape[1]}")
-    positions = _check_positions(positions, len(candidates), "positions")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    radius = _check_radius(radius)
+    positions = check_positions(positions, len(candidates), "positions")
+    check_count(k, "k")
+    radius = check_radius(radius)
     import torch
 
     device = torch_device(device)
@@ -419,7 +363,9 @@ def nearest_places(
 # --- rotated views -----------------------------------------------------------------
 
 
-def _steered(descriptors: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+def steered_by(descriptors: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """(N, D) descriptors steered by a (D, D) steerer (:func:`~cv2r2d2.steerers.steer_descriptors`);
+    the identity leaves them as they are."""
     if np.array_equal(matrix, np.eye(len(matrix), dtype=matrix.dtype)):
         return descriptors  # unchanged: rotation 0 is exactly the plain matching
     return steer_descriptors(descriptors, matrix)
@@ -433,8 +379,8 @@ def _check_steered(pairs: Sequence[Tuple[np.ndarray, np.ndarray]],
                          f"{getattr(matrices, 'shape', type(matrices).__name__)}")
     checked = []
     for i, (a, b) in enumerate(pairs):
-        a = _check_descriptors(a, cv2.NORM_L2, f"pairs[{i}][0]")
-        b = _check_descriptors(b, cv2.NORM_L2, f"pairs[{i}][1]")
+        a = check_descriptors(a, f"pairs[{i}][0]")
+        b = check_descriptors(b, f"pairs[{i}][1]")
         for name, d in (("0", a), ("1", b)):
             if d.shape[1] != matrices.shape[1]:
                 raise ValueError(f"pairs[{i}][{name}] has {d.shape[1]}-dimensional descriptors, "
@@ -468,7 +414,7 @@ def _votes(checked: Sequence[Tuple[np.ndarray, np.ndarray]], matrices: np.ndarra
 
     def vote(candidates: List[List[int]]) -> None:
         jobs = [(i, r) for i, rs in enumerate(candidates) for r in rs if per_pair[i][r] is None]
-        found = match_batch([(_steered(checked[i][0][:estimate_on], matrices[r]),
+        found = match_batch([(steered_by(checked[i][0][:estimate_on], matrices[r]),
                               checked[i][1][:estimate_on]) for i, r in jobs],
                             cv2.NORM_L2, device=device, max_elements=max_elements)
         for (i, r), match in zip(jobs, found):
@@ -557,149 +503,8 @@ def match_rotated(
             results[i] = per_pair[i][r]  # the vote matched all descriptors already
         else:
             todo.append(i)
-    found = match_batch([(_steered(checked[i][0], matrices[best[i]]), checked[i][1])
+    found = match_batch([(steered_by(checked[i][0], matrices[best[i]]), checked[i][1])
                          for i in todo], cv2.NORM_L2, max_distance, ratio, device, max_elements)
     for i, match in zip(todo, found):
         results[i] = match
     return [(indices, distances, r) for (indices, distances), r in zip(results, best)]
-
-
-class SteeredMatcher:
-    """``cv2.BFMatcher(cv2.NORM_L2)`` for R2D2 views that may be rotated in the image plane.
-
-    Each call estimates the rotation of image 2 against image 1 among ``rotations``
-    angles (k * 360 / rotations degrees, counter-clockwise) with the model's steerers
-    (:func:`estimate_rotation`), then matches image 1's descriptors, steered by it, with
-    image 2's: as ``cv2.BFMatcher(cv2.NORM_L2, crossCheck).match(r2d2.steer(d1, angle),
-    d2)``. ``rotations=1`` is exactly ``cv2.BFMatcher(cv2.NORM_L2, crossCheck)``.
-
-    >>> matcher = cv2r2d2.SteeredMatcher(r2d2)   # rotations=24: every 15 degrees
-    >>> matches = matcher.match(d1, d2)     # tuple of cv2.DMatch
-    >>> matcher.getRotation()               # e.g. 90.0
-    >>> ratio = cv2r2d2.SteeredMatcher(r2d2, crossCheck=False)
-    >>> good = [m for m, n in ratio.knnMatch(d1, d2, 2, trainKeypoints=kp2)
-    ...         if m.distance < 0.9 * n.distance]   # Lowe's test, second place apart
-    """
-
-    def __init__(self, steerers: Any, rotations: int = DEFAULT_ROTATIONS,
-                 crossCheck: bool = True, device: Optional[str] = None) -> None:
-        """
-        Args:
-            steerers: the ``R2D2Feature`` that computes the descriptors (its model's
-                steerers are fitted on first use and cached) or its ``getSteerers()``.
-            rotations: steering angles, a divisor of 360 (24: every 15 degrees).
-            crossCheck: keep mutual nearest neighbours only, as ``cv2.BFMatcher``'s.
-            device: torch device of the matching (None: CUDA when available).
-        """
-        self._angles = rotation_angles(rotations)
-        if not isinstance(crossCheck, (bool, np.bool_)):
-            raise TypeError(f"crossCheck must be True or False, got {crossCheck!r}")
-        self._matrices = as_steerers(steerers, rotations).for_rotations(rotations)
-        self._cross_check = bool(crossCheck)
-        self._device = device
-        self._rotation: Optional[float] = None
-
-    def _descriptors(self, descriptors: Any, name: str) -> np.ndarray:
-        dim = self._matrices.shape[1]
-        if descriptors is None:  # what detectAndCompute gives for an image without keypoints
-            return np.zeros((0, dim), np.float32)
-        if not isinstance(descriptors, np.ndarray) or descriptors.dtype != np.float32:
-            raise TypeError(f"{name} must be a float32 numpy array of R2D2 descriptors, got "
-                            f"{getattr(descriptors, 'dtype', type(descriptors).__name__)}")
-        if descriptors.ndim != 2 or descriptors.shape[1] != dim:
-            raise ValueError(f"{name} must be N x {dim}, got shape {descriptors.shape}")
-        return descriptors
-
-    def _steered_query(self, query: np.ndarray, train: np.ndarray) -> np.ndarray:
-        """The query steered by the estimated rotation (recorded for getRotation)."""
-        best = estimate_rotation([(query, train)], self._matrices, self._device)[0]
-        self._rotation = float(self._angles[best]) if len(query) and len(train) else None
-        return _steered(query, self._matrices[best])
-
-    def match(self, queryDescriptors: Any, trainDescriptors: Any) -> Tuple[cv2.DMatch, ...]:
-        """The best match in image 2 of each image-1 descriptor (mutual ones with
-        crossCheck), under the estimated rotation; ordered by ``queryIdx``.
-
-        Args:
-            queryDescriptors: (N1, 128) float32 of image 1 (None: none).
-            trainDescriptors: (N2, 128) float32 of image 2.
-        """
-        query = self._descriptors(queryDescriptors, "queryDescriptors")
-        train = self._descriptors(trainDescriptors, "trainDescriptors")
-        if not self._cross_check:
-            steered = self._steered_query(query, train)
-            if not len(steered) or not len(train):
-                return ()
-            return cv2.BFMatcher(cv2.NORM_L2).match(steered, train)
-        indices, distances, best = match_rotated([(query, train)], self._matrices,
-                                                 device=self._device)[0]
-        self._rotation = float(self._angles[best]) if len(query) and len(train) else None
-        return tuple(cv2.DMatch(int(i), int(j), float(d))
-                     for (i, j), d in zip(indices.tolist(), distances.tolist()))
-
-    def knnMatch(self, queryDescriptors: Any, trainDescriptors: Any, k: int,
-                 trainKeypoints: Any = None,
-                 radius: float = PLACE_RADIUS) -> Tuple[Tuple[cv2.DMatch, ...], ...]:
-        """The ``k`` best matches in image 2 of each image-1 descriptor, under the
-        estimated rotation (for Lowe's ratio test), as ``cv2.BFMatcher.knnMatch``.
-
-        Args:
-            queryDescriptors, trainDescriptors: as :meth:`match`.
-            k: matches per query descriptor.
-            trainKeypoints: image 2's keypoints (``cv2.KeyPoint``, or (N2, 2) pixels):
-                each next match is then the best at another place, farther than
-                ``radius`` pixels from those before it, so that the ratio test compares
-                two places, not one place found on two pyramid levels (crossCheck=False).
-            radius: pixels.
-        """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        if self._cross_check and k != 1:
-            raise ValueError(f"crossCheck=True matches with k=1 only (as cv2.BFMatcher), "
-                             f"got k={k}; create the matcher with crossCheck=False")
-        radius = _check_radius(radius)
-        query = self._descriptors(queryDescriptors, "queryDescriptors")
-        train = self._descriptors(trainDescriptors, "trainDescriptors")
-        if trainKeypoints is not None:
-            if self._cross_check:
-                raise ValueError("trainKeypoints= picks neighbours at distinct places for the "
-                                 "ratio test: create the matcher with crossCheck=False")
-            positions = _check_positions(trainKeypoints, len(train), "trainKeypoints")
-        steered = self._steered_query(query, train)
-        if not len(steered):
-            return ()
-        if not len(train):
-            return tuple(() for _ in range(len(steered)))
-        if trainKeypoints is None:
-            return cv2.BFMatcher(cv2.NORM_L2, crossCheck=self._cross_check).knnMatch(
-                steered, train, int(k))
-        indices, distances = nearest_places(steered, train, positions, int(k), radius,
-                                            self._device)
-        return tuple(tuple(cv2.DMatch(i, int(j), float(d)) for j, d in zip(row, gaps) if j >= 0)
-                     for i, (row, gaps) in enumerate(zip(indices.tolist(), distances.tolist())))
-
-    def getRotation(self) -> Optional[float]:
-        """The rotation of image 2 against image 1 found by the last call, degrees in
-        [0, 360) counter-clockwise (None before any call, or when a set was empty)."""
-        return self._rotation
-
-    def getRotations(self) -> int:
-        """The number of steering angles tried: k * 360 / rotations degrees."""
-        return len(self._angles)
-
-    def getCrossCheck(self) -> bool:
-        """Whether matches are mutual nearest neighbours (as ``cv2.BFMatcher``'s ``crossCheck``)."""
-        return self._cross_check
-
-
-# The collection driver sits above this kernel (it reads stores and writes match files);
-# its names are served from here on first use, as they were before it moved.
-_MOVED_TO_COLLECTION = ("MatchingReport", "match_collection")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_COLLECTION:
-        from . import collection
-
-        return getattr(collection, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

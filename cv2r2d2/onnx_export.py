@@ -34,7 +34,10 @@ import onnx
 import torch
 
 from .evaluation import homography_matching_accuracy
-from .extractor import ExtractionParams, Features, NetworkRunner, describe, extract
+from .extractor import extract
+from .params import ExtractionParams, Features
+from .runner import NetworkRunner
+from .sampling import describe
 from .image import normalize_image
 from .nets import FoldedNet, R2D2Net, fold_batchnorm
 from .onnx_runner import ALIGNMENT_KEY, HALO_KEY, INPUT_NAME, OUTPUT_NAMES, OnnxRuntimeRunner

@@ -1,4 +1,4 @@
-"""ONNX backends of the extractor's :class:`~cv2r2d2.extractor.NetworkRunner` seam.
+"""ONNX backends of the extractor's :class:`~cv2r2d2.runner.NetworkRunner` seam.
 
 An exported R2D2 graph (see :mod:`cv2r2d2.export`) runs in ONNX Runtime or in OpenCV's
 ``cv2.dnn``; everything around it (pyramid resizing, the heads' activations,
@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from .config import NUM_THREADS_ENV, thread_count
-from .extractor import halo_window
+from .tiling import halo_window
 from .weights import CheckpointError
 
 __all__ = [

@@ -25,13 +25,15 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .extractor import check_upsample, inside_image, upsampled_pyramid
+from .checks import check_count, check_flag, check_upsample
+from .params import inside_image
+from .pyramid import upsampled_pyramid
 from .image import read_image
-from .utils import progress
+from .utils import PathLike, progress
 
 if TYPE_CHECKING:
     from .feature2d import R2D2Feature
@@ -49,7 +51,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 
 
 @dataclass
@@ -68,7 +69,7 @@ class RefinementParams:
         half: keep the windows in float16 (half the memory).
         upsample: the refinement's pyramid is the extraction's extended by finer levels,
             down to this factor times the finest's resolution
-            (:func:`cv2r2d2.extractor.upsampled_pyramid`): 2 refines the tracks' finest
+            (:func:`cv2r2d2.pyramid.upsampled_pyramid`): 2 refines the tracks' finest
             members at twice it. Use :meth:`upsampled` to scale the window with it.
         subcell_step: a keypoint's position between the window's samples is searched on
             a grid of this step (window pixels) around its best sample, on the bilinear
@@ -85,24 +86,19 @@ class RefinementParams:
     subcell_step: float = 0.0625
 
     def __post_init__(self) -> None:
-        if isinstance(self.window_radius, bool) or not isinstance(self.window_radius, (int, np.integer)) \
-                or self.window_radius < 1:
-            raise ValueError(f"window_radius must be an integer >= 1, got {self.window_radius!r}")
+        check_count(self.window_radius, "window_radius")
         if not 0 < self.max_displacement <= self.window_radius - 0.5:
             raise ValueError(f"max_displacement must lie in (0, window_radius - 0.5 = "
                              f"{self.window_radius - 0.5}], got {self.max_displacement!r}")
         for name in ("iterations", "min_inliers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_count(getattr(self, name), name)
         if not self.loss_scale > 0:
             raise ValueError(f"loss_scale must be > 0, got {self.loss_scale!r}")
         if isinstance(self.subcell_step, bool) or not isinstance(self.subcell_step, (int, float, np.number)):
             raise TypeError(f"subcell_step must be a number, got {self.subcell_step!r}")
         if not 0 < self.subcell_step <= 1:
             raise ValueError(f"subcell_step must lie in (0, 1], got {self.subcell_step!r}")
-        if not isinstance(self.half, (bool, np.bool_)):
-            raise TypeError(f"half must be True or False, got {self.half!r}")
+        check_flag(self.half, "half")
         self.upsample = check_upsample(self.upsample)
 
     @classmethod

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .checks import check_count
 from .neighbours import top_k_neighbours
 from .utils import PathLike, atomic_path, import_optional, progress_bar
 
@@ -477,7 +478,7 @@ class RetrievalIndex:
             (name, similarity in [0, 1]) pairs, most similar first (equal ones in index
             order); empty when the query has no descriptors (nothing to compare).
         """
-        _check_k(k)
+        check_count(k, "k")
         vector = self.describe(descriptors)
         if not len(descriptors) or not len(self):
             return []
@@ -506,7 +507,7 @@ class RetrievalIndex:
         Raises:
             KeyError: a name the index does not hold.
         """
-        _check_k(k)
+        check_count(k, "k")
         position = {name: i for i, name in enumerate(self.names)}
         if names is None:
             rows = np.arange(len(self))
@@ -533,17 +534,12 @@ class RetrievalIndex:
         return pairs
 
 
-def _check_k(k: Any) -> None:
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-
-
 def retrieval_pairs(store: "FeatureStore", k: int, names: Optional[Sequence[str]] = None,
                     settings: Optional[RetrievalSettings] = None,
                     show_progress: bool = False) -> List[Tuple[str, str]]:
     """Each image of ``store`` (or of ``names``) with its k most similar others, each
     pair once: :meth:`RetrievalIndex.pairs` of the store's index, built or brought up to
     date beside it first (:meth:`RetrievalIndex.build`)."""
-    _check_k(k)
+    check_count(k, "k")
     index = RetrievalIndex.build(store, settings=settings, show_progress=show_progress)
     return index.pairs(k, names)

@@ -7,7 +7,7 @@ For an output ``features.h5`` (or ``matches.h5``):
   process leaves no partial shard;
 - ``features.h5``: the master, whose entries (a group per image, or per pair of images)
   are HDF5 external links to the shard that holds them. h5py, hloc and
-  :func:`cv2r2d2.io.open_features` open it as a usual file; the links are relative, so
+  :func:`cv2r2d2.stores.open_features` open it as a usual file; the links are relative, so
   the file and its shards folder move together.
 
 An entry found in several shards (an ``overwrite`` run) is read from the newest: shard
@@ -27,16 +27,15 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .stores import SETTINGS_ATTRIBUTE, H5Features, H5Matches
-from .utils import TEMPORARY_GLOB, atomic_path, import_optional
+from .utils import TEMPORARY_GLOB, PathLike, atomic_path, import_optional
 
 __all__ = ["SHARDS_SUFFIX", "ShardedH5", "new_run_id"]
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 SHARDS_SUFFIX = ".shards"
 """The shards of ``out.h5`` are in the folder ``out.h5.shards``."""
 # Root attribute of a master file: the shards folder, relative to the master.

@@ -24,6 +24,8 @@ from typing import Any, Dict, Iterable, List, Tuple
 
 import numpy as np
 
+from .checks import check_descriptors
+
 __all__ = [
     "DEFAULT_ROTATIONS",
     "Steerers",
@@ -152,7 +154,8 @@ class Steerers:
     def steer(self, descriptors: np.ndarray, angle: float) -> np.ndarray:
         """(N, D) float32 descriptors -> (N, D) float32 S_angle x, L2-normalised: the
         descriptors as if the image had been rotated by ``angle`` degrees."""
-        descriptors = check_descriptors(descriptors, self.descriptor_size)
+        descriptors = check_descriptors(descriptors, size=self.descriptor_size,
+                                        allow_float64=False)
         return steer_descriptors(descriptors, self.matrix(angle))
 
     def merged(self, other: "Steerers") -> "Steerers":
@@ -165,17 +168,6 @@ class Steerers:
         cosines = np.concatenate([self.cosines[keep], other.cosines])
         return replace(other, angles=tuple(float(angles[i]) for i in order),
                        matrices=matrices[order], cosines=cosines[order])
-
-
-def check_descriptors(descriptors: Any, size: int, name: str = "descriptors") -> np.ndarray:
-    """``descriptors`` as a float32 (N, size) array, or a TypeError/ValueError saying why not."""
-    if not isinstance(descriptors, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(descriptors).__name__}")
-    if descriptors.dtype != np.float32:
-        raise TypeError(f"{name} must be float32 (R2D2 descriptors), got {descriptors.dtype}")
-    if descriptors.ndim != 2 or descriptors.shape[1] != size:
-        raise ValueError(f"{name} must be N x {size}, got shape {descriptors.shape}")
-    return descriptors
 
 
 def steer_descriptors(descriptors: np.ndarray, matrix: np.ndarray) -> np.ndarray:

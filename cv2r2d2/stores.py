@@ -25,7 +25,7 @@ each entry and an entry counts as done only when all its datasets are there with
 consistent shapes; a resumed run rewrites the incomplete ones.
 
 Positions are in image pixels, as the extractor gives them (see
-:class:`cv2r2d2.extractor.Features`): in OpenCV's and hloc's convention (the centre of
+:class:`cv2r2d2.params.Features`): in OpenCV's and hloc's convention (the centre of
 the top-left pixel at (0, 0)) with ``subpixel=True``, and for keypoints of the scale-1
 level in any mode. By default they are the original R2D2's, ``x * W / w`` for column
 ``x`` of a level ``w`` pixels wide (rows alike): on a level at scale s < 1 that lies
@@ -43,7 +43,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .extractor import Features
+from .params import Features
 from .utils import PathLike, atomic_path, import_optional
 
 __all__ = [

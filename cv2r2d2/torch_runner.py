@@ -1,4 +1,4 @@
-"""The PyTorch backend of the extractor's :class:`~cv2r2d2.extractor.NetworkRunner` seam."""
+"""The PyTorch backend of the extractor's :class:`~cv2r2d2.runner.NetworkRunner` seam."""
 from __future__ import annotations
 
 import ctypes
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .extractor import halo_window
+from .tiling import halo_window
 from .nets import FoldedNet, R2D2Net, fold_batchnorm, reliability_map, repeatability_map
 
 __all__ = ["TorchRunner", "TorchLevelOutput", "receptive_halo"]

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Sequence
 import cv2
 import numpy as np
 
-from .feature2d import check_keypoints
+from .checks import check_keypoints
 from .image import to_rgb01
 
 __all__ = ["HEATMAPS", "DEFAULT_HEATMAP", "draw_heatmap"]

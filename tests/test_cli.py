@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, read_image, record_progress, weights_dir, weights_file
 from cv2r2d2 import feature2d
 from cv2r2d2.cli import main
-from cv2r2d2.io import H5Features, ImageFeatures
+from cv2r2d2.stores import H5Features, ImageFeatures
 
 h5py = pytest.importorskip("h5py")
 

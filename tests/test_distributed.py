@@ -24,7 +24,8 @@ from conftest import ROOT, read_image, record_progress, weights_dir
 from cv2r2d2.cli import main
 from cv2r2d2.collection import MatchingSettings
 from cv2r2d2.config import R2D2Config
-from cv2r2d2.io import H5Matches, list_images, open_features
+from cv2r2d2.image import list_images
+from cv2r2d2.stores import H5Matches, open_features
 
 h5py = pytest.importorskip("h5py")
 
@@ -369,9 +370,9 @@ class NoRay(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, NoRay())
 import numpy as np
-import cv2r2d2, cv2r2d2.io, cv2r2d2.matching, cv2r2d2.shards, cv2r2d2.distributed
+import cv2r2d2, cv2r2d2.collection, cv2r2d2.stores, cv2r2d2.matching, cv2r2d2.shards, cv2r2d2.distributed
 from cv2r2d2.cli import main
-from cv2r2d2.io import H5Features, ImageFeatures
+from cv2r2d2.stores import H5Features, ImageFeatures
 
 assert main(["extract", "--help"]) == 0
 assert main(["extract", {str(photos)!r}, "-o", {str(tmp_path / "f.h5")!r}, "--ray"]) == 1

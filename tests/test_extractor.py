@@ -1,64 +1,15 @@
-"""The pyramid, NMS, top-k and descriptor sampling of the extractor."""
+"""The detection loop (NMS, top-k, sub-pixel refinement, cross-level suppression) and the
+sampling of descriptors at given points, on backends with fixed maps."""
 from __future__ import annotations
 
 import cv2
 import numpy as np
-import pytest
 
 from cv2r2d2.extractor import (
-    ExtractionParams, Level, close_pairs, describe, descriptor_shift, extract, peak_offsets,
-    pyramid, reference_pyramid, refine_matches, tiles, unique_across_levels,
+    close_pairs, descriptor_shift, extract, peak_offsets, unique_across_levels,
 )
-
-
-def test_paper_pyramid_of_brooklyn():
-    steps = pyramid(820, 1280, ExtractionParams())
-    levels = [s for s in steps if s.processed]
-    assert [s.octave for s in levels] == list(range(2, 10))
-    assert (levels[0].height, levels[0].width) == (580, 905)
-    assert all(s.processed for s in steps[2:]) and not steps[0].processed
-    assert levels[0].size == pytest.approx(32 * 2**0.5)
-    area = sum(s.height * s.width for s in levels)
-    assert 1.6e6 < area < 1.75e6  # 1.68 Mpx, as measured for the reference
-
-
-def test_fullres_pyramid_and_tiny_images():
-    params = ExtractionParams(min_size=0, max_size=9999, min_scale=0.3)
-    levels = pyramid(576, 768, params)
-    assert levels[0].scale == 1.0 and levels[-1].scale >= 0.3 - 1e-3
-    assert len(levels) == 7
-    # Smaller than min_size: the reference has no level; the image runs at its own size.
-    assert reference_pyramid(10, 12, ExtractionParams()) == []
-    assert pyramid(10, 12, ExtractionParams()) == [Level(0, 1.0, 10, 12)]
-    assert pyramid(2, 2, ExtractionParams()) == [Level(0, 1.0, 2, 2)]
-    for height, width in ((1, 300), (300, 1), (1, 1)):  # too thin for the network
-        assert pyramid(height, width, ExtractionParams()) == []
-    assert reference_pyramid(1, 300, ExtractionParams(min_size=0)) == []
-    # An image with a level keeps the reference's pyramid (parity).
-    for height, width in ((820, 1280), (200, 256), (300, 40)):
-        assert pyramid(height, width, ExtractionParams()) == \
-            reference_pyramid(height, width, ExtractionParams()) != []
-
-
-@pytest.mark.parametrize(
-    "kwargs,message",
-    [
-        (dict(scale_f=1.0), "scale_f"),
-        (dict(min_scale=0.5, max_scale=0.4), "min_scale"),
-        (dict(max_scale=2.0), "max_scale"),
-        (dict(reliability_thr=1.5), "reliability_thr"),
-        (dict(nfeatures=-1), "nfeatures"),
-        (dict(nfeatures=2.5), "nfeatures"),
-        (dict(max_size=0), "max_size"),
-        (dict(scale_f=float("nan")), "finite"),
-        (dict(unique_radius=-1.0), "unique_radius"),
-    ],
-)
-def test_params_are_validated(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        ExtractionParams(**kwargs)
-    with pytest.raises(TypeError, match="number"):
-        ExtractionParams(nfeatures="5000")
+from cv2r2d2.params import ExtractionParams
+from cv2r2d2.sampling import describe, refine_matches
 
 
 class MapRunner:
@@ -135,25 +86,6 @@ def test_top_k_and_mask():
     mask[:, 20:] = 1
     masked = extract(runner, image, _single_level(nfeatures=10), mask=mask)
     assert len(masked) == 10 and masked.xy[:, 0].min() >= 20
-
-
-def test_tiles_cover_the_map_with_least_overlap():
-    assert tiles(100, 200, 0, 27) == [(0, 100, 0, 200)]
-    assert tiles(100, 200, 512, 27) == [(0, 100, 0, 200)]
-    # The inner box carries a halo on both sides, the end ones on one: it is 2 x 27 px
-    # narrower, so that the three grown boxes are equal (338, 337, 338 px wide).
-    boxes = tiles(580, 905, 512, 27)
-    assert boxes == [(0, 580, 0, 311), (0, 580, 311, 594), (0, 580, 594, 905)]
-    for height, width, halo in [(300, 410, 10), (97, 1000, 27)]:
-        for tile_size in (64, 200, 333):
-            boxes = tiles(height, width, tile_size, halo)
-            covered = np.zeros((height, width), int)
-            for y0, y1, x0, x1 in boxes:
-                covered[y0:y1, x0:x1] += 1
-                grown_h = y1 - y0 + halo * ((y0 > 0) + (y1 < height))
-                grown_w = x1 - x0 + halo * ((x0 > 0) + (x1 < width))
-                assert grown_h * grown_w <= tile_size**2
-            assert np.all(covered == 1)
 
 
 def test_tiled_detection_equals_untiled():

@@ -76,7 +76,9 @@ def test_package_outputs_have_plain_modes(tmp_path, umask, monkeypatch):
     from cv2r2d2 import weights
     from cv2r2d2.collection import MatchingSettings
     from cv2r2d2.distributed import _Extractor, _match_block
-    from cv2r2d2.io import ImageFeatures, R2D2Folder, write_image, write_pairs
+    from cv2r2d2.image import write_image
+    from cv2r2d2.pairs import write_pairs
+    from cv2r2d2.stores import ImageFeatures, R2D2Folder
     from cv2r2d2.nets import Quad_L2Net_ConfCFS
     from cv2r2d2.shards import ShardedH5, new_run_id
     from cv2r2d2.train.trainer import save_model

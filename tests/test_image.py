@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cv2r2d2.image import IMAGENET_MEAN, IMAGENET_STD, check_mask, normalize_image, to_rgb01
+from cv2r2d2.image import IMAGENET_MEAN, IMAGENET_STD, normalize_image, to_rgb01
 from conftest import image_path
 
 
@@ -57,14 +57,3 @@ def test_imread_of_grey_and_rgba_png_matches_pil_convention():
 def test_bad_images_are_refused(image, error, message):
     with pytest.raises(error, match=message):
         normalize_image(image)
-
-
-def test_masks():
-    assert check_mask(None, (4, 5)) is None
-    assert check_mask(np.ones((4, 5, 1), np.uint8), (4, 5)).shape == (4, 5)
-    with pytest.raises(TypeError, match="uint8"):
-        check_mask(np.ones((4, 5), bool), (4, 5))
-    with pytest.raises(ValueError, match=r"\(4, 5\)"):
-        check_mask(np.ones((5, 4), np.uint8), (4, 5))
-    with pytest.raises(TypeError, match="numpy array"):
-        check_mask([[1]], (1, 1))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import read_image, weights_dir
 
-from cv2r2d2.extractor import inside_image
+from cv2r2d2.params import inside_image
 
 MODES = (False, True, "descriptor")
 

@@ -8,11 +8,13 @@ import torch
 
 from conftest import read_image
 from cv2r2d2 import matching
+from cv2r2d2.collection import match_collection
 from cv2r2d2.matching import (
-    DEFAULT_MAX_ELEMENTS, ESTIMATE_ON, PLACE_RADIUS, SteeredMatcher, _votes, estimate_rotation,
-    exhaustive_pairs, match_batch, match_collection, match_rotated, mutual_nearest_neighbours,
-    nearest_places, parse_pairs, sequential_pairs,
+    DEFAULT_MAX_ELEMENTS, ESTIMATE_ON, PLACE_RADIUS, _votes, estimate_rotation, match_batch,
+    match_rotated, mutual_nearest_neighbours, nearest_places,
 )
+from cv2r2d2.pairs import exhaustive_pairs, parse_pairs, sequential_pairs
+from cv2r2d2.steered_matcher import SteeredMatcher
 from cv2r2d2.steerer_fitting import FitSettings, fit_steerers, rotate_image
 from cv2r2d2.steerers import DEFAULT_ROTATIONS, rotation_angles
 
@@ -152,7 +154,7 @@ def test_pairs_file(tmp_path):
 def test_match_collection_writes_and_resumes(r2d2_descriptors, tmp_path):
     pytest.importorskip("h5py")
     from cv2r2d2.collection import MatchingSettings
-    from cv2r2d2.io import H5Features, H5Matches, ImageFeatures
+    from cv2r2d2.stores import H5Features, H5Matches, ImageFeatures
 
     cpu = MatchingSettings(device="cpu")
     names = ["a.png", "b.png", "c.png"]
@@ -314,7 +316,7 @@ def test_steered_matching_bad_input_and_empty_sets(r2d2_descriptors, quarter_ste
 def test_match_collection_with_rotations(quarter_turns, quarter_steerers, tmp_path):
     pytest.importorskip("h5py")
     from cv2r2d2.collection import MatchingSettings
-    from cv2r2d2.io import H5Features, H5Matches, ImageFeatures
+    from cv2r2d2.stores import H5Features, H5Matches, ImageFeatures
 
     names = ["a.png", "b.png", "c.png"]
     with H5Features(tmp_path / "features.h5", writable=True) as features:

@@ -15,7 +15,8 @@ import pytest
 
 import cv2r2d2
 from conftest import image_path, missing, read_image, reference_file, weights_file
-from cv2r2d2.extractor import ExtractionParams, extract
+from cv2r2d2.extractor import extract
+from cv2r2d2.params import ExtractionParams
 from cv2r2d2.image import normalize_image
 from cv2r2d2.backends import make_onnx_runner
 from cv2r2d2.config import NUM_THREADS_ENV

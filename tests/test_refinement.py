@@ -177,7 +177,7 @@ def test_refined_keypoints_lie_closer_to_the_truth(r2d2, warped_boat, params):
     """The tracks' keypoints, refined, agree with the geometry better than as detected
     (on the extraction's pyramid; and on it upsampled twice, 4 levels finer), and stay
     inside their images."""
-    from cv2r2d2.extractor import inside_image
+    from cv2r2d2.params import inside_image
     from cv2r2d2.refinement import RefinementReport, refine_keypoints
 
     paths, found, edges, truth = warped_boat
@@ -302,7 +302,7 @@ def test_windows_run_the_network_only_around_their_points(r2d2, boat, monkeypatc
     """Each tile runs on the box of its points grown by the windows' reach, not on the
     whole tile: for two small clusters of points the network sees a small share of the
     level, and the windows are still those of the whole level's dense map."""
-    from cv2r2d2.extractor import dense_maps
+    from cv2r2d2.sampling import dense_maps
 
     runner = r2d2.getRunner()
     image = r2d2._prepare(boat)

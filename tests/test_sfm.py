@@ -170,7 +170,7 @@ def test_database_only_reuses_features_and_matches(scene, reconstruction, featur
         descriptors = database.read_descriptors(image.image_id).data
     finally:
         database.close()
-    from cv2r2d2.io import H5Features
+    from cv2r2d2.stores import H5Features
 
     with H5Features(output / "features.h5") as store:
         stored = store.read("view0.png")
@@ -246,7 +246,7 @@ def test_refinement_lowers_the_reprojection_error(scene, reconstruction, refined
     assert set(result.seconds) == {"extract", "match", "database", "verify", "refine", "map"}
     assert "refined keypoints:     " in result.summary()
     # The database holds the refined keypoints; the feature file keeps the detected ones.
-    from cv2r2d2.io import H5Features
+    from cv2r2d2.stores import H5Features
 
     with H5Features(output / "features.h5") as store:
         detected = store.read("view0.png").keypoints
@@ -298,7 +298,7 @@ def test_refinement_on_finer_levels_with_another_network(scene, feature, reconst
 
 def test_without_refinement_the_database_is_the_features(reconstruction, tmp_path):
     """refine=False writes what it always wrote: the detected keypoints, no cache."""
-    from cv2r2d2.io import H5Features
+    from cv2r2d2.stores import H5Features
 
     result, output = reconstruction
     assert not (output / "refined_keypoints.npz").exists()
@@ -369,7 +369,7 @@ def test_shared_camera_needs_one_image_size(scene, reconstruction, feature, monk
     image = cv2.imread(str(folder / "view0.png"))
     cv2.imwrite(str(folder / "view0.png"), cv2.resize(image, (WIDTH // 2, HEIGHT // 2)))
     output = _resumed_copy(reconstruction[1], tmp_path / "out")
-    from cv2r2d2.io import H5Features
+    from cv2r2d2.stores import H5Features
 
     with H5Features(output / "features.h5", writable=True) as store:
         small = store.read("view0.png")

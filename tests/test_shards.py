@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from cv2r2d2.io import H5Features, H5Matches, ImageFeatures, open_features
+from cv2r2d2.stores import H5Features, H5Matches, ImageFeatures, open_features
 from cv2r2d2.shards import ShardedH5, new_run_id
 
 h5py = pytest.importorskip("h5py")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
-from cv2r2d2.extractor import ExtractionParams, extract
+from cv2r2d2.extractor import extract
+from cv2r2d2.params import ExtractionParams
 from cv2r2d2.image import normalize_image
 from cv2r2d2.nets import fold_batchnorm
 from cv2r2d2.torch_runner import TorchRunner, receptive_halo

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from cv2r2d2.extractor import ExtractionParams, extract
+from cv2r2d2.extractor import extract
+from cv2r2d2.params import ExtractionParams
 from cv2r2d2.image import normalize_image
 from cv2r2d2.nets import build_net
 from cv2r2d2.torch_runner import TorchRunner

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, read_image, weights_dir
-from cv2r2d2.io import (
-    H5Features, H5Matches, ImageFeatures, MissingDependencyError, R2D2Folder, atomic_path,
-    detect, extract_collection, import_optional, list_images, open_features, pair_key,
-    read_pairs, write_image, write_pairs,
-)
+from cv2r2d2.collection import detect, extract_collection
+from cv2r2d2.image import list_images, write_image
+from cv2r2d2.pairs import read_pairs, write_pairs
+from cv2r2d2.stores import H5Features, H5Matches, ImageFeatures, R2D2Folder, open_features, pair_key
+from cv2r2d2.utils import MissingDependencyError, atomic_path, import_optional
 
 h5py = pytest.importorskip("h5py")
 
