@@ -36,6 +36,11 @@ from homography_pairs import by_image, make_pairs
 THRESHOLDS = (1, 3)
 
 
+def _extraction(config: Any) -> Dict[str, Any]:
+    """The arguments of an extractor's configuration, its preset's name left out."""
+    return {k: v for k, v in config.arguments().items() if k != "preset"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-image", type=int, default=5, help="pairs per image and kind")
@@ -60,8 +65,9 @@ def main() -> None:
     features: Dict[str, Any] = {}
     for name in names:
         config = cv2r2d2.R2D2Feature.create(preset=name, device="cpu").getConfig()
-        same = [other for other in features if features[other].getConfig().replace(
-            preset=name) == config]
+        # The same extraction: every argument equal but the preset's name.
+        same = [other for other in features if "@" not in other
+                and _extraction(features[other].getConfig()) == _extraction(config)]
         extraction_of[name] = same[0] if same else name
         if not same:
             features[name] = cv2r2d2.R2D2Feature(config)

@@ -17,7 +17,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -28,7 +28,7 @@ from .matching import DEFAULT_MAX_ELEMENTS, match_batch
 from .provenance import check_reuse, features_record, matches_record
 from .steerers import as_steerers, rotation_angles
 from .stores import FeatureStore, H5Matches, ImageFeatures, open_features
-from .utils import PathLike, progress, torch_device
+from .utils import PathLike, map_blocks_here, progress, torch_device
 
 if TYPE_CHECKING:
     from .config import R2D2Config
@@ -317,6 +317,16 @@ class LocalExecutor:
         feature = R2D2Feature(config)  # the model and its device before the output opens
         with open_features(output, format, writable=True) as store:
             return extract_collection(images, store, feature, overwrite, show_progress)
+
+    def map_blocks(self, worker: Callable[[], Any], work: Callable[[Any, List[Any]], List[Any]],
+                   items: Sequence[Any], show_progress: bool = False, desc: str = "",
+                   unit: str = "it", device: Optional[str] = None) -> List[Any]:
+        """``work(state, block)`` over ``items`` with ``state = worker()`` made once (a
+        model, an open file...): the results in the order of ``items``. The work of
+        :func:`cv2r2d2.localization.localize` and of the retrieval index; on Ray, each
+        actor makes its own state (``worker`` and ``work`` must then be picklable).
+        ``device`` matters on Ray only (where the actors' GPUs come from)."""
+        return map_blocks_here(worker, work, items, show_progress, desc, unit)
 
     def match(
         self,

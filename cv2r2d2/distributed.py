@@ -50,7 +50,7 @@ from .collection import (
 from .config import TORCH_BACKENDS, R2D2Config
 from .provenance import check_reuse, features_record
 from .stores import H5Features, H5Matches, R2D2Folder, feature_format, open_features, pair_key
-from .utils import PathLike, atomic_path, import_optional, progress
+from .utils import PathLike, atomic_path, import_optional, progress, progress_bar
 from .shards import ShardedH5, new_run_id
 from .steerers import as_steerers
 
@@ -347,6 +347,55 @@ class RayExecutor:
             _finish(sharded, self.merge, rewrite=bool(todo), record=record)
         return report
 
+    def map_blocks(self, worker: Callable[[], Any], work: Callable[[Any, List[Any]], List[Any]],
+                   items: Sequence[Any], show_progress: bool = False, desc: str = "",
+                   unit: str = "it", device: Optional[str] = None) -> List[Any]:
+        """``work(state, block)`` over blocks of ``items`` on the cluster's actors, each
+        with its own ``state = worker()`` (a model, an open file...), as
+        :meth:`cv2r2d2.collection.LocalExecutor.map_blocks` does: the results in the order
+        of ``items``. ``worker`` and ``work`` are pickled to the actors; the files they
+        open must be readable on every node. ``device``: the torch device the work runs
+        on (actors take one GPU each when the cluster has GPUs and it allows).
+
+        Raises:
+            RuntimeError: a block's worker died more often than retried (no partial
+                results are returned).
+        """
+        items = list(items)
+        if not items:
+            return []
+        callers_session = _import_ray().is_initialized()
+        with _ray_session(self.address) as ray:
+            gpus, threads, actors = _pool_size(ray, self, device)
+            resources = dict(num_gpus=1, num_cpus=1) if gpus else dict(num_cpus=threads)
+            actor_class = ray.remote(max_restarts=-1, max_task_retries=RETRIES,
+                                     **resources)(_BlockWorker)
+            pool = [actor_class.remote(worker, threads) for _ in range(actors)]
+            blocks = list(enumerate(_blocks(items, self.block_size, actors)))
+
+            def slot(actor: Any) -> Callable[[Any], Any]:
+                return lambda numbered: actor.run.remote(work, numbered[1])
+
+            results: Dict[int, List[Any]] = {}
+            try:
+                finished = _stream(ray, [slot(a) for a in pool for _ in range(QUEUE_DEPTH)],
+                                   blocks)
+                bar = progress_bar(len(items), show_progress, desc, unit, leave=False)
+                for (number, block), result in finished:
+                    if isinstance(result, Exception):
+                        raise RuntimeError(f"{len(block)} {unit}(s) were lost, their worker "
+                                           f"died: {result}") from result
+                    results[number] = result
+                    if bar is not None:
+                        bar.update(len(block))
+                if bar is not None:
+                    bar.close()
+            finally:
+                if callers_session:
+                    for actor in pool:
+                        ray.kill(actor)
+        return [result for number in sorted(results) for result in results[number]]
+
 
 def _resumed(sharded: ShardedH5, run_id: str, record: Mapping[str, Any], output: PathLike,
              overwrite: bool) -> Set[str]:
@@ -378,6 +427,8 @@ def _finish(sharded: ShardedH5, merge: bool, rewrite: bool, record: Mapping[str,
             sharded.write_master(entries, record)
 
 
+
+
 # --- extraction ------------------------------------------------------------------------
 
 
@@ -392,6 +443,29 @@ class RayExtractionReport(ExtractionReport):
     def throughput(self) -> str:
         """One line: images extracted, seconds, images per second, actors."""
         return f"{super().throughput()} on {self.actors} actor(s)"
+
+
+
+class _BlockWorker:
+    """A Ray actor of :meth:`RayExecutor.map_blocks`: a state of its own, blocks of work."""
+
+    def __init__(self, worker: Callable[[], Any], threads: int) -> None:
+        if "torch" in sys.modules or _torch_installed():
+            import torch
+
+            # This process is the actor's own; its thread count is its share of the node.
+            torch.set_num_threads(threads)
+        self._state = worker()
+
+    def run(self, work: Callable[[Any, List[Any]], List[Any]], block: List[Any]) -> List[Any]:
+        """``work(state, block)``."""
+        return list(work(self._state, block))
+
+
+def _torch_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
 
 
 class _Extractor:
@@ -431,15 +505,23 @@ def _file_size(path: str) -> int:
         return 0  # reported as unreadable by the actor that gets it
 
 
+def _pool_size(ray: ModuleType, executor: "RayExecutor", device: Optional[str]
+               ) -> Tuple[int, int, int]:
+    """(GPUs per actor's share: the cluster's usable GPUs, CPU threads per actor, actors)
+    of a run of ``executor`` whose models run on ``device``."""
+    gpus = _cluster_gpus(ray, device)
+    threads = executor.threads or min(DEFAULT_THREADS, _largest_node_cpus(ray))
+    actors = executor.actors or gpus or max(
+        1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+    return gpus, threads, actors
+
+
 def _extract_on_ray(executor: RayExecutor, todo: List[Tuple[str, str]], output: Path,
                     sharded: Optional[ShardedH5], run_id: str, config: R2D2Config,
                     overwrite: bool, show_progress: bool, report: RayExtractionReport) -> None:
     callers_session = _import_ray().is_initialized()
     with _ray_session(executor.address) as ray:
-        gpus = _cluster_gpus(ray, config.device)
-        threads = executor.threads or min(DEFAULT_THREADS, _largest_node_cpus(ray))
-        actors = executor.actors or gpus or max(
-            1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+        gpus, threads, actors = _pool_size(ray, executor, config.device)
         logger.info("extracting %d image(s) on %d actor(s), %s", len(todo), actors,
                     "one GPU each" if gpus else f"{threads} CPU thread(s) each")
         resources = dict(num_gpus=1, num_cpus=1) if gpus else dict(num_cpus=threads)

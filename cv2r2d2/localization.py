@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import cv2
 import numpy as np
 
-from .collection import detect
+from .collection import LocalExecutor, detect
 from .colmap import import_pycolmap
 from .config import R2D2Config
 from .image import read_image
@@ -49,7 +49,7 @@ from .queries import (
 )
 from .retrieval import RetrievalIndex
 from .stores import H5Features, H5Matches
-from .utils import PathLike, progress
+from .utils import PathLike
 
 if TYPE_CHECKING:
     import pycolmap
@@ -299,6 +299,7 @@ def localize(
     device: Optional[str] = None,
     seed: int = 0,
     show_progress: bool = False,
+    executor: Any = None,
 ) -> List[QueryResult]:
     """Localise query photos against the model of an ``sfm`` output folder.
 
@@ -321,6 +322,11 @@ def localize(
         device: torch device of the extraction (with ``feature=None``) and the matching.
         seed: of RANSAC's sampling (the same results for the same inputs).
         show_progress: a progress bar over the queries (on a terminal).
+        executor: where the queries run: None or a
+            :class:`~cv2r2d2.collection.LocalExecutor`, this process; a
+            :class:`~cv2r2d2.distributed.RayExecutor`, its actors, each with the model
+            and an extractor of its own (the model folder and the query photos must be
+            readable on every node). The results are the same.
 
     Returns:
         One :class:`QueryResult` per query, in order.
@@ -344,16 +350,60 @@ def localize(
         query_list = read_queries(queries)  # type: ignore[arg-type]
     if camera_params is not None:
         given_camera(camera_model, camera_params, 1, 1, "camera_params")
+    if executor is None:
+        executor = LocalExecutor()
     with LocalizationModel(model_dir, show_progress) as model:
         extractor = _extractor(model.record, feature, device, model.folder / "features.h5")
         _check_readable(query_list)
         logger.debug("retrieval: %r", model.index)  # built now, not in a query's time
+        step = _LocalizeStep(num_retrieved, camera_model, camera_params, min_inliers,
+                             max_error, device, seed)
+        worker = _QueryWorker(os.fspath(model.folder), extractor.getConfig(),
+                              opened=(model, extractor, pycolmap))
+        return executor.map_blocks(worker, step, query_list, show_progress, "localize",
+                                   unit="query", device=device)
+
+
+class _QueryWorker:
+    """What localises queries: the model, an extractor of the recorded settings and
+    pycolmap; those of this process where it runs, else (pickled to a Ray actor) opened
+    there from the model folder and the configuration."""
+
+    def __init__(self, model_dir: str, config: R2D2Config, opened: Optional[tuple] = None
+                 ) -> None:
+        self.model_dir, self.config, self.opened = model_dir, config, opened
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return dict(model_dir=self.model_dir, config=self.config, opened=None)
+
+    def __call__(self) -> tuple:
+        if self.opened is not None:
+            return self.opened
+        from .feature2d import R2D2Feature
+
+        return (LocalizationModel(self.model_dir), R2D2Feature(self.config),
+                import_pycolmap())
+
+
+@dataclass(frozen=True)
+class _LocalizeStep:
+    """Localise a block of queries with a worker's state (picklable, for Ray)."""
+
+    num_retrieved: int
+    camera_model: str
+    camera_params: Optional[Sequence[float]]
+    min_inliers: int
+    max_error: float
+    device: Optional[str]
+    seed: int
+
+    def __call__(self, state: tuple, queries: List[Query]) -> List[QueryResult]:
+        model, extractor, pycolmap = state
         results = []
-        for query in progress(query_list, len(query_list), show_progress, "localize",
-                              unit="query"):
-            result = _localize_one(model, extractor, query, num_retrieved, camera_model,
-                                   camera_params, min_inliers, max_error, device, seed,
-                                   pycolmap)
+        for query in queries:
+            result = _localize_one(model, extractor, query, self.num_retrieved,
+                                   self.camera_model, self.camera_params, self.min_inliers,
+                                   self.max_error, self.device, self.seed, pycolmap)
             if result.success:
                 logger.info("%s: localised, %d inliers of %d 2D-3D correspondences (%d "
                             "images)", result.name, result.num_inliers,
@@ -361,8 +411,7 @@ def localize(
             else:
                 logger.warning("%s: not localised: %s", result.name, result.reason)
             results.append(result)
-    return results
-
+        return results
 
 def _localize_one(model: LocalizationModel, extractor: "R2D2Feature", query: Query,
                   num_retrieved: int, camera_model: str,

@@ -42,6 +42,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ import numpy as np
 
 from .checks import check_count
 from .neighbours import top_k_neighbours
-from .utils import PathLike, atomic_path, import_optional, progress_bar
+from .utils import PathLike, atomic_path, import_optional, map_blocks_here
 
 if TYPE_CHECKING:
     from .stores import FeatureStore
@@ -242,6 +243,36 @@ class _Weighted:
         return _unit_rows(block)
 
 
+class _StoreWorker:
+    """The feature store images are described from: this process's open one, or
+    (pickled to a Ray actor) one of its kind opened there, read-only, from its path."""
+
+    def __init__(self, store: "FeatureStore") -> None:
+        self.kind, self.path, self.opened = type(store), os.fspath(store.path), store
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return dict(kind=self.kind, path=self.path, opened=None)
+
+    def __call__(self) -> "FeatureStore":
+        return self.opened if self.opened is not None else self.kind(self.path)
+
+
+@dataclass(frozen=True)
+class _Describe:
+    """(term frequencies as float16, digest) of each image of a block (picklable)."""
+
+    codebook: np.ndarray
+    power: float
+
+    def __call__(self, store: "FeatureStore", names: List[str]) -> List[Tuple[np.ndarray, int]]:
+        rows = []
+        for name in names:
+            features = store.read(name)
+            rows.append((_term_frequencies(features.descriptors, self.codebook, self.power)
+                         .astype(np.float16), _digest(features)))
+        return rows
+
+
 class RetrievalIndex:
     """The bag-of-words vectors of a feature store's images, and the codebook.
 
@@ -278,7 +309,7 @@ class RetrievalIndex:
     @classmethod
     def build(cls, store: "FeatureStore", path: Optional[PathLike] = None,
               settings: Optional[RetrievalSettings] = None, overwrite: bool = False,
-              show_progress: bool = False) -> "RetrievalIndex":
+              show_progress: bool = False, executor: Any = None) -> "RetrievalIndex":
         """The index of every image of ``store``, made or brought up to date.
 
         An index already at ``path`` made with the same settings is reused: images the
@@ -292,6 +323,10 @@ class RetrievalIndex:
             settings: how vectors are made (None: :class:`RetrievalSettings` defaults).
             overwrite: build it again whatever is there.
             show_progress: a progress bar (on a terminal).
+            executor: where the images are described: None, this process; a
+                :class:`~cv2r2d2.distributed.RayExecutor` (or any executor with its
+                ``map_blocks``), its actors, which read the store's path (readable on
+                every node). The codebook is learned here; the index is the same.
 
         Raises:
             ValueError: the store holds no features, or no descriptors to learn from.
@@ -312,7 +347,7 @@ class RetrievalIndex:
             if reason is not None:
                 logger.warning("building the retrieval index %s again: %s", path, reason)
                 cls._create(path, h5py, store, names, settings, source)
-        cls._append(path, h5py, store, names, show_progress)
+        cls._append(path, h5py, store, names, show_progress, executor)
         return cls.load(path)
 
     @staticmethod
@@ -387,40 +422,36 @@ class RetrievalIndex:
 
     @staticmethod
     def _append(path: Path, h5py: Any, store: "FeatureStore", names: Sequence[str],
-                show_progress: bool) -> None:
+                show_progress: bool, executor: Any = None) -> None:
         """Describe the images of ``names`` the index lacks, block by block."""
         stamp = _stamp(Path(store.path))
+        # On an executor, larger blocks: each is one run of its actors.
+        block_images = _BLOCK_IMAGES if executor is None else 16 * _BLOCK_IMAGES
         with h5py.File(path, "a") as f:
             count = int(f.attrs["count"])
             done = set(_names(f["names"], count))
             todo = [name for name in names if name not in done]
             if todo:
-                codebook = f["codebook"][()]
-                power = json.loads(f.attrs["settings"])["power"]
+                describe = _Describe(f["codebook"][()], json.loads(f.attrs["settings"])["power"])
+                worker = _StoreWorker(store)
                 start = time.perf_counter()
-                bar = progress_bar(len(todo), show_progress, "describing images", "image",
-                                   leave=False)
-                for first in range(0, len(todo), _BLOCK_IMAGES):
-                    block = todo[first:first + _BLOCK_IMAGES]
-                    frequencies, digests = [], []
-                    for name in block:
-                        features = store.read(name)
-                        frequencies.append(_term_frequencies(features.descriptors, codebook,
-                                                             power))
-                        digests.append(_digest(features))
-                        if bar is not None:
-                            bar.update(1)
+                for first in range(0, len(todo), block_images):
+                    block = todo[first:first + block_images]
+                    if executor is None:
+                        rows = map_blocks_here(worker, describe, block, show_progress,
+                                               "describing images", "image")
+                    else:
+                        rows = executor.map_blocks(worker, describe, block, show_progress,
+                                                   "describing images", "image")
                     end = count + len(block)
-                    for key, data in (("frequencies", np.stack(frequencies).astype(np.float16)),
-                                      ("digests", np.asarray(digests, np.uint64)),
+                    for key, data in (("frequencies", np.stack([r[0] for r in rows])),
+                                      ("digests", np.asarray([r[1] for r in rows], np.uint64)),
                                       ("names", np.asarray(block, object))):
                         f[key].resize(end, axis=0)
                         f[key][count:end] = data
                     # Written last: the rows below "count" are complete.
                     f.attrs["count"] = count = end
                     f.flush()
-                if bar is not None:
-                    bar.close()
                 seconds = time.perf_counter() - start
                 logger.info("described %d image(s) in %.1f s (%.1f ms each) into %s", len(todo),
                             seconds, 1000 * seconds / len(todo), path)

@@ -31,7 +31,9 @@ import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, List, Optional, Union
+from typing import (
+    TYPE_CHECKING, Any, Callable, Iterable, Iterator, List, Optional, Sequence, Union,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +45,7 @@ __all__ = [
     "progress",
     "progress_bar",
     "logging_beside_progress",
+    "map_blocks_here",
     "TEMPORARY_GLOB",
     "atomic_path",
     "atomic_dir",
@@ -113,6 +116,19 @@ def progress(iterable: Iterable, total: Optional[int] = None, enabled: bool = Tr
             bar.update(1)
     finally:
         bar.close()
+
+
+def map_blocks_here(worker: Callable[[], Any], work: Callable[[Any, List[Any]], List[Any]],
+                    items: Sequence[Any], show_progress: bool = False, desc: str = "",
+                    unit: str = "it") -> List[Any]:
+    """``work(state, [item])`` for each of ``items`` in this process, ``state = worker()``
+    made once: the results in the order of ``items`` (one or more per item, as ``work``
+    returns them). What an executor's ``map_blocks`` does on one machine."""
+    state = worker()
+    results: List[Any] = []
+    for item in progress(items, len(items), show_progress, desc, unit=unit):
+        results.extend(work(state, [item]))
+    return results
 
 
 def _stderr_is_terminal() -> bool:

@@ -169,3 +169,25 @@ def test_an_unreadable_query_stops_the_run_before_anything_is_written(
     error = capsys.readouterr().err
     assert "broken.png" in error and "cannot be read" in error
     assert not results.parent.exists()
+
+
+@pytest.mark.slow
+def test_on_ray_the_queries_get_the_local_results(reconstruction, queries, localized):  # noqa: F811
+    """Localisation on Ray actors (one query per block, each actor with the model and an
+    extractor of its own) gives the poses of this process's run."""
+    pytest.importorskip("ray")
+    from cv2r2d2.distributed import RayExecutor
+    from cv2r2d2.localization import localize
+    from cv2r2d2.queries import read_results
+
+    local = read_results(localized[1])
+    on_ray = localize(reconstruction[1], queries[0], device="cpu",
+                      executor=RayExecutor(actors=2, threads=1, block_size=1))
+    assert sorted(r.name for r in on_ray) == sorted([*HELD_OUT, FOREIGN])
+    assert {r.name for r in on_ray if r.success} == set(local) == set(HELD_OUT)
+    for result in on_ray:
+        if result.success:
+            qvec, tvec = local[result.name]
+            # The actors run one thread each: float sums in another order, the same poses.
+            np.testing.assert_allclose(result.qvec, qvec, atol=1e-3)
+            np.testing.assert_allclose(result.tvec, tvec, atol=1e-2 * GROUND)

@@ -223,3 +223,24 @@ def test_bad_input(features_file, index, image_features, tmp_path, capsys):
             pytest.raises(ValueError, match="holds no features"):
         RetrievalIndex.build(store)
     assert not (tmp_path / "empty.retrieval.h5").exists()
+
+
+@pytest.mark.slow
+def test_images_described_on_ray_give_the_same_index(features_file, index, tmp_path):
+    """The image vectors computed by Ray actors (which open the features file themselves)
+    are the ones of this process."""
+    pytest.importorskip("ray")
+    from cv2r2d2.distributed import RayExecutor
+    from cv2r2d2.stores import open_features
+
+    with open_features(features_file) as store:
+        on_ray = RetrievalIndex.build(store, tmp_path / "ray.retrieval.h5",
+                                      executor=RayExecutor(actors=2, threads=1, block_size=3))
+    assert on_ray.names == index.names
+    np.testing.assert_array_equal(on_ray.codebook, index.codebook)
+    np.testing.assert_array_equal(on_ray.idf, index.idf)
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(index.path) as here, h5py.File(on_ray.path) as there:
+        for key in ("frequencies", "digests"):
+            np.testing.assert_array_equal(there[key][()], here[key][()])
+    assert on_ray.pairs(3) == index.pairs(3)
