@@ -390,21 +390,23 @@ def test_sfm_refine_model_runs_an_onnx_export_on_onnxruntime(exported):
     """`cv2r2d2 sfm --refine --refine-model x.onnx`: the refinement's extractor runs that
     file on onnxruntime with the extraction's settings; a checkpoint or registry name on
     torch; --refine-upsample 2 gives RefinementParams.upsampled(2)."""
-    from cv2r2d2.cli import _config, _refinement, build_parser
+    from cv2r2d2.cli import build_parser
+    from cv2r2d2.cli.options import feature_config
+    from cv2r2d2.cli.reconstruction import _refinement
     from cv2r2d2.refinement import RefinementParams
 
     path = exported()["output"]
     args = build_parser().parse_args(
         ["sfm", "photos", "out", "--refine", "--refine-model", str(path), "--refine-upsample",
          "2", "--max-size", "640", "--backend", "torch", "--device", "cpu"])
-    refinement = _refinement(args, _config(args))
+    refinement = _refinement(args, feature_config(args))
     assert refinement.enabled and refinement.params == RefinementParams.upsampled(2)
     feature = refinement.feature
     assert feature.getModel() == str(path) and feature.getBackend() == "onnxruntime"
     assert feature.getParams().max_size == 640
     args = build_parser().parse_args(["sfm", "photos", "out", "--refine", "--device", "cpu",
                                       "--refine-model", MODEL, "--backend", "onnxruntime"])
-    refinement = _refinement(args, _config(args))
+    refinement = _refinement(args, feature_config(args))
     feature = refinement.feature
     assert refinement.params is None and feature.getBackend() == "torch" \
         and feature.getModel() == MODEL
