@@ -114,6 +114,18 @@ def _snippets() -> List[Snippet]:
 SNIPPETS = _snippets()
 
 
+def _marked(snippets: List[Snippet]) -> List[Any]:
+    """The snippets as test parameters, those that run the README's commands marked slow
+    (each runs the command line in a subprocess, for up to a minute and a half)."""
+    def runs_commands(snippet: Snippet) -> bool:
+        return (snippet.page.name == "README.md" and snippet.language == "bash"
+                and not snippet.skip
+                and any(_readme_steps(command) for command in _commands(snippet.source)))
+
+    return [pytest.param(s, marks=pytest.mark.slow) if runs_commands(s) else s
+            for s in snippets]
+
+
 # --- the pages' working folders -------------------------------------------------------------
 
 def _resized(path: Path, side: int, target: Path) -> None:
@@ -197,7 +209,7 @@ def _check_parses(command: str, where: str) -> None:
         pytest.fail(f"{where}: {command!r} does not parse (exit {exit.code})", pytrace=False)
 
 
-@pytest.mark.parametrize("snippet", SNIPPETS, ids=repr)
+@pytest.mark.parametrize("snippet", _marked(SNIPPETS), ids=repr)
 def test_snippet(snippet: Snippet, docs_root: Path, monkeypatch) -> None:
     if snippet.skip:
         pytest.skip(f"{snippet!r}: {snippet.skip}")
