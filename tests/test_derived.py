@@ -155,6 +155,7 @@ _BUILDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two processes building an int8 network
 def test_two_processes_building_at_once_leave_one_valid_file(tmp_path):
     _need_export()
     weights_file(MODEL)

@@ -114,16 +114,24 @@ def _snippets() -> List[Snippet]:
 SNIPPETS = _snippets()
 
 
-def _marked(snippets: List[Snippet]) -> List[Any]:
-    """The snippets as test parameters, those that run the README's commands marked slow
-    (each runs the command line in a subprocess, for up to a minute and a half)."""
-    def runs_commands(snippet: Snippet) -> bool:
-        return (snippet.page.name == "README.md" and snippet.language == "bash"
-                and not snippet.skip
-                and any(_readme_steps(command) for command in _commands(snippet.source)))
+# Pages whose Python snippets extract features of the sample photos (10-80 s a snippet on two
+# busy cores). A page's snippets share one namespace, so they are marked together.
+SLOW_PAGES = {"README.md", "opencv.md", "rotations.md", "getting-started.md", "collections.md"}
 
-    return [pytest.param(s, marks=pytest.mark.slow) if runs_commands(s) else s
-            for s in snippets]
+
+def _marked(snippets: List[Snippet]) -> List[Any]:
+    """The snippets as test parameters, marked slow where they run the README's commands
+    (each the command line in a subprocess, for up to a minute and a half) or are the
+    Python snippets of SLOW_PAGES."""
+    def slow(snippet: Snippet) -> bool:
+        if snippet.skip:
+            return False
+        if snippet.language == "python":
+            return snippet.page.name in SLOW_PAGES
+        return snippet.page.name == "README.md" and any(
+            _readme_steps(command) for command in _commands(snippet.source))
+
+    return [pytest.param(s, marks=pytest.mark.slow) if slow(s) else s for s in snippets]
 
 
 # --- the pages' working folders -------------------------------------------------------------

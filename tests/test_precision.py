@@ -121,6 +121,7 @@ def test_the_probe_reads_cpuinfo(tmp_path):
     assert bare.flags == frozenset() and not bare.native_bf16 and not bare.vnni
 
 
+@pytest.mark.slow  # two full extractions
 def test_bf16_keeps_fp32_keypoints_and_descriptors(image):
     weights_file(MODEL)
     exact = cv2r2d2.R2D2Feature.create(device="cpu", nfeatures=1000)

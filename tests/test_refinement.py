@@ -173,6 +173,7 @@ def warped_boat(r2d2, boat, tmp_path_factory):
     RefinementParams(),
     RefinementParams(upsample=2.0, window_radius=3, max_displacement=2.5),
 ], ids=["pyramid", "upsampled"])
+@pytest.mark.slow  # full-size refinement, minutes
 def test_refined_keypoints_lie_closer_to_the_truth(r2d2, warped_boat, params):
     """The tracks' keypoints, refined, agree with the geometry better than as detected
     (on the extraction's pyramid; and on it upsampled twice, 4 levels finer), and stay
@@ -201,6 +202,7 @@ def test_refined_keypoints_lie_closer_to_the_truth(r2d2, warped_boat, params):
         assert inside_image(moved, 512, 512).all()
 
 
+@pytest.mark.slow  # refines a full-size image
 def test_a_keypoint_outside_its_image_is_left_out_and_the_rest_refined(r2d2, warped_boat, caplog):
     """A track keypoint outside its image (as an older version's descriptor mode stored:
     y = -0.86) and one not finite stop nothing: both stay as they are, a warning counts
