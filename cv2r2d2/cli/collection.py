@@ -16,6 +16,7 @@ from .options import (
 
 
 def add_extract(subparsers: Any) -> None:
+    """Add the ``extract`` subcommand."""
     parser = subparsers.add_parser(
         "extract", help="extract R2D2 features of images",
         description="Extract R2D2 features of images into .r2d2 files or an hloc "
@@ -75,6 +76,7 @@ def _remove(paths: Sequence[Path]) -> None:
 
 
 def add_match(subparsers: Any) -> None:
+    """Add the ``match`` subcommand."""
     parser = subparsers.add_parser(
         "match", help="match features of image pairs",
         description="Mutual nearest-neighbour matching of stored features (the pairs "
@@ -130,6 +132,7 @@ def _run_match(args: argparse.Namespace) -> int:
 
 
 def add_pairs(subparsers: Any) -> None:
+    """Add the ``pairs`` subcommand."""
     parser = subparsers.add_parser(
         "pairs", help="write the image pairs worth matching (image retrieval)",
         description="Pair each image with its K most similar others, by a bag of visual "

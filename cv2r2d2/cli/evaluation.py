@@ -24,6 +24,7 @@ def _methods(text: str) -> List[str]:
 
 
 def add_eval_hpatches(subparsers: Any) -> None:
+    """Add the ``eval-hpatches`` subcommand."""
     parser = subparsers.add_parser(
         "eval-hpatches",
         help="HPatches matching accuracy, repeatability and matching score (the paper's "
@@ -89,6 +90,7 @@ def _run_eval_hpatches(args: argparse.Namespace) -> int:
 
 
 def add_heatmap(subparsers: Any) -> None:
+    """Add the ``heatmap`` subcommand."""
     from ..visualize import DEFAULT_HEATMAP, HEATMAPS
 
     parser = subparsers.add_parser(

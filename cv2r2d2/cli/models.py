@@ -11,6 +11,7 @@ from .options import add_device_option, add_model_option, add_output_options, st
 
 
 def add_presets(subparsers: Any) -> None:
+    """Add the ``presets`` subcommand."""
     parser = subparsers.add_parser(
         "presets", help="list the named settings (--preset)",
         description="The named settings that --preset and R2D2Feature.create(preset=...) "
@@ -39,6 +40,7 @@ def _run_presets(args: argparse.Namespace) -> int:
 
 
 def add_export_onnx(subparsers: Any) -> None:
+    """Add the ``export-onnx`` subcommand."""
     from ..weights import DEFAULT_MODEL
 
     parser = subparsers.add_parser(
@@ -71,6 +73,7 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
 
 
 def add_fit_steerers(subparsers: Any) -> None:
+    """Add the ``fit-steerers`` subcommand."""
     from ..steerers import DEFAULT_ROTATIONS
 
     parser = subparsers.add_parser(

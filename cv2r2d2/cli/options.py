@@ -29,6 +29,7 @@ _PARAM_HELP = {
 
 
 def add_output_options(parser: argparse.ArgumentParser, colmap: bool = False) -> None:
+    """-q and -v (with ``colmap``, -v shows COLMAP's own log too)."""
     group = parser.add_argument_group("output")
     group.add_argument("-q", "--quiet", action="store_true",
                        help="no progress bar, warnings and errors only")
@@ -37,6 +38,7 @@ def add_output_options(parser: argparse.ArgumentParser, colmap: bool = False) ->
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """--device, the torch device."""
     parser.add_argument("--device", default=None,
                         help="torch device, e.g. cpu or cuda:0 (default: CUDA if available)")
 
@@ -98,12 +100,14 @@ def feature_config(args: argparse.Namespace, default_preset: str = DEFAULT_PRESE
 
 
 def create_feature(args: argparse.Namespace) -> Any:
+    """The R2D2Feature of the R2D2 options."""
     from ..feature2d import R2D2Feature
 
     return R2D2Feature(feature_config(args))
 
 
 def add_matching_options(parser: argparse.ArgumentParser, pairs_required: bool) -> None:
+    """--pairs (required, or exhaustive by default), --max-distance, --ratio and --rotations."""
     group = parser.add_argument_group("matching (mutual nearest neighbours)")
     group.add_argument("--pairs", required=pairs_required,
                        default=None if pairs_required else "exhaustive",
@@ -131,6 +135,7 @@ def matching_thresholds(args: argparse.Namespace, preset: str) -> dict:
 
 
 def add_rotations_option(parser: Any) -> None:
+    """--rotations, the steering angles matching tries."""
     parser.add_argument("--rotations", type=int, default=1, metavar="N",
                         help="views may be rotated in the image plane: estimate each pair's "
                              "rotation among N steering angles (k * 360 / N degrees, N a "
@@ -140,6 +145,7 @@ def add_rotations_option(parser: Any) -> None:
 
 
 def add_ray_options(parser: argparse.ArgumentParser, actors: bool) -> None:
+    """--ray, --block-size and --merge; with ``actors``, --actors and --threads."""
     group = parser.add_argument_group("Ray cluster (pip install 'cv2r2d2[ray]')")
     group.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                        help="run on Ray: alone, a local Ray started for the run; 'auto', "
@@ -177,6 +183,7 @@ def make_executor(args: argparse.Namespace) -> Union["LocalExecutor", "RayExecut
 
 
 def report_failed(failed: Sequence[Tuple[str, str]]) -> None:
+    """Say on stderr which images could not be read, and why."""
     if failed:
         print(f"{len(failed)} image(s) could not be read and were skipped:", file=sys.stderr)
         for name, reason in failed:

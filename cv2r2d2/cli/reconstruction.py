@@ -15,6 +15,7 @@ from .options import (
 
 
 def add_localize(subparsers: Any) -> None:
+    """Add the ``localize`` subcommand."""
     from ..localization import MAX_ERROR, MIN_INLIERS, NUM_RETRIEVED
     from ..queries import CAMERA_MODEL
 
@@ -76,6 +77,7 @@ def _run_localize(args: argparse.Namespace) -> int:
 
 
 def add_sfm(subparsers: Any) -> None:
+    """Add the ``sfm`` subcommand."""
     from ..colmap import CAMERA_MODES
 
     parser = subparsers.add_parser(

@@ -41,6 +41,7 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_train(subparsers: Any) -> None:
+    """Add the ``train`` subcommand."""
     parser = subparsers.add_parser(
         "train", help="train or fine-tune R2D2 on your images",
         description="Train or fine-tune R2D2 (Revaud et al., NeurIPS 2019) on your images.",
