@@ -247,6 +247,7 @@ def test_snippets_found() -> None:
     assert {"README.md", "opencv.md", "getting-started.md"} <= pages, pages
 
 
+@pytest.mark.slow  # a subprocess per command (test_cli's help test is quick)
 def test_every_command_has_help() -> None:
     from cv2r2d2.cli import build_parser
 

@@ -97,6 +97,7 @@ def test_homography_recovery_beats_sift(warped_pair, boat):
     assert results["bf"][1] >= int(sift_inliers.sum())
 
 
+@pytest.mark.slow  # the full-size warped pair
 def test_drawing_functions_accept_outputs(warped_pair, boat):
     (kp1, d1), (kp2, d2), warped = warped_pair
     drawn = cv2.drawKeypoints(boat, kp1[:200], None, flags=cv2.DRAW_MATCHES_FLAGS_DRAW_RICH_KEYPOINTS)

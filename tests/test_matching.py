@@ -383,6 +383,7 @@ def test_readme_ratio_recipe_at_45_degrees_keeps_the_cross_checked_correct_match
     assert _correct(kp1, kp2, good, homography) >= cross_correct >= 100
 
 
+@pytest.mark.slow  # extractions of rotated full-size views
 def test_k_nearest_places(turned_45, default_steerers):
     (_, d1), (kp2, d2), _ = turned_45
     steered = default_steerers.steer(d1, 45)

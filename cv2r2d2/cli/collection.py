@@ -15,6 +15,9 @@ from .options import (
 )
 
 
+__all__ = ["add_extract", "add_match", "add_pairs"]
+
+
 def add_extract(subparsers: Any) -> None:
     """Add the ``extract`` subcommand."""
     parser = subparsers.add_parser(

@@ -11,6 +11,8 @@ from .options import (
     feature_config,
 )
 
+__all__ = ["add_eval_hpatches", "add_heatmap"]
+
 METHODS = ("r2d2", "sift", "orb")
 
 

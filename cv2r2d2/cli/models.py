@@ -10,6 +10,9 @@ from ..presets import DEFAULT_PRESET, SFM_PRESET
 from .options import add_device_option, add_model_option, add_output_options, steerers_model
 
 
+__all__ = ["add_presets", "add_export_onnx", "add_fit_steerers"]
+
+
 def add_presets(subparsers: Any) -> None:
     """Add the ``presets`` subcommand."""
     parser = subparsers.add_parser(

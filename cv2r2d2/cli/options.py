@@ -10,6 +10,10 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple, Union
 from ..config import BACKENDS, R2D2Config
 from ..presets import DEFAULT_PRESET, preset_names
 
+__all__ = ["add_output_options", "add_device_option", "add_feature_options", "feature_config",
+           "create_feature", "add_matching_options", "matching_thresholds", "add_rotations_option",
+           "add_ray_options", "make_executor", "report_failed", "add_model_option", "steerers_model"]
+
 if TYPE_CHECKING:
     from ..collection import LocalExecutor
     from ..distributed import RayExecutor

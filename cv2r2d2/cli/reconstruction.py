@@ -14,6 +14,9 @@ from .options import (
 )
 
 
+__all__ = ["add_localize", "add_sfm"]
+
+
 def add_localize(subparsers: Any) -> None:
     """Add the ``localize`` subcommand."""
     from ..localization import MAX_ERROR, MIN_INLIERS, NUM_RETRIEVED

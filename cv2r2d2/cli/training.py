@@ -7,6 +7,9 @@ from typing import Any
 from .options import add_device_option, add_output_options
 
 
+__all__ = ["add_train", "train_arguments"]
+
+
 def train_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``cv2r2d2 train``: the fields of TrainConfig (its defaults, the paper's)."""
     from ..train.config import DEFAULT_NET, SETTING_HELP, TrainConfig
