@@ -113,10 +113,10 @@ def test_log_lines_go_above_progress_bars(photos, tmp_path, monkeypatch):
     pytest.importorskip("tqdm")
     from tqdm.contrib.logging import _TqdmLoggingHandler
 
-    import cv2r2d2.cli
+    import cv2r2d2.cli.collection
 
     seen = []
-    monkeypatch.setattr(cv2r2d2.cli, "_run_extract", lambda args: seen.append(
+    monkeypatch.setattr(cv2r2d2.cli.collection, "_run_extract", lambda args: seen.append(
         [type(h) for h in logging.getLogger("cv2r2d2").handlers]) or 0)
     before = list(logging.getLogger("cv2r2d2").handlers)
     assert main(["extract", str(photos), "-o", str(tmp_path / "f.h5")]) == 0

@@ -84,6 +84,7 @@ def test_the_cache_is_the_env_folder_else_the_user_cache(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "home" / ".cache" / "cv2r2d2"
 
 
+@pytest.mark.slow  # an int8 build
 def test_second_use_is_a_cache_hit_with_a_rounded_report(cache_copy, exports):
     network = int8_model(MODEL, TINY, show_progress=False)
     assert exports == []
@@ -105,6 +106,7 @@ def test_second_use_is_a_cache_hit_with_a_rounded_report(cache_copy, exports):
     assert derived.cache_key("0" * 64, TINY)[0] != derived.cache_key("0" * 64, Calibration())[0]
 
 
+@pytest.mark.slow  # an int8 build
 def test_a_corrupted_cached_network_is_rebuilt_with_a_warning(cache_copy, exports, caplog):
     network = next((cache_copy / "int8").glob("*.onnx"))
     network.write_bytes(network.read_bytes()[:1000])
@@ -119,6 +121,7 @@ def test_a_corrupted_cached_network_is_rebuilt_with_a_warning(cache_copy, export
     assert OnnxRuntimeRunner(network).descriptor_size == 128
 
 
+@pytest.mark.slow  # an int8 build
 def test_a_network_without_its_report_is_not_used(cache_copy):
     network = next((cache_copy / "int8").glob("*.onnx"))
     parts = read_report(network)["key"]
@@ -155,6 +158,7 @@ _BUILDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two processes building an int8 network
 def test_two_processes_building_at_once_leave_one_valid_file(tmp_path):
     _need_export()
     weights_file(MODEL)

@@ -165,6 +165,7 @@ def test_the_executor_is_checked_when_made():
     assert RayExecutor(actors=2, merge=True) == RayExecutor(None, 2, merge=True)
 
 
+@pytest.mark.slow  # starts a local Ray
 def test_a_local_ray_prints_nothing_of_its_own(tmp_path):
     """No token-authentication notice at start, no escape sequence at exit (on a terminal)."""
     pytest.importorskip("ray")
@@ -194,6 +195,7 @@ def test_a_local_ray_prints_nothing_of_its_own(tmp_path):
     assert output.decode().strip() == "connected True", output
 
 
+@pytest.mark.slow  # the Ray cluster
 def test_extraction_and_matching_give_the_single_machine_files(
         cluster, photos, reference, tmp_path, capsys, monkeypatch):
     import cv2r2d2.distributed
@@ -239,6 +241,7 @@ def test_extraction_and_matching_give_the_single_machine_files(
     _assert_same_file(output, reference)
 
 
+@pytest.mark.slow  # the Ray cluster
 def test_other_settings_are_refused_and_overwrite_redoes_on_ray(cluster, photos, tmp_path,
                                                                 capsys):
     output = tmp_path / "features.h5"
@@ -290,6 +293,7 @@ def _actor_processes() -> list:
             if b"ray::_Extractor" in title and descends_from_us(pid)]
 
 
+@pytest.mark.slow  # the Ray cluster
 def test_a_killed_actor_costs_only_its_block(cluster, photos, reference, tmp_path):
     from cv2r2d2.distributed import RayExecutor
 
@@ -322,6 +326,7 @@ def test_a_killed_actor_costs_only_its_block(cluster, photos, reference, tmp_pat
     _assert_same_file(output, reference)
 
 
+@pytest.mark.slow  # the Ray cluster
 def test_an_interrupted_driver_resumes_with_the_missing_images(
         cluster, photos, reference, tmp_path):
     from cv2r2d2.distributed import RayExecutor
@@ -395,6 +400,7 @@ assert not any(name == "ray" or name.startswith("ray.") for name in sys.modules)
     assert sorted(os.listdir(tmp_path)) == ["g.h5"]  # nothing written
 
 
+@pytest.mark.slow  # the Ray cluster
 def test_matching_with_rotations_gives_the_single_machine_file(cluster, reference,
                                                                quarter_steerers, tmp_path):
     from cv2r2d2.collection import match_collection

@@ -114,6 +114,26 @@ def _snippets() -> List[Snippet]:
 SNIPPETS = _snippets()
 
 
+# Pages whose Python snippets extract features of the sample photos (10-80 s a snippet on two
+# busy cores). A page's snippets share one namespace, so they are marked together.
+SLOW_PAGES = {"README.md", "opencv.md", "rotations.md", "getting-started.md", "collections.md"}
+
+
+def _marked(snippets: List[Snippet]) -> List[Any]:
+    """The snippets as test parameters, marked slow where they run the README's commands
+    (each the command line in a subprocess, for up to a minute and a half) or are the
+    Python snippets of SLOW_PAGES."""
+    def slow(snippet: Snippet) -> bool:
+        if snippet.skip:
+            return False
+        if snippet.language == "python":
+            return snippet.page.name in SLOW_PAGES
+        return snippet.page.name == "README.md" and any(
+            _readme_steps(command) for command in _commands(snippet.source))
+
+    return [pytest.param(s, marks=pytest.mark.slow) if slow(s) else s for s in snippets]
+
+
 # --- the pages' working folders -------------------------------------------------------------
 
 def _resized(path: Path, side: int, target: Path) -> None:
@@ -197,7 +217,7 @@ def _check_parses(command: str, where: str) -> None:
         pytest.fail(f"{where}: {command!r} does not parse (exit {exit.code})", pytrace=False)
 
 
-@pytest.mark.parametrize("snippet", SNIPPETS, ids=repr)
+@pytest.mark.parametrize("snippet", _marked(SNIPPETS), ids=repr)
 def test_snippet(snippet: Snippet, docs_root: Path, monkeypatch) -> None:
     if snippet.skip:
         pytest.skip(f"{snippet!r}: {snippet.skip}")
@@ -227,6 +247,7 @@ def test_snippets_found() -> None:
     assert {"README.md", "opencv.md", "getting-started.md"} <= pages, pages
 
 
+@pytest.mark.slow  # a subprocess per command (test_cli's help test is quick)
 def test_every_command_has_help() -> None:
     from cv2r2d2.cli import build_parser
 

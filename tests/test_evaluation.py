@@ -105,6 +105,7 @@ def test_matches_off_by_two_pixels(hpatches):
         assert values[2:] == pytest.approx([1.0] * 8)  # 3..10 px
 
 
+@pytest.mark.slow  # HPatches-like extractions
 def test_r2d2_is_at_least_as_accurate_as_sift_at_3px(hpatches, r2d2, tmp_path):
     results = evaluate_hpatches(hpatches, {"r2d2": r2d2, "sift": cv2.SIFT_create(5000)},
                                 device="cpu")
@@ -153,6 +154,7 @@ class SteeredR2D2:
         return self._steerers
 
 
+@pytest.mark.slow  # extractions of rotated views
 def test_r2d2_with_rotations_matches_rotated_views(r2d2, quarter_steerers, tmp_path):
     from cv2r2d2.steerer_fitting import rotate_image
 

@@ -6,6 +6,7 @@ import re
 import sys
 
 import cv2
+import pytest
 
 from conftest import ROOT, image_path, weights_dir
 
@@ -17,6 +18,7 @@ def load_example(name: str):
     return module
 
 
+@pytest.mark.slow  # the example on full-size images
 def test_replace_sift_ratio_test_finds_as_many_correct_matches(monkeypatch, capsys):
     weights_dir()
     image_path("boat.png")

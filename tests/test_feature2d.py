@@ -45,6 +45,7 @@ def test_feature2d_information(r2d2):
     assert r2d2.getModel() == "r2d2_WASF_N16" and r2d2.getBackend() == "torch"
 
 
+@pytest.mark.slow  # full-size boat
 def test_detect_and_compute_outputs(boat_features, boat):
     keypoints, descriptors = boat_features
     assert isinstance(keypoints, tuple) and len(keypoints) == 5000
@@ -60,6 +61,7 @@ def test_detect_and_compute_outputs(boat_features, boat):
     assert pts.min() >= 0 and pts[:, 0].max() < boat.shape[1] and pts[:, 1].max() < boat.shape[0]
 
 
+@pytest.mark.slow  # full-size boat
 def test_detect_then_compute_equals_detect_and_compute(r2d2, boat, boat_features):
     keypoints, descriptors = boat_features
     detected = r2d2.detect(boat)
@@ -69,6 +71,7 @@ def test_detect_then_compute_equals_detect_and_compute(r2d2, boat, boat_features
     np.testing.assert_allclose(again, descriptors[:300], atol=1e-5)
 
 
+@pytest.mark.slow  # full-size boat
 def test_homography_recovery_beats_sift(warped_pair, boat):
     (kp1, d1), (kp2, d2), warped = warped_pair
     results = {}
@@ -94,6 +97,7 @@ def test_homography_recovery_beats_sift(warped_pair, boat):
     assert results["bf"][1] >= int(sift_inliers.sum())
 
 
+@pytest.mark.slow  # the full-size warped pair
 def test_drawing_functions_accept_outputs(warped_pair, boat):
     (kp1, d1), (kp2, d2), warped = warped_pair
     drawn = cv2.drawKeypoints(boat, kp1[:200], None, flags=cv2.DRAW_MATCHES_FLAGS_DRAW_RICH_KEYPOINTS)
@@ -103,6 +107,7 @@ def test_drawing_functions_accept_outputs(warped_pair, boat):
     assert canvas.shape == (512, 1024, 3)
 
 
+@pytest.mark.slow  # full-size boat
 def test_compute_on_sift_and_orb_keypoints(r2d2, boat):
     for detector in (cv2.SIFT_create(300), cv2.ORB_create(300)):
         keypoints = detector.detect(boat)
@@ -115,6 +120,7 @@ def test_compute_on_sift_and_orb_keypoints(r2d2, boat):
     assert r2d2.compute(boat, [cv2.KeyPoint(600.0, 1.0, 8.0)]) == ((), None)
 
 
+@pytest.mark.slow  # full-size boat
 def test_mask_restricts_detection(r2d2, boat):
     mask = np.zeros(boat.shape[:2], np.uint8)
     mask[:, 256:] = 255
@@ -139,6 +145,7 @@ def test_list_forms(r2d2, boat):
         r2d2.detect([small, flat], [None])
 
 
+@pytest.mark.slow  # several full-size blank images
 def test_nothing_to_detect_gives_empty_results(r2d2):
     strict = cv2r2d2.R2D2_create(reliability_thr=1.0, repeatability_thr=1.0, device="cpu")
     flat = np.full((300, 400), 90, np.uint8)
@@ -151,6 +158,7 @@ def test_nothing_to_detect_gives_empty_results(r2d2):
     assert r2d2.compute(np.zeros((1, 300), np.uint8), [cv2.KeyPoint(0.2, 0.2, 32)]) == ((), None)
 
 
+@pytest.mark.slow  # extractions of the boat
 def test_images_too_small_for_the_pyramid_run_at_their_own_size(boat, caplog):
     """The reference finds nothing on an image whose longer side is under min_size;
     such images are processed at scale 1 instead, with one log line per process."""
@@ -206,6 +214,7 @@ def test_bad_keypoints_and_flags(r2d2, boat):
     assert len(kept) == 1 and descriptors.shape == (1, 128)
 
 
+@pytest.mark.slow  # extractions of the full-size boat
 def test_setters_validate_and_apply(boat):
     weights_file("r2d2_WASF_N16")
     r2d2 = cv2r2d2.R2D2_create(nfeatures=100, device="cpu")
@@ -355,6 +364,7 @@ def _reprojection_errors(kp1, d1, kp2, d2) -> np.ndarray:
     return np.linalg.norm(cv2.perspectiveTransform(p1, H_TRUE).reshape(-1, 2) - p2, axis=1)
 
 
+@pytest.mark.slow  # full-size boat
 def test_subpixel_keypoints_localise_better(warped_pair, boat):
     (kp1, d1), (kp2, d2), warped = warped_pair
     refined = cv2r2d2.R2D2_create(device="cpu", subpixel=True)

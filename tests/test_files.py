@@ -68,6 +68,7 @@ def test_atomic_dir_keeps_the_old_folder_on_failure(tmp_path):
     assert os.listdir(tmp_path) == ["sparse"] and os.listdir(target) == ["old.txt"]
 
 
+@pytest.mark.slow  # every kind of output, an ONNX export among them
 def test_package_outputs_have_plain_modes(tmp_path, umask, monkeypatch):
     """The feature, match, image, checkpoint, weight and shard files of the package."""
     h5py = pytest.importorskip("h5py")

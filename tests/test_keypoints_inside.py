@@ -33,6 +33,7 @@ def _detect(feature, image: np.ndarray, mode):
     return feature.detectFeatures(image)
 
 
+@pytest.mark.slow  # a full-size photo in every mode
 def test_every_mode_keeps_keypoints_inside_a_photo_larger_than_max_size(small_levels):
     """A 384 x 288 photo, levels of at most 128 px: 3 image pixels per pixel of the
     finest level, as a 3072 x 2048 photo has at the default max_size of 1024. Keypoints

@@ -64,6 +64,7 @@ def localized(reconstruction, queries, tmp_path_factory):  # noqa: F811
     return code, results
 
 
+@pytest.mark.slow  # the scene's reconstruction
 def test_held_out_views_are_localised_within_tolerance(scene, reconstruction, queries,  # noqa: F811
                                                        localized):
     from cv2r2d2.queries import read_results
@@ -93,6 +94,7 @@ def test_held_out_views_are_localised_within_tolerance(scene, reconstruction, qu
         assert _angle(relative) < ROTATION_TOLERANCE, (name, nearest, _angle(relative))
 
 
+@pytest.mark.slow  # the scene's reconstruction
 def test_other_scene_is_reported_not_localised(localized):
     from cv2r2d2.localization import MIN_INLIERS
     from cv2r2d2.queries import logs_path
@@ -116,6 +118,7 @@ def test_other_scene_is_reported_not_localised(localized):
         assert entry["camera"]["params"][0] == pytest.approx(384, rel=0.1)
 
 
+@pytest.mark.slow  # the scene's reconstruction
 def test_settings_that_differ_from_the_model_are_refused(reconstruction, queries, r2d2,  # noqa: F811
                                                          tmp_path):
     from cv2r2d2.localization import localize
@@ -126,6 +129,7 @@ def test_settings_that_differ_from_the_model_are_refused(reconstruction, queries
         localize(reconstruction[1], queries[0] / "between.png", feature=r2d2)
 
 
+@pytest.mark.slow  # the scene's reconstruction
 def test_features_without_a_record_need_the_extractor(reconstruction, queries, tmp_path):  # noqa: F811
     import h5py
 
@@ -141,6 +145,7 @@ def test_features_without_a_record_need_the_extractor(reconstruction, queries, t
         localize(folder, queries[0] / "between.png")
 
 
+@pytest.mark.slow  # the scene's reconstruction
 def test_a_folder_without_features_or_model_is_refused(reconstruction, queries, tmp_path):  # noqa: F811
     from cv2r2d2.localization import localize
 
@@ -155,6 +160,7 @@ def test_a_folder_without_features_or_model_is_refused(reconstruction, queries, 
     assert [p.name for p in tmp_path.iterdir()] == ["features.h5"]  # nothing written
 
 
+@pytest.mark.slow  # the scene's reconstruction
 def test_an_unreadable_query_stops_the_run_before_anything_is_written(
         reconstruction, queries, tmp_path, capsys):  # noqa: F811
     from cv2r2d2.cli import main
@@ -191,3 +197,18 @@ def test_on_ray_the_queries_get_the_local_results(reconstruction, queries, local
             # The actors run one thread each: float sums in another order, the same poses.
             np.testing.assert_allclose(result.qvec, qvec, atol=1e-3)
             np.testing.assert_allclose(result.tvec, tvec, atol=1e-2 * GROUND)
+
+
+def test_a_missing_model_folder_or_features_file_is_refused(tmp_path):
+    """The quick tier's check of the model folder, without a reconstruction."""
+    from cv2r2d2.localization import localize
+
+    query = tmp_path / "query.png"
+    cv2.imwrite(str(query), np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(NotADirectoryError, match="no such model folder"):
+        localize(tmp_path / "absent", query)
+    model = tmp_path / "model"
+    model.mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no features.h5"):
+        localize(model, query)
+    assert list(model.iterdir()) == []  # nothing written

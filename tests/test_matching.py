@@ -208,6 +208,7 @@ def _corner_error(xy_a, xy_b, indices, homography, side=256) -> float:
                                 - cv2.perspectiveTransform(corners, homography), axis=2).mean())
 
 
+@pytest.mark.slow  # extractions of rotated views
 def test_steered_matching_recovers_quarter_turns_where_plain_matching_fails(
         quarter_turns, quarter_steerers):
     xy_a, d_a, _ = quarter_turns[0]
@@ -368,6 +369,7 @@ def _correct(keypoints_a, keypoints_b, matches, homography) -> int:
     return int((np.linalg.norm(mapped - xy_b[indices[:, 1]], axis=1) <= 3).sum())
 
 
+@pytest.mark.slow  # full-size extractions
 def test_readme_ratio_recipe_at_45_degrees_keeps_the_cross_checked_correct_matches(
         turned_45, default_steerers):
     (kp1, d1), (kp2, d2), homography = turned_45
@@ -381,6 +383,7 @@ def test_readme_ratio_recipe_at_45_degrees_keeps_the_cross_checked_correct_match
     assert _correct(kp1, kp2, good, homography) >= cross_correct >= 100
 
 
+@pytest.mark.slow  # extractions of rotated full-size views
 def test_k_nearest_places(turned_45, default_steerers):
     (_, d1), (kp2, d2), _ = turned_45
     steered = default_steerers.steer(d1, 45)

@@ -142,6 +142,7 @@ def test_export_passes_checker_with_metadata_and_dynamic_size(exported):
     assert report["precision"] == "fp32" and report["max_abs_error"] < 1e-3
 
 
+@pytest.mark.slow  # an ONNX export, full-size parity
 def test_onnxruntime_extracts_without_torch_and_matches_reference(exported, tmp_path):
     report = exported()
     reference, params = _reference(f"{MODEL}__boat__default.npz")
@@ -166,6 +167,7 @@ def test_onnxruntime_extracts_without_torch_and_matches_reference(exported, tmp_
     _assert_parity(parity_figures(keypoints, ours["descriptors"], reference), len(reference["scores"]))
 
 
+@pytest.mark.slow  # an ONNX export, full-size parity
 def test_opencv_backend_matches_reference(exported):
     reference, params = _reference(f"{MODEL}__boat__default.npz")
     r2d2 = cv2r2d2.R2D2Feature.create(model=exported()["output"], backend="opencv", **params)
@@ -187,6 +189,7 @@ def test_dense_maps_match_reference(exported, backend, model):
 
 @pytest.mark.parametrize("backend, model", [("onnxruntime", MODEL), ("opencv", MODEL),
                                             ("onnxruntime", "faster2d2_WASF_N16")])
+@pytest.mark.slow  # ONNX exports and full-size extractions
 def test_tiles_run_on_crops_and_give_the_untiled_keypoints(exported, crop, backend, model,
                                                           monkeypatch):
     runner = make_onnx_runner(exported(model)["output"], backend=backend)
@@ -194,6 +197,7 @@ def test_tiles_run_on_crops_and_give_the_untiled_keypoints(exported, crop, backe
     _assert_tiles_equal_whole(runner, crop, monkeypatch)
 
 
+@pytest.mark.slow  # an ONNX export, full-size extraction
 def test_export_without_halo_metadata_runs_levels_whole(exported, crop, tmp_path, caplog,
                                                         monkeypatch):
     import onnx
@@ -230,6 +234,7 @@ def test_export_without_halo_metadata_runs_levels_whole(exported, crop, tmp_path
         read_metadata(tmp_path / "broken.onnx")
 
 
+@pytest.mark.slow  # an ONNX export, full-size extraction
 def test_compute_at_given_keypoints_matches_torch_backend(exported, boat):
     # Off-grid positions and several sizes: bilinear sampling on both pyramid levels.
     crop = boat[96:416, 96:416]
@@ -323,6 +328,7 @@ def test_int8_accuracy_is_measured_on_held_out_images():
         assert sorted(int(i[0, 0]) for i in calibrate + evaluate) == list(range(count))
 
 
+@pytest.mark.slow  # an int8 build
 def test_int8_export_keeps_first_conv_and_heads_fp32_and_reports_its_accuracy(exported, onnx_folder, tmp_path, crop,
                                                                monkeypatch):
     import onnx
@@ -390,21 +396,23 @@ def test_sfm_refine_model_runs_an_onnx_export_on_onnxruntime(exported):
     """`cv2r2d2 sfm --refine --refine-model x.onnx`: the refinement's extractor runs that
     file on onnxruntime with the extraction's settings; a checkpoint or registry name on
     torch; --refine-upsample 2 gives RefinementParams.upsampled(2)."""
-    from cv2r2d2.cli import _config, _refinement, build_parser
+    from cv2r2d2.cli import build_parser
+    from cv2r2d2.cli.options import feature_config
+    from cv2r2d2.cli.reconstruction import _refinement
     from cv2r2d2.refinement import RefinementParams
 
     path = exported()["output"]
     args = build_parser().parse_args(
         ["sfm", "photos", "out", "--refine", "--refine-model", str(path), "--refine-upsample",
          "2", "--max-size", "640", "--backend", "torch", "--device", "cpu"])
-    refinement = _refinement(args, _config(args))
+    refinement = _refinement(args, feature_config(args))
     assert refinement.enabled and refinement.params == RefinementParams.upsampled(2)
     feature = refinement.feature
     assert feature.getModel() == str(path) and feature.getBackend() == "onnxruntime"
     assert feature.getParams().max_size == 640
     args = build_parser().parse_args(["sfm", "photos", "out", "--refine", "--device", "cpu",
                                       "--refine-model", MODEL, "--backend", "onnxruntime"])
-    refinement = _refinement(args, _config(args))
+    refinement = _refinement(args, feature_config(args))
     feature = refinement.feature
     assert refinement.params is None and feature.getBackend() == "torch" \
         and feature.getModel() == MODEL

@@ -57,12 +57,14 @@ def test_precisions_a_backend_cannot_run_are_refused(precision, backend, model, 
 
 
 def test_the_command_line_takes_a_precision():
-    from cv2r2d2.cli import _config, build_parser
+    from cv2r2d2.cli import build_parser
+    from cv2r2d2.cli.options import feature_config
 
     parser = build_parser()
     args = parser.parse_args(["extract", "photos", "-o", "f.h5", "--precision", "bf16"])
-    assert _config(args).precision == "bf16"
-    assert _config(parser.parse_args(["extract", "photos", "-o", "f.h5"])).precision == "fp32"
+    assert feature_config(args).precision == "bf16"
+    default = parser.parse_args(["extract", "photos", "-o", "f.h5"])
+    assert feature_config(default).precision == "fp32"
     with pytest.raises(SystemExit):
         parser.parse_args(["extract", "photos", "-o", "f.h5", "--precision", "fp16"])
 
@@ -119,6 +121,7 @@ def test_the_probe_reads_cpuinfo(tmp_path):
     assert bare.flags == frozenset() and not bare.native_bf16 and not bare.vnni
 
 
+@pytest.mark.slow  # two full extractions
 def test_bf16_keeps_fp32_keypoints_and_descriptors(image):
     weights_file(MODEL)
     exact = cv2r2d2.R2D2Feature.create(device="cpu", nfeatures=1000)

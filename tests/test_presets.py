@@ -97,15 +97,18 @@ def test_cli_lists_the_presets(capsys):
 
 
 def test_cli_options_override_the_preset_and_only_those_given():
-    from cv2r2d2.cli import _config, build_parser
+    from cv2r2d2.cli import build_parser
+    from cv2r2d2.cli.options import feature_config
 
     parse = build_parser().parse_args
-    config = _config(parse(["extract", "x.png", "-o", "f.h5", "--preset", "ratio",
-                            "--nfeatures", "10"]))
+    config = feature_config(parse(["extract", "x.png", "-o", "f.h5", "--preset", "ratio",
+                                   "--nfeatures", "10"]))
     assert (config.preset, config.params.nfeatures, config.params.unique_radius) == ("ratio", 10, 2.0)
-    assert _config(parse(["extract", "x.png", "-o", "f.h5"])) == R2D2Config()
+    assert feature_config(parse(["extract", "x.png", "-o", "f.h5"])) == R2D2Config()
     sfm = parse(["sfm", "in", "out", "--no-subpixel"])
-    assert _config(sfm, SFM_PRESET) == R2D2Config.from_arguments(preset="sfm", subpixel=False)
-    assert _config(parse(["sfm", "in", "out", "--preset", "paper"]), SFM_PRESET) == R2D2Config()
+    assert feature_config(sfm, SFM_PRESET) == R2D2Config.from_arguments(preset="sfm",
+                                                                         subpixel=False)
+    paper = parse(["sfm", "in", "out", "--preset", "paper"])
+    assert feature_config(paper, SFM_PRESET) == R2D2Config()
     with pytest.raises(SystemExit):
         parse(["extract", "x.png", "-o", "f.h5", "--preset", "nope"])

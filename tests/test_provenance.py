@@ -132,6 +132,7 @@ def test_matches_record_their_features_and_options(feature, photos, tmp_path):
     assert check_reuse(None, matches_record(None, {}), False, "x", False) is False
 
 
+@pytest.mark.slow  # several extractions
 def test_cli_names_the_differing_settings_and_the_ways_out(photos, tmp_path, capsys):
     weights_dir()
     output = tmp_path / "features.h5"

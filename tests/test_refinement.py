@@ -173,6 +173,7 @@ def warped_boat(r2d2, boat, tmp_path_factory):
     RefinementParams(),
     RefinementParams(upsample=2.0, window_radius=3, max_displacement=2.5),
 ], ids=["pyramid", "upsampled"])
+@pytest.mark.slow  # full-size refinement, minutes
 def test_refined_keypoints_lie_closer_to_the_truth(r2d2, warped_boat, params):
     """The tracks' keypoints, refined, agree with the geometry better than as detected
     (on the extraction's pyramid; and on it upsampled twice, 4 levels finer), and stay
@@ -201,6 +202,7 @@ def test_refined_keypoints_lie_closer_to_the_truth(r2d2, warped_boat, params):
         assert inside_image(moved, 512, 512).all()
 
 
+@pytest.mark.slow  # refines a full-size image
 def test_a_keypoint_outside_its_image_is_left_out_and_the_rest_refined(r2d2, warped_boat, caplog):
     """A track keypoint outside its image (as an older version's descriptor mode stored:
     y = -0.86) and one not finite stop nothing: both stay as they are, a warning counts
@@ -244,6 +246,7 @@ def test_a_keypoint_outside_its_image_is_left_out_and_the_rest_refined(r2d2, war
     assert moved > 50
 
 
+@pytest.mark.slow  # a full-size image upsampled
 def test_upsampled_windows_are_those_of_the_upsampled_image(r2d2, boat):
     """upsample=2 samples the levels of the image upsampled twice: on its finest level,
     windows match those of a 2x bilinear resize of the image at the same places (the
@@ -298,6 +301,7 @@ def test_upsample_is_checked(r2d2, boat, upsample, error):
         RefinementParams(upsample=upsample)
 
 
+@pytest.mark.slow  # extractions of a full-size image
 def test_windows_run_the_network_only_around_their_points(r2d2, boat, monkeypatch):
     """Each tile runs on the box of its points grown by the windows' reach, not on the
     whole tile: for two small clusters of points the network sees a small share of the

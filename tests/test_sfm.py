@@ -16,6 +16,9 @@ from cv2r2d2.sfm import CameraOptions, RefinementOptions
 
 pycolmap = pytest.importorskip("pycolmap")
 pytest.importorskip("h5py")
+# Every test here needs the scene's reconstruction (minutes); the quick tier checks sfm through
+# test_cli's database-only run and test_colmap.
+pytestmark = pytest.mark.slow
 
 WIDTH, HEIGHT = 320, 240
 # COLMAP's focal-length prior for images without EXIF: 1.2 x the longer side.

@@ -82,6 +82,7 @@ def test_rotate_image_quarter_turns_are_exact_and_the_homography_maps_pixels():
     assert procedural_images(2, 64)[1].tobytes() == procedural_images(2, 64)[1].tobytes()
 
 
+@pytest.mark.slow  # fits steerers twice
 def test_fits_are_orthogonal_deterministic_and_per_angle(r2d2):
     first = fit_steerers(r2d2, [90, 30, 330], SMALL, show_progress=False)
     again = fit_steerers(r2d2, [30, 90], SMALL, show_progress=False)
@@ -99,6 +100,7 @@ def test_fits_are_orthogonal_deterministic_and_per_angle(r2d2):
     assert (first.cosines[:, 1] > first.cosines[:, 0] + 0.3).all()
 
 
+@pytest.mark.slow  # fits steerers twice
 def test_cached_in_the_cache_folder_reused_and_refitted_when_the_weights_change(
         r2d2, model_copy, count_fits, tmp_path):
     torch = pytest.importorskip("torch")

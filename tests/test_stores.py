@@ -207,6 +207,7 @@ def test_extract_resumes_and_skips_unreadable_images(r2d2, photos, tmp_path, out
         _assert_same(store.read("peppers.png"), first)
 
 
+@pytest.mark.slow  # an extraction killed in a subprocess
 def test_killed_run_leaves_a_readable_file_that_resumes(r2d2, photos, tmp_path):
     output = tmp_path / "features.h5"
     env = dict(os.environ, CV2R2D2_WEIGHTS_DIR=str(weights_dir()))

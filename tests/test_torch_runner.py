@@ -51,6 +51,7 @@ def test_tiles_equal_the_whole_map(net, crop):
                                    whole.dense_descriptors()[:, y0:y1, x0:x1], atol=1e-5)
 
 
+@pytest.mark.slow  # full-size extractions, tiled and whole
 def test_tiled_extraction_gives_the_same_keypoints(net, crop):
     runner = TorchRunner(net)
     params = ExtractionParams(min_size=0, max_size=9999, min_scale=0.6, nfeatures=1000)
@@ -63,6 +64,7 @@ def test_tiled_extraction_gives_the_same_keypoints(net, crop):
     np.testing.assert_allclose(tiled.scores, whole.scores[index], atol=1e-6)
 
 
+@pytest.mark.slow  # full-size maps by two runners
 def test_optimised_runner_matches_the_baseline(net, crop):
     fast = TorchRunner(net).run(TorchRunner(net).prepare(crop))
     baseline_runner = TorchRunner(net, optimize=False)

@@ -123,6 +123,7 @@ def scratch_run(tmp_path_factory, train_folder):
     return folder / "untrained.pt", output
 
 
+@pytest.mark.slow  # 40 training steps
 def test_training_from_scratch_lowers_the_loss_and_raises_mma(scratch_run, held_out):
     untrained_path, trained_path = scratch_run
     untrained, trained = load_model(untrained_path, "cpu"), load_model(trained_path, "cpu")
@@ -134,6 +135,7 @@ def test_training_from_scratch_lowers_the_loss_and_raises_mma(scratch_run, held_
     assert mma_after > mma_before + 0.1
 
 
+@pytest.mark.slow  # 40 training steps
 def test_checkpoint_has_the_official_format_and_loads_in_the_extractor(scratch_run, boat):
     _, trained_path = scratch_run
     checkpoint = torch.load(trained_path, map_location="cpu", weights_only=True)
@@ -150,6 +152,7 @@ def test_checkpoint_has_the_official_format_and_loads_in_the_extractor(scratch_r
     load_model(resume_path(str(trained_path)), "cpu")
 
 
+@pytest.mark.slow  # training the official network
 def test_fine_tuning_the_official_weights_keeps_their_accuracy(tmp_path, train_folder, held_out):
     pretrained = weights_file("r2d2_WASF_N16")
     # 4 steps at the paper's lr; crops of 96 px, as smaller ones are mostly the
