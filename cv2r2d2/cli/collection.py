@@ -152,6 +152,7 @@ def add_pairs(subparsers: Any) -> None:
                         help="pair each image with its K most similar others")
     parser.add_argument("--overwrite", action="store_true",
                         help="build the image vectors again instead of reusing them")
+    add_ray_options(parser, actors=True, shards=False)
     add_output_options(parser)
     parser.set_defaults(run=_run_pairs)
 
@@ -163,9 +164,10 @@ def _run_pairs(args: argparse.Namespace) -> int:
 
     if args.retrieval < 1:
         raise ValueError(f"--retrieval must be >= 1, got {args.retrieval}")
+    executor = make_executor(args)
     with open_features(args.features) as features:
         index = RetrievalIndex.build(features, overwrite=args.overwrite,
-                                     show_progress=not args.quiet)
+                                     show_progress=not args.quiet, executor=executor)
     pairs = index.pairs(args.retrieval)
     write_pairs(args.output, pairs)
     print(f"wrote {len(pairs)} pair(s) of {len(index)} image(s) to {args.output} (image "

@@ -148,8 +148,9 @@ def add_rotations_option(parser: Any) -> None:
                              "(default: %(default)s)")
 
 
-def add_ray_options(parser: argparse.ArgumentParser, actors: bool) -> None:
-    """--ray, --block-size and --merge; with ``actors``, --actors and --threads."""
+def add_ray_options(parser: argparse.ArgumentParser, actors: bool, shards: bool = True) -> None:
+    """--ray and --block-size; with ``actors``, --actors and --threads; with ``shards``
+    (outputs written as shards), --merge."""
     group = parser.add_argument_group("Ray cluster (pip install 'cv2r2d2[ray]')")
     group.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                        help="run on Ray: alone, a local Ray started for the run; 'auto', "
@@ -165,25 +166,26 @@ def add_ray_options(parser: argparse.ArgumentParser, actors: bool) -> None:
     group.add_argument("--block-size", type=int, default=None,
                        help="items per Ray task and per shard file (default: about 4 per "
                             "worker, at most 64)")
-    group.add_argument("--merge", action="store_true",
-                       help="end with one .h5 file instead of a master file of links to "
-                            "the shards")
+    if shards:
+        group.add_argument("--merge", action="store_true",
+                           help="end with one .h5 file instead of a master file of links "
+                                "to the shards")
 
 
 def make_executor(args: argparse.Namespace) -> Union["LocalExecutor", "RayExecutor"]:
-    """Where extract and match run: this machine, or the Ray cluster of --ray and its
-    options (a missing Ray fails here, before anything is written)."""
+    """Where extract, match, pairs and localize run: this machine, or the Ray cluster of
+    --ray and its options (a missing Ray fails here, before anything is written)."""
     if args.ray is None:
         from ..collection import LocalExecutor
 
-        if args.merge:
+        if getattr(args, "merge", False):
             raise ValueError("--merge goes with --ray (without it the output is one file)")
         return LocalExecutor()
     from ..distributed import RayExecutor
 
     return RayExecutor(address=args.ray, actors=getattr(args, "actors", None),
                        threads=getattr(args, "threads", None), block_size=args.block_size,
-                       merge=args.merge)
+                       merge=getattr(args, "merge", False))
 
 
 def report_failed(failed: Sequence[Tuple[str, str]]) -> None:

@@ -10,7 +10,7 @@ from ..config import R2D2Config
 from ..presets import SFM_PRESET
 from .options import (
     add_device_option, add_feature_options, add_matching_options, add_output_options,
-    feature_config, matching_thresholds, report_failed,
+    add_ray_options, feature_config, make_executor, matching_thresholds, report_failed,
 )
 
 
@@ -53,6 +53,7 @@ def add_localize(subparsers: Any) -> None:
     parser.add_argument("--max-error", type=float, default=MAX_ERROR,
                         help="RANSAC inlier threshold, pixels (default: %(default)s)")
     add_device_option(parser)
+    add_ray_options(parser, actors=True, shards=False)
     add_output_options(parser)
     parser.set_defaults(run=_run_localize)
 
@@ -71,7 +72,8 @@ def _run_localize(args: argparse.Namespace) -> int:
     results = localize(args.model_dir, args.queries, num_retrieved=args.retrieval,
                        camera_model=args.camera_model, camera_params=params,
                        min_inliers=args.min_inliers, max_error=args.max_error,
-                       device=args.device, show_progress=not args.quiet)
+                       device=args.device, show_progress=not args.quiet,
+                       executor=make_executor(args))
     write_results(args.output, results)
     localized = sum(result.success for result in results)
     print(f"localised {localized} of {len(results)} query image(s) into {args.output} (every "
