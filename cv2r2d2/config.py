@@ -31,7 +31,6 @@ __all__ = [
     "TORCH_BACKENDS",
     "ONNX_BACKENDS",
     "NUM_THREADS_ENV",
-    "thread_count",
 ]
 
 # "reference" runs the network as the original implementation does (a speed baseline).
