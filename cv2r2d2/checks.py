@@ -7,7 +7,7 @@ received and what is expected (as kornia's ``core/check.py`` gathers its checks)
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -21,6 +21,7 @@ __all__ = [
     "check_subpixel",
     "check_upsample",
     "check_mask",
+    "check_per_image",
     "check_keypoints",
     "check_matches",
     "check_descriptors",
@@ -115,6 +116,18 @@ def check_mask(mask: Any, shape: Tuple[int, int], name: str = "mask") -> Optiona
             f"{name} must have the image's size {tuple(shape)}, got shape {mask.shape}"
         )
     return mask
+
+
+def check_per_image(values: Any, count: int, name: str, what: str,
+                    optional: bool = False) -> Sequence[Any]:
+    """``values`` given with a list of ``count`` images: a list or tuple of one ``what``
+    per image; when ``optional``, None gives None for each image."""
+    if values is None and optional:
+        return [None] * count
+    if not isinstance(values, (list, tuple)) or len(values) != count:
+        accepted = "None or a list" if optional else "a list"
+        raise ValueError(f"{name} must be {accepted} with one {what} per image ({count})")
+    return values
 
 
 def _instances(items: Any, kind: type, name: str) -> List[Any]:

@@ -16,11 +16,12 @@ import numpy as np
 
 from .backends import make_runner as _make_runner  # a module name: tests replace it
 from .backends import torch_threads
-from .config import R2D2Config
+from .config import R2D2Config, read_storage, write_storage
 from .presets import DEFAULT_PRESET
 from .checks import (check_descriptors, check_inside, check_keypoints, check_mask,
-                     check_match_indices, check_matches, check_offsets, check_points,
-                     check_positive, check_sizes, check_upsample, check_window_dtype)
+                     check_match_indices, check_matches, check_offsets, check_per_image,
+                     check_points, check_positive, check_sizes, check_upsample,
+                     check_window_dtype)
 from .extractor import extract
 from .image import normalize_image
 from .params import Features, inside_image
@@ -75,6 +76,12 @@ def _to_keypoints(features: Features) -> KeyPoints:
             features.scores.tolist(), features.octaves.tolist(),
         )
     )
+
+
+def _positions_and_sizes(keypoints: Sequence[cv2.KeyPoint]) -> Tuple[np.ndarray, np.ndarray]:
+    """(N, 2) float32 ``pt`` and (N,) float32 ``size`` of ``cv2.KeyPoint`` objects."""
+    xy = np.array([kp.pt for kp in keypoints], np.float32).reshape(-1, 2)
+    return xy, np.array([kp.size for kp in keypoints], np.float32)
 
 
 def _is_image_list(images: Any) -> bool:
@@ -217,21 +224,12 @@ class R2D2Feature:
             tuples for a list of images).
         """
         if _is_image_list(image):
-            masks = self._masks_for(image, mask)
+            masks = check_per_image(mask, len(image), "masks", "mask", optional=True)
             return tuple(
                 _to_keypoints(self._detect_one(img, m, f"images[{i}]"))
                 for i, (img, m) in enumerate(zip(image, masks))
             )
         return _to_keypoints(self._detect_one(image, mask))
-
-    def _masks_for(self, images: Sequence[Any], masks: Any) -> Sequence[Any]:
-        if masks is None:
-            return [None] * len(images)
-        if not _is_image_list(masks) or len(masks) != len(images):
-            raise ValueError(
-                f"masks must be None or a list with one mask per image ({len(images)})"
-            )
-        return masks
 
     def _compute_one(
         self, image: Any, keypoints: Any, name: str = "image"
@@ -241,8 +239,7 @@ class R2D2Feature:
         keypoints = check_keypoints(keypoints)
         if not keypoints:
             return (), None
-        xy = np.array([kp.pt for kp in keypoints], np.float32).reshape(-1, 2)
-        sizes = np.array([kp.size for kp in keypoints], np.float32)
+        xy, sizes = _positions_and_sizes(keypoints)
         with self._threads():
             descriptors, kept = describe(self._network, normalised, xy, sizes, self._config.params,
                                          tile_size=self._config.tile_size, levels=levels)
@@ -264,8 +261,7 @@ class R2D2Feature:
             for lists of images, (tuple of keypoint tuples, tuple of descriptors).
         """
         if _is_image_list(image):
-            if not _is_image_list(keypoints) or len(keypoints) != len(image):
-                raise ValueError("keypoints must be a list with one keypoint list per image")
+            keypoints = check_per_image(keypoints, len(image), "keypoints", "keypoint list")
             results = [self._compute_one(img, kps, f"images[{i}]")
                        for i, (img, kps) in enumerate(zip(image, keypoints))]
             return tuple(r[0] for r in results), tuple(r[1] for r in results)
@@ -343,9 +339,7 @@ class R2D2Feature:
         levels = self._pyramid(normalised)
         if not len(pairs):
             return np.zeros((0, 2), np.float32)
-        chosen = [keypoints2[i] for i in pairs[:, 1].tolist()]
-        xy = np.array([kp.pt for kp in chosen], np.float32)
-        sizes = np.array([kp.size for kp in chosen], np.float32)
+        xy, sizes = _positions_and_sizes([keypoints2[i] for i in pairs[:, 1].tolist()])
         with self._threads():
             return refine_matches(self._network, normalised, xy, sizes, descriptors1[pairs[:, 0]],
                                   self._config.params, radius=radius, temperature=temperature,
@@ -623,23 +617,7 @@ class R2D2Feature:
         ``device``: it names this machine's hardware, and a file written on a GPU
         machine must load on any other.
         """
-        if isinstance(fs, (str, os.PathLike)):
-            storage = cv2.FileStorage(os.fspath(fs), cv2.FILE_STORAGE_WRITE)
-            if not storage.isOpened():
-                raise OSError(f"cannot open {os.fspath(fs)!r} for writing")
-            try:
-                self._write_fields(storage)
-            finally:
-                storage.release()
-            return
-        if not isinstance(fs, cv2.FileStorage):
-            raise TypeError(f"write() takes a file name or a cv2.FileStorage, got {type(fs).__name__}")
-        if name:
-            fs.startWriteStruct(name, cv2.FileNode_MAP)
-            self._write_fields(fs)
-            fs.endWriteStruct()
-        else:
-            self._write_fields(fs)
+        write_storage(fs, self._write_fields, name)
 
     def save(self, filename: Union[str, os.PathLike]) -> None:
         """Store the parameters in a YAML/XML/JSON file (as ``write(filename)``)."""
@@ -656,23 +634,7 @@ class R2D2Feature:
         different ``model``, ``backend``, ``precision`` or ``num_threads`` loads the network
         again. Nothing changes when a stored value is refused.
         """
-        if isinstance(fn, (str, os.PathLike)):
-            path = os.fspath(fn)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"no such parameter file: {path!r}")
-            storage = cv2.FileStorage(path, cv2.FILE_STORAGE_READ)
-            try:
-                self._read_node(storage.root())
-            finally:
-                storage.release()
-        elif isinstance(fn, cv2.FileStorage):
-            self._read_node(fn.root())
-        elif isinstance(fn, cv2.FileNode):
-            self._read_node(fn)
-        else:
-            raise TypeError(
-                f"read() takes a file name, cv2.FileStorage or cv2.FileNode, got {type(fn).__name__}"
-            )
+        read_storage(fn, self._read_node)
 
     def _read_node(self, node: cv2.FileNode) -> None:
         if node.empty() or not node.isMap():
