@@ -110,7 +110,7 @@ class R2D2Feature:
                             f"got {type(config).__name__}")
         self._config = config
         self._network = _runner_of(config)
-        self._steerers = SteererSource(self, self._model_file)
+        self._steerers = SteererSource()
 
     @classmethod
     def create(
@@ -419,13 +419,13 @@ class R2D2Feature:
             (N, 128) float32, L2-normalised.
         """
         angle = check_angle(angle)
-        return self._steerers.get([angle]).steer(descriptors, angle)
+        return self._steerers.get(self, self._model_file, [angle]).steer(descriptors, angle)
 
     def getSteerers(self, rotations: int = DEFAULT_ROTATIONS) -> Steerers:
         """This model's steerers for the angles k * 360 / ``rotations`` (fitted on first
         use and cached), for ``cv2r2d2.SteeredMatcher`` and the ``rotations=`` option of
         :mod:`cv2r2d2.matching`."""
-        return self._steerers.get(rotation_angles(rotations))
+        return self._steerers.get(self, self._model_file, rotation_angles(rotations))
 
     def fitSteerers(self, rotations: int = DEFAULT_ROTATIONS,
                     images: Optional[Union[str, os.PathLike]] = None) -> Steerers:
@@ -433,7 +433,7 @@ class R2D2Feature:
         the cached ones (on procedural images, or on the images of the folder
         ``images``), and return them."""
         settings = FitSettings(images=None if images is None else os.fspath(images))
-        return self._steerers.fit(rotation_angles(rotations), settings)
+        return self._steerers.fit(self, self._model_file, rotation_angles(rotations), settings)
 
     def _model_file(self) -> Path:
         """The file the network's weights come from (the steerers' cache key)."""

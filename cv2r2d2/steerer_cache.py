@@ -175,28 +175,25 @@ class SteererSource:
     """One extractor's steerers, kept between its calls: read from the cache or fitted
     (:func:`load_steerers`) when an angle is first asked for.
 
-    Args:
-        feature: the extractor (used to fit).
-        model_file: gives the file its network's weights come from (the cache key);
-            called only when steerers are loaded.
+    The extractor passes itself (used to fit) and how to find its model file (the cache
+    key; called only when steerers are loaded) with each call: kept here, they would tie
+    the extractor, and its network, into a reference cycle.
     """
 
-    def __init__(self, feature: DenseDescriber, model_file: Callable[[], Path]) -> None:
-        self._feature = feature
-        self._model_file = model_file
+    def __init__(self) -> None:
         self._steerers: Optional[Steerers] = None
 
-    def get(self, angles: Sequence[float]) -> Steerers:
+    def get(self, feature: DenseDescriber, model_file: Callable[[], Path],
+            angles: Sequence[float]) -> Steerers:
         """Steerers for at least ``angles`` (degrees): those kept, else loaded or fitted."""
         if self._steerers is None or not self._steerers.has(angles):
-            self._steerers = load_steerers(self._feature, self._model_file(), angles,
-                                           known=self._steerers)
+            self._steerers = load_steerers(feature, model_file(), angles, known=self._steerers)
         return self._steerers
 
-    def fit(self, angles: Sequence[float], settings: FitSettings) -> Steerers:
+    def fit(self, feature: DenseDescriber, model_file: Callable[[], Path],
+            angles: Sequence[float], settings: FitSettings) -> Steerers:
         """Steerers for ``angles`` fitted now with ``settings``, replacing the cached ones."""
-        self._steerers = load_steerers(self._feature, self._model_file(), angles,
-                                       settings=settings)
+        self._steerers = load_steerers(feature, model_file(), angles, settings=settings)
         return self._steerers
 
     def forget(self) -> None:
