@@ -275,10 +275,10 @@ def main() -> None:
             all_extractors = extractors
 
     exact = all_extractors["exact"]
-    timed = TimedRunner(exact.getRunner())
+    timed = TimedRunner(exact._runner())
     torch.set_num_threads(first)
     start = time.perf_counter()
-    extract(timed, normalize_image(image), exact.getParams(), tile_size=exact.getTileSize())
+    extract(timed, normalize_image(image), exact.getConfig().params, tile_size=exact.getTileSize())
     total = time.perf_counter() - start
     rest = total - sum(timed.seconds.values())
     print(f"\nper-stage split of 'exact' ({first} threads): " + ", ".join(

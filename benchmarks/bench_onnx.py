@@ -90,7 +90,7 @@ def backends(args: argparse.Namespace, image: np.ndarray, image_path: Path) -> N
             parity = parity_figures(*results[name], reference) if reference is not None else "-"
             print(f"{name:<18} {median:9.3f} {base / median:8.2f}x  {parity}")
 
-        runners = {name: r2d2.getRunner() for name, r2d2 in extractors.items()}
+        runners = {name: r2d2._runner() for name, r2d2 in extractors.items()}
         agreement = keypoint_agreement(
             runners["onnxruntime fp32"], runners["onnxruntime int8"], [image], ExtractionParams()
         )

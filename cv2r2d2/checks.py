@@ -7,7 +7,7 @@ received and what is expected (as kornia's ``core/check.py`` gathers its checks)
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -21,11 +21,19 @@ __all__ = [
     "check_subpixel",
     "check_upsample",
     "check_mask",
+    "check_per_image",
     "check_keypoints",
     "check_matches",
     "check_descriptors",
     "check_positions",
     "check_radius",
+    "check_positive",
+    "check_match_indices",
+    "check_points",
+    "check_inside",
+    "check_offsets",
+    "check_sizes",
+    "check_window_dtype",
 ]
 
 
@@ -108,6 +116,18 @@ def check_mask(mask: Any, shape: Tuple[int, int], name: str = "mask") -> Optiona
             f"{name} must have the image's size {tuple(shape)}, got shape {mask.shape}"
         )
     return mask
+
+
+def check_per_image(values: Any, count: int, name: str, what: str,
+                    optional: bool = False) -> Sequence[Any]:
+    """``values`` given with a list of ``count`` images: a list or tuple of one ``what``
+    per image; when ``optional``, None gives None for each image."""
+    if values is None and optional:
+        return [None] * count
+    if not isinstance(values, (list, tuple)) or len(values) != count:
+        accepted = "None or a list" if optional else "a list"
+        raise ValueError(f"{name} must be {accepted} with one {what} per image ({count})")
+    return values
 
 
 def _instances(items: Any, kind: type, name: str) -> List[Any]:
@@ -198,3 +218,65 @@ def check_radius(radius: Any) -> float:
     if not 0 <= radius < float("inf"):
         raise ValueError(f"radius must be a finite number of pixels >= 0, got {radius!r}")
     return float(radius)
+
+
+def check_positive(value: Any, name: str) -> float:
+    """Validate a positive number (a search radius, a softmax temperature)."""
+    if not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def check_match_indices(pairs: np.ndarray, counts: Tuple[int, int]) -> np.ndarray:
+    """(M, 2) matches (:func:`check_matches`) whose queryIdx and trainIdx lie in
+    [0, ``counts[0]``) and [0, ``counts[1]``): the sizes of the two matched sets."""
+    for column, (name, count) in enumerate(zip(("queryIdx", "trainIdx"), counts)):
+        if len(pairs) and (pairs[:, column].min() < 0 or pairs[:, column].max() >= count):
+            raise ValueError(f"matches' {name} must lie in [0, {count}), got "
+                             f"{pairs[:, column].min()}..{pairs[:, column].max()}")
+    return pairs
+
+
+def check_points(points: Any) -> np.ndarray:
+    """``points`` as an (N, 2) float32 array of (x, y) positions."""
+    points = np.asarray(points)
+    if points.ndim != 2 or points.shape[1] != 2 or not np.issubdtype(points.dtype, np.number):
+        raise TypeError(f"points must be an N x 2 array of positions, got {points.dtype} "
+                        f"{points.shape}")
+    return points.astype(np.float32)
+
+
+def check_inside(points: np.ndarray, inside: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``points``, once ``inside`` ((N,) bool: :func:`cv2r2d2.params.inside_image` of
+    them in a ``width`` x ``height`` image) holds for each."""
+    outside = ~inside
+    if outside.any():
+        raise ValueError(f"points must lie inside the {width}x{height} image, got "
+                         f"{points[outside][0].tolist()} (and {outside.sum() - 1} more)")
+    return points
+
+
+def check_offsets(offsets: Any) -> np.ndarray:
+    """``offsets`` as a (K, 2) array of finite (dx, dy)."""
+    offsets = np.asarray(offsets)
+    if offsets.ndim != 2 or offsets.shape[1] != 2 or not np.isfinite(offsets).all():
+        raise TypeError(f"offsets must be a K x 2 array of finite (dx, dy), got "
+                        f"{offsets.dtype} {offsets.shape}")
+    return offsets
+
+
+def check_sizes(sizes: Any, count: int) -> np.ndarray:
+    """(``count``,) float32 keypoint sizes; None: zeros (the finest level)."""
+    if sizes is None:
+        return np.zeros(count, np.float32)
+    sizes = np.asarray(sizes, np.float32).reshape(-1)
+    if len(sizes) != count:
+        raise ValueError(f"sizes must hold one size per point ({count}), got {len(sizes)}")
+    return sizes
+
+
+def check_window_dtype(dtype: Any) -> np.dtype:
+    """The element type of descriptor windows: ``np.float32`` or ``np.float16``."""
+    if np.dtype(dtype) not in (np.float16, np.float32):
+        raise TypeError(f"dtype must be np.float32 or np.float16, got {dtype!r}")
+    return np.dtype(dtype)

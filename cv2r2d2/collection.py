@@ -41,7 +41,6 @@ __all__ = [
     "MatchingSettings",
     "MatchingReport",
     "match_collection",
-    "prepare_output",
     "LocalExecutor",
 ]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import cv2
 
@@ -31,7 +31,6 @@ __all__ = [
     "TORCH_BACKENDS",
     "ONNX_BACKENDS",
     "NUM_THREADS_ENV",
-    "thread_count",
 ]
 
 # "reference" runs the network as the original implementation does (a speed baseline).
@@ -209,3 +208,49 @@ class R2D2Config:
 def _integer_fields() -> Tuple[str, ...]:
     """The ExtractionParams fields that are integers (stored and read as such)."""
     return tuple(f.name for f in fields(ExtractionParams) if f.type in ("int", int))
+
+
+def write_storage(fs: Union[str, os.PathLike, cv2.FileStorage],
+                  write: Callable[[cv2.FileStorage], None], name: Optional[str] = None) -> None:
+    """Call ``write`` on ``fs`` open for writing: a file name (created, then closed) or an
+    open ``cv2.FileStorage`` (inside a map named ``name`` when one is given)."""
+    if isinstance(fs, (str, os.PathLike)):
+        storage = cv2.FileStorage(os.fspath(fs), cv2.FILE_STORAGE_WRITE)
+        if not storage.isOpened():
+            raise OSError(f"cannot open {os.fspath(fs)!r} for writing")
+        try:
+            write(storage)
+        finally:
+            storage.release()
+        return
+    if not isinstance(fs, cv2.FileStorage):
+        raise TypeError(f"write() takes a file name or a cv2.FileStorage, got {type(fs).__name__}")
+    if name:
+        fs.startWriteStruct(name, cv2.FileNode_MAP)
+        write(fs)
+        fs.endWriteStruct()
+    else:
+        write(fs)
+
+
+def read_storage(fn: Union[str, os.PathLike, cv2.FileStorage, cv2.FileNode],
+                 read: Callable[[cv2.FileNode], None]) -> None:
+    """Call ``read`` on the node ``fn`` names: the root of a file (by name) or of an open
+    ``cv2.FileStorage``, or a ``cv2.FileNode`` itself."""
+    if isinstance(fn, (str, os.PathLike)):
+        path = os.fspath(fn)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such parameter file: {path!r}")
+        storage = cv2.FileStorage(path, cv2.FILE_STORAGE_READ)
+        try:
+            read(storage.root())
+        finally:
+            storage.release()
+    elif isinstance(fn, cv2.FileStorage):
+        read(fn.root())
+    elif isinstance(fn, cv2.FileNode):
+        read(fn)
+    else:
+        raise TypeError(
+            f"read() takes a file name, cv2.FileStorage or cv2.FileNode, got {type(fn).__name__}"
+        )

@@ -18,7 +18,7 @@ import numpy as np
 from .image import IMAGE_SUFFIXES, is_image_file, read_image
 from .onnx_export import check_opset, export_fp32, export_int8
 
-__all__ = ["export_onnx", "read_images", "held_out", "CALIBRATION_SIDE", "EVALUATION_IMAGES"]
+__all__ = ["export_onnx", "CALIBRATION_SIDE", "EVALUATION_IMAGES"]
 
 logger = logging.getLogger(__name__)
 

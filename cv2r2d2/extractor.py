@@ -16,7 +16,7 @@ import numpy as np
 
 from .checks import check_subpixel
 from .params import ExtractionParams, Features
-from .pyramid import pyramid, walk_levels
+from .pyramid import Level, pyramid, walk_levels
 from .runner import LevelOutput, NetworkRunner
 from .tiling import DEFAULT_TILE_SIZE, grow, level_tiles
 
@@ -249,6 +249,7 @@ def extract(
     mask: Optional[np.ndarray] = None,
     tile_size: int = DEFAULT_TILE_SIZE,
     subpixel: Union[bool, str] = False,
+    levels: Optional[List[Level]] = None,
 ) -> Features:
     """Detect and describe R2D2 keypoints over the image pyramid.
 
@@ -263,6 +264,9 @@ def extract(
             peak; ``"descriptor"`` then moves it further by :func:`descriptor_shift` on
             its level's descriptor map; each keypoint is described where it ends. False:
             the reference's integer positions.
+        levels: the image's pyramid when the caller has it at hand
+            (:func:`cv2r2d2.pyramid.pyramid` of the image and ``params``); None
+            computes it.
 
     Returns:
         The ``nfeatures`` best keypoints over all levels, sorted by decreasing score
@@ -277,7 +281,9 @@ def extract(
     # Suppression can drop any keypoint, so every candidate must reach it.
     budget = 0 if params.unique_radius > 0 else params.nfeatures
     best = _TopK(budget)
-    for level, handle in walk_levels(runner, image, pyramid(height, width, params)):
+    if levels is None:
+        levels = pyramid(height, width, params)
+    for level, handle in walk_levels(runner, image, levels):
         map_h, map_w = runner.output_size(level.height, level.width)
         for core in level_tiles(runner, map_h, map_w, tile_size):
             # Beyond the core: the 3x3 NMS of a core pixel sees true neighbours (and the

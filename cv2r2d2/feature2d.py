@@ -8,25 +8,27 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, ContextManager, Optional, Sequence, Tuple, Union
+from typing import Any, ContextManager, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
 
 from .backends import make_runner as _make_runner  # a module name: tests replace it
 from .backends import torch_threads
-from .config import R2D2Config
+from .config import R2D2Config, read_storage, write_storage
 from .presets import DEFAULT_PRESET
-from .checks import check_keypoints, check_mask, check_matches
+from .checks import (check_descriptors, check_inside, check_keypoints, check_mask,
+                     check_match_indices, check_matches, check_offsets, check_per_image,
+                     check_points, check_positive, check_sizes, check_upsample,
+                     check_window_dtype)
 from .extractor import extract
 from .image import normalize_image
-from .params import ExtractionParams, Features, inside_image
-from .pyramid import pyramid, reference_pyramid
+from .params import Features, inside_image
+from .pyramid import Level, upsampled_pyramid
 from .runner import NetworkRunner
 from .sampling import dense_maps, describe, descriptor_windows, refine_matches
-from .steerer_cache import load_steerers
+from .steerer_cache import SteererSource
 from .steerer_fitting import FitSettings
 from .steerers import DEFAULT_ROTATIONS, Steerers, check_angle, rotation_angles
 from .provenance import model_file
@@ -76,6 +78,12 @@ def _to_keypoints(features: Features) -> KeyPoints:
     )
 
 
+def _positions_and_sizes(keypoints: Sequence[cv2.KeyPoint]) -> Tuple[np.ndarray, np.ndarray]:
+    """(N, 2) float32 ``pt`` and (N,) float32 ``size`` of ``cv2.KeyPoint`` objects."""
+    xy = np.array([kp.pt for kp in keypoints], np.float32).reshape(-1, 2)
+    return xy, np.array([kp.size for kp in keypoints], np.float32)
+
+
 def _is_image_list(images: Any) -> bool:
     return isinstance(images, (list, tuple))
 
@@ -101,8 +109,8 @@ class R2D2Feature:
             raise TypeError(f"config must be an R2D2Config (or use R2D2Feature.create(...)), "
                             f"got {type(config).__name__}")
         self._config = config
-        self._runner = _runner_of(config)
-        self._steerers: Optional[Steerers] = None
+        self._network = _runner_of(config)
+        self._steerers = SteererSource()
 
     @classmethod
     def create(
@@ -138,9 +146,12 @@ class R2D2Feature:
                 ``r2d2_WASF_N8_big``, ``faster2d2_WASF_N16``) or a checkpoint path.
             nfeatures: keypoints kept, best scores first (0 keeps all).
             scale_f: ratio between pyramid scales.
-            min_size, max_size: longer image side range of the pyramid, pixels.
-            min_scale, max_scale: scale range of the pyramid (max_scale <= 1).
-            reliability_thr, repeatability_thr: detection thresholds in [0, 1].
+            min_size: shortest longer image side of the pyramid's levels, pixels.
+            max_size: longest longer image side of the pyramid's levels, pixels.
+            min_scale: smallest scale of the pyramid.
+            max_scale: largest scale of the pyramid (<= 1).
+            reliability_thr: detection threshold on reliability, in [0, 1].
+            repeatability_thr: detection threshold on repeatability, in [0, 1].
             unique_radius: pixels; > 0 keeps, of keypoints from different pyramid
                 levels within this distance of each other, only the best-scoring
                 one, before the top ``nfeatures`` (the same place is otherwise found
@@ -181,25 +192,25 @@ class R2D2Feature:
 
     # --- detection and description -------------------------------------------------
 
-    def _prepare(self, image: Any, name: str = "image", pyramid_input: bool = True) -> np.ndarray:
-        normalised = normalize_image(image, name)
-        if pyramid_input:
-            height, width = normalised.shape[1:]
-            if not reference_pyramid(height, width, self._config.params) and \
-                    pyramid(height, width, self._config.params):
-                _tell_own_size()
-        return normalised
+    def _pyramid(self, image: np.ndarray, upsample: float = 1.0) -> List[Level]:
+        """The pyramid of a normalised (3, H, W) image, computed once per call and passed
+        down (``upsample``: :func:`~cv2r2d2.pyramid.upsampled_pyramid`'s)."""
+        height, width = image.shape[1:]
+        return upsampled_pyramid(height, width, self._config.params, upsample,
+                                 on_own_size=_tell_own_size)
 
     def _threads(self) -> ContextManager[None]:
         """torch's process-wide thread count set to ``num_threads`` while the runner works."""
         return torch_threads(self._config.num_threads, self._config.backend)
 
     def _detect_one(self, image: Any, mask: Any, name: str = "image") -> Features:
-        normalised = self._prepare(image, name)
+        normalised = normalize_image(image, name)
+        levels = self._pyramid(normalised)
         mask = check_mask(mask, normalised.shape[1:], "mask")
         with self._threads():
-            return extract(self._runner, normalised, self._config.params, mask=mask,
-                           tile_size=self._config.tile_size, subpixel=self._config.subpixel)
+            return extract(self._network, normalised, self._config.params, mask=mask,
+                           tile_size=self._config.tile_size, subpixel=self._config.subpixel,
+                           levels=levels)
 
     def detect(self, image: Any, mask: Any = None) -> Union[KeyPoints, Tuple[KeyPoints, ...]]:
         """Detect keypoints.
@@ -213,34 +224,25 @@ class R2D2Feature:
             tuples for a list of images).
         """
         if _is_image_list(image):
-            masks = self._masks_for(image, mask)
+            masks = check_per_image(mask, len(image), "masks", "mask", optional=True)
             return tuple(
                 _to_keypoints(self._detect_one(img, m, f"images[{i}]"))
                 for i, (img, m) in enumerate(zip(image, masks))
             )
         return _to_keypoints(self._detect_one(image, mask))
 
-    def _masks_for(self, images: Sequence[Any], masks: Any) -> Sequence[Any]:
-        if masks is None:
-            return [None] * len(images)
-        if not _is_image_list(masks) or len(masks) != len(images):
-            raise ValueError(
-                f"masks must be None or a list with one mask per image ({len(images)})"
-            )
-        return masks
-
     def _compute_one(
         self, image: Any, keypoints: Any, name: str = "image"
     ) -> Tuple[KeyPoints, Optional[np.ndarray]]:
-        normalised = self._prepare(image, name)
+        normalised = normalize_image(image, name)
+        levels = self._pyramid(normalised)
         keypoints = check_keypoints(keypoints)
         if not keypoints:
             return (), None
-        xy = np.array([kp.pt for kp in keypoints], np.float32).reshape(-1, 2)
-        sizes = np.array([kp.size for kp in keypoints], np.float32)
+        xy, sizes = _positions_and_sizes(keypoints)
         with self._threads():
-            descriptors, kept = describe(self._runner, normalised, xy, sizes, self._config.params,
-                                         tile_size=self._config.tile_size)
+            descriptors, kept = describe(self._network, normalised, xy, sizes, self._config.params,
+                                         tile_size=self._config.tile_size, levels=levels)
         if not len(kept):
             return (), None
         return tuple(keypoints[i] for i in kept.tolist()), descriptors
@@ -259,8 +261,7 @@ class R2D2Feature:
             for lists of images, (tuple of keypoint tuples, tuple of descriptors).
         """
         if _is_image_list(image):
-            if not _is_image_list(keypoints) or len(keypoints) != len(image):
-                raise ValueError("keypoints must be a list with one keypoint list per image")
+            keypoints = check_per_image(keypoints, len(image), "keypoints", "keypoint list")
             results = [self._compute_one(img, kps, f"images[{i}]")
                        for i, (img, kps) in enumerate(zip(image, keypoints))]
             return tuple(r[0] for r in results), tuple(r[1] for r in results)
@@ -329,32 +330,22 @@ class R2D2Feature:
             ``cv2.findHomography(points1, refined, ...)``.
         """
         keypoints2 = check_keypoints(keypoints2)
-        pairs = check_matches(matches)
-        descriptors1 = np.asarray(descriptors1)
-        if descriptors1.dtype != np.float32 or descriptors1.ndim != 2 \
-                or descriptors1.shape[1] != self.descriptorSize():
-            raise TypeError(f"descriptors1 must be float32 N x {self.descriptorSize()} R2D2 "
-                            f"descriptors, got {descriptors1.dtype} {descriptors1.shape}")
-        for column, (name, count) in enumerate((("queryIdx", len(descriptors1)),
-                                                ("trainIdx", len(keypoints2)))):
-            if len(pairs) and (pairs[:, column].min() < 0 or pairs[:, column].max() >= count):
-                raise ValueError(f"matches' {name} must lie in [0, {count}), got "
-                                 f"{pairs[:, column].min()}..{pairs[:, column].max()}")
-        for name, value in (("radius", radius), ("temperature", temperature)):
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        normalised = self._prepare(image2, "image2")
+        descriptors1 = check_descriptors(descriptors1, "descriptors1", size=self.descriptorSize(),
+                                         allow_float64=False)
+        pairs = check_match_indices(check_matches(matches), (len(descriptors1), len(keypoints2)))
+        radius = check_positive(radius, "radius")
+        temperature = check_positive(temperature, "temperature")
+        normalised = normalize_image(image2, "image2")
+        levels = self._pyramid(normalised)
         if not len(pairs):
             return np.zeros((0, 2), np.float32)
-        chosen = [keypoints2[i] for i in pairs[:, 1].tolist()]
-        xy = np.array([kp.pt for kp in chosen], np.float32)
-        sizes = np.array([kp.size for kp in chosen], np.float32)
+        xy, sizes = _positions_and_sizes([keypoints2[i] for i in pairs[:, 1].tolist()])
         with self._threads():
-            return refine_matches(self._runner, normalised, xy, sizes, descriptors1[pairs[:, 0]],
-                                  self._config.params, radius=float(radius),
-                                  temperature=float(temperature), tile_size=self._config.tile_size)
+            return refine_matches(self._network, normalised, xy, sizes, descriptors1[pairs[:, 0]],
+                                  self._config.params, radius=radius, temperature=temperature,
+                                  tile_size=self._config.tile_size, levels=levels)
 
-    def computeDescriptorWindows(
+    def _descriptor_windows(
         self,
         image: Any,
         points: np.ndarray,
@@ -383,32 +374,19 @@ class R2D2Feature:
         Returns:
             (N, K, 128) windows and (N, 2) float32 image pixels per level pixel (x, y).
         """
-        normalised = self._prepare(image)
+        normalised = normalize_image(image)
         height, width = normalised.shape[1:]
-        points = np.asarray(points)
-        if points.ndim != 2 or points.shape[1] != 2 or not np.issubdtype(points.dtype, np.number):
-            raise TypeError(f"points must be an N x 2 array of positions, got {points.dtype} "
-                            f"{points.shape}")
-        points = points.astype(np.float32)
-        outside = ~inside_image(points, height, width)
-        if outside.any():
-            raise ValueError(f"points must lie inside the {width}x{height} image, got "
-                             f"{points[outside][0].tolist()} (and {outside.sum() - 1} more)")
-        offsets = np.asarray(offsets)
-        if offsets.ndim != 2 or offsets.shape[1] != 2 or not np.isfinite(offsets).all():
-            raise TypeError(f"offsets must be a K x 2 array of finite (dx, dy), got "
-                            f"{offsets.dtype} {offsets.shape}")
-        if sizes is None:
-            sizes = np.zeros(len(points), np.float32)
-        sizes = np.asarray(sizes, np.float32).reshape(-1)
-        if len(sizes) != len(points):
-            raise ValueError(f"sizes must hold one size per point ({len(points)}), got {len(sizes)}")
-        if np.dtype(dtype) not in (np.float16, np.float32):
-            raise TypeError(f"dtype must be np.float32 or np.float16, got {dtype!r}")
+        points = check_points(points)
+        points = check_inside(points, inside_image(points, height, width), height, width)
+        offsets = check_offsets(offsets)
+        sizes = check_sizes(sizes, len(points))
+        dtype = check_window_dtype(dtype)
+        upsample = check_upsample(upsample)
+        levels = self._pyramid(normalised, upsample)
         with self._threads():
-            return descriptor_windows(self._runner, normalised, points, sizes, offsets,
-                                      self._config.params, self._config.tile_size, np.dtype(dtype),
-                                      upsample=upsample)
+            return descriptor_windows(self._network, normalised, points, sizes, offsets,
+                                      self._config.params, self._config.tile_size, dtype,
+                                      upsample=upsample, levels=levels)
 
     def computeDenseMaps(self, image: Any, scale: float = 1.0) -> dict:
         """Dense network outputs on the image resized by ``scale`` (0 < scale <= 1).
@@ -417,9 +395,9 @@ class R2D2Feature:
             dict of float32 arrays: ``descriptors`` (128, h, w) L2-normalised,
             ``reliability`` and ``repeatability`` (h, w) in [0, 1].
         """
-        normalised = self._prepare(image, pyramid_input=False)
+        normalised = normalize_image(image)
         with self._threads():
-            return dense_maps(self._runner, normalised, scale)
+            return dense_maps(self._network, normalised, scale)
 
     # --- rotations: steerers --------------------------------------------------------
 
@@ -441,13 +419,13 @@ class R2D2Feature:
             (N, 128) float32, L2-normalised.
         """
         angle = check_angle(angle)
-        return self._steerers_for([angle]).steer(descriptors, angle)
+        return self._steerers.get(self, self._model_file, [angle]).steer(descriptors, angle)
 
     def getSteerers(self, rotations: int = DEFAULT_ROTATIONS) -> Steerers:
         """This model's steerers for the angles k * 360 / ``rotations`` (fitted on first
         use and cached), for ``cv2r2d2.SteeredMatcher`` and the ``rotations=`` option of
         :mod:`cv2r2d2.matching`."""
-        return self._steerers_for(rotation_angles(rotations))
+        return self._steerers.get(self, self._model_file, rotation_angles(rotations))
 
     def fitSteerers(self, rotations: int = DEFAULT_ROTATIONS,
                     images: Optional[Union[str, os.PathLike]] = None) -> Steerers:
@@ -455,14 +433,7 @@ class R2D2Feature:
         the cached ones (on procedural images, or on the images of the folder
         ``images``), and return them."""
         settings = FitSettings(images=None if images is None else os.fspath(images))
-        self._steerers = load_steerers(self, self._model_file(), rotation_angles(rotations),
-                                       settings=settings)
-        return self._steerers
-
-    def _steerers_for(self, angles: Sequence[int]) -> Steerers:
-        if self._steerers is None or not self._steerers.has(angles):
-            self._steerers = load_steerers(self, self._model_file(), angles, known=self._steerers)
-        return self._steerers
+        return self._steerers.fit(self, self._model_file, rotation_angles(rotations), settings)
 
     def _model_file(self) -> Path:
         """The file the network's weights come from (the steerers' cache key)."""
@@ -472,7 +443,7 @@ class R2D2Feature:
 
     def descriptorSize(self) -> int:
         """The descriptor length: 128 floats."""
-        return int(self._runner.descriptor_size)
+        return int(self._network.descriptor_size)
 
     def descriptorType(self) -> int:
         """The descriptor element type: ``cv2.CV_32F``."""
@@ -488,12 +459,12 @@ class R2D2Feature:
 
     def empty(self) -> bool:
         """Whether no network is loaded (False once created)."""
-        return self._runner is None
+        return self._network is None
 
-    def getRunner(self) -> NetworkRunner:
+    def _runner(self) -> NetworkRunner:
         """The network runner (:class:`~cv2r2d2.runner.NetworkRunner`) behind this
         extractor, for the extractor's functions (``extract``, ``describe``...) directly."""
-        return self._runner
+        return self._network
 
     def __repr__(self) -> str:
         """``R2D2Feature(preset=..., <the arguments that override it>)``: what create() takes
@@ -521,10 +492,6 @@ class R2D2Feature:
         current one (a network change loads the network again)."""
         self._apply(self._config.replace(preset=preset))
 
-    def getParams(self) -> ExtractionParams:
-        """A copy of the extraction parameters."""
-        return replace(self._config.params)
-
     def getModel(self) -> str:
         """The model: an official name or a checkpoint / ``.onnx`` path."""
         return self._config.model
@@ -532,9 +499,9 @@ class R2D2Feature:
     def setModel(self, model: Union[str, os.PathLike]) -> None:
         """Load another model (name or checkpoint path)."""
         config = self._config.replace(model=model)
-        self._runner = _runner_of(config)
+        self._network = _runner_of(config)
         self._config = config
-        self._steerers = None
+        self._steerers.forget()
 
     def getDevice(self) -> Optional[str]:
         """The torch device given at creation (None: CUDA when available, else the CPU)."""
@@ -650,23 +617,7 @@ class R2D2Feature:
         ``device``: it names this machine's hardware, and a file written on a GPU
         machine must load on any other.
         """
-        if isinstance(fs, (str, os.PathLike)):
-            storage = cv2.FileStorage(os.fspath(fs), cv2.FILE_STORAGE_WRITE)
-            if not storage.isOpened():
-                raise OSError(f"cannot open {os.fspath(fs)!r} for writing")
-            try:
-                self._write_fields(storage)
-            finally:
-                storage.release()
-            return
-        if not isinstance(fs, cv2.FileStorage):
-            raise TypeError(f"write() takes a file name or a cv2.FileStorage, got {type(fs).__name__}")
-        if name:
-            fs.startWriteStruct(name, cv2.FileNode_MAP)
-            self._write_fields(fs)
-            fs.endWriteStruct()
-        else:
-            self._write_fields(fs)
+        write_storage(fs, self._write_fields, name)
 
     def save(self, filename: Union[str, os.PathLike]) -> None:
         """Store the parameters in a YAML/XML/JSON file (as ``write(filename)``)."""
@@ -683,23 +634,7 @@ class R2D2Feature:
         different ``model``, ``backend``, ``precision`` or ``num_threads`` loads the network
         again. Nothing changes when a stored value is refused.
         """
-        if isinstance(fn, (str, os.PathLike)):
-            path = os.fspath(fn)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"no such parameter file: {path!r}")
-            storage = cv2.FileStorage(path, cv2.FILE_STORAGE_READ)
-            try:
-                self._read_node(storage.root())
-            finally:
-                storage.release()
-        elif isinstance(fn, cv2.FileStorage):
-            self._read_node(fn.root())
-        elif isinstance(fn, cv2.FileNode):
-            self._read_node(fn)
-        else:
-            raise TypeError(
-                f"read() takes a file name, cv2.FileStorage or cv2.FileNode, got {type(fn).__name__}"
-            )
+        read_storage(fn, self._read_node)
 
     def _read_node(self, node: cv2.FileNode) -> None:
         if node.empty() or not node.isMap():
@@ -713,11 +648,11 @@ class R2D2Feature:
 
     def _apply(self, config: R2D2Config) -> None:
         """Take ``config``, with a new network when one of its settings changed."""
-        runner = self._runner
+        runner = self._network
         if any(getattr(config, key) != getattr(self._config, key) for key in _NETWORK):
             runner = _runner_of(config)
-            self._steerers = None
-        self._runner, self._config = runner, config
+            self._steerers.forget()
+        self._network, self._config = runner, config
 
 
 def R2D2_create(nfeatures: int = PRESET, **kwargs: Any) -> R2D2Feature:

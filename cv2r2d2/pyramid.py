@@ -1,12 +1,12 @@
 """The image pyramid: which levels an extraction walks, and walking them.
 
-The levels are the reference's (:func:`reference_pyramid`), with the image processed at
-its own size where the reference would find nothing (:func:`pyramid`).
+The levels are the reference's, with the image processed at its own size where the
+reference would find nothing (:func:`pyramid`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -14,8 +14,8 @@ from .params import ExtractionParams
 from .runner import NetworkRunner
 
 __all__ = [
-    "PATCH_SIZE", "MIN_SIDE", "Level", "reference_pyramid", "pyramid", "upsampled_pyramid",
-    "walk_levels", "level_choice",
+    "PATCH_SIZE", "MIN_SIDE", "Level", "pyramid", "upsampled_pyramid", "walk_levels",
+    "level_choice",
 ]
 
 # Keypoint size (patch diameter, pixels) at pyramid scale 1, as in the reference.
@@ -66,32 +66,37 @@ def reference_pyramid(height: int, width: int, params: ExtractionParams) -> List
     return steps
 
 
-def pyramid(height: int, width: int, params: ExtractionParams) -> List[Level]:
+def pyramid(height: int, width: int, params: ExtractionParams,
+            on_own_size: Optional[Callable[[], None]] = None) -> List[Level]:
     """The pyramid steps the extraction walks for an image of ``height`` x ``width``.
 
-    Those of :func:`reference_pyramid`; but where the reference processes no step at
-    all (an image whose longer side is under ``min_size``, say, where it finds
-    nothing), one step at scale 1: the image is processed at its own size. An image
-    with a side under ``MIN_SIDE`` px gets no step.
+    Those of the reference (:func:`reference_pyramid`); but where the reference
+    processes no step at all (an image whose longer side is under ``min_size``, say,
+    where it finds nothing), one step at scale 1: the image is processed at its own
+    size, and ``on_own_size`` (when given) is called, for the caller to say so. An
+    image with a side under ``MIN_SIDE`` px gets no step.
     """
     steps = reference_pyramid(height, width, params)
     if not steps and min(height, width) >= MIN_SIDE:
+        if on_own_size is not None:
+            on_own_size()
         return [Level(0, 1.0, height, width)]
     return steps
 
 
 def upsampled_pyramid(height: int, width: int, params: ExtractionParams,
-                      upsample: float = 1.0) -> List[Level]:
+                      upsample: float = 1.0,
+                      on_own_size: Optional[Callable[[], None]] = None) -> List[Level]:
     """The extraction's pyramid extended by finer levels: that of the image upsampled by
     ``upsample`` with ``max_size`` scaled alike, so its finest level has ``upsample``
     times the resolution of the extraction's finest (2: twice) and its coarsest is
     about the extraction's. Level sizes and scales are those of the upsampled image: a
     level's keypoint size in original-image pixels is ``level.size / upsample``.
-    ``upsample`` 1: the extraction's pyramid."""
+    ``upsample`` 1: the extraction's pyramid. ``on_own_size``: as for :func:`pyramid`."""
     if upsample == 1:
-        return pyramid(height, width, params)
+        return pyramid(height, width, params, on_own_size)
     scaled = replace(params, max_size=params.max_size * upsample)
-    return pyramid(round(height * upsample), round(width * upsample), scaled)
+    return pyramid(round(height * upsample), round(width * upsample), scaled, on_own_size)
 
 
 def walk_levels(runner: NetworkRunner, image: np.ndarray, steps: List[Level]) -> Iterator[Tuple[Level, Any]]:

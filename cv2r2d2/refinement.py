@@ -442,7 +442,7 @@ def _finest_sizes(feature: "R2D2Feature", image_sizes: Sequence[Tuple[int, int]]
                   upsample: float = 1.0) -> np.ndarray:
     """(n,) keypoint size, image pixels, of each image's finest processed level of the
     refinement's pyramid (nan: none)."""
-    params = feature.getParams()
+    params = feature.getConfig().params
     finest = []
     for width, height in image_sizes:
         levels = [level for level in upsampled_pyramid(int(height), int(width), params, upsample)
@@ -564,7 +564,7 @@ def refine_keypoints(
             rows, points = rows[inside], points[inside]
             if not len(rows):
                 continue
-        windows[rows], steps[rows] = feature.computeDescriptorWindows(
+        windows[rows], steps[rows] = feature._descriptor_windows(
             image, points, offsets, sizes=level_sizes[rows], dtype=dtype,
             upsample=params.upsample)
         # Windows that reach past the map's border hold clamped samples: those stay.

@@ -6,7 +6,7 @@ descriptors fit best (:func:`refine_matches`), descriptor windows around points
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -31,6 +31,7 @@ def sample_at_levels(
     centred: bool = False,
     margin: int = 1,
     upsample: float = 1.0,
+    levels: Optional[List[Level]] = None,
 ) -> Iterator[Tuple[np.ndarray, Level, LevelOutput, np.ndarray, np.ndarray, Box]]:
     """Network outputs around points, each on the level its size picks.
 
@@ -40,16 +41,18 @@ def sample_at_levels(
     lie on) grown by ``margin`` map pixels. ``centred`` maps image to
     map pixels with consistent pixel centres, (x + 0.5) w / W - 0.5, as sub-pixel
     keypoints are mapped; else as x w / W, the inverse of the reference's mapping.
-    ``upsample`` > 1 walks :func:`upsampled_pyramid` (sizes stay in image pixels).
+    ``upsample`` > 1 walks :func:`upsampled_pyramid` (sizes stay in image pixels);
+    ``levels``: that pyramid when the caller has it at hand (None: computed here).
     """
     height, width = image.shape[1:]
-    steps = upsampled_pyramid(height, width, params, upsample)
-    levels = [level for level in steps if level.processed]
-    if not len(xy) or not levels:
+    if levels is None:
+        levels = upsampled_pyramid(height, width, params, upsample)
+    processed = [level for level in levels if level.processed]
+    if not len(xy) or not processed:
         return
-    choice = level_choice(sizes * np.float32(upsample), levels)
+    choice = level_choice(sizes * np.float32(upsample), processed)
     shift = np.float32(0.5 if centred else 0)
-    for index, (level, handle) in enumerate(walk_levels(runner, image, steps)):
+    for index, (level, handle) in enumerate(walk_levels(runner, image, levels)):
         rows = np.flatnonzero(choice == index)
         if not len(rows):
             continue
@@ -100,6 +103,7 @@ def describe(
     sizes: np.ndarray,
     params: ExtractionParams,
     tile_size: int = DEFAULT_TILE_SIZE,
+    levels: Optional[List[Level]] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Descriptors at given keypoints (e.g. from SIFT or ORB).
 
@@ -114,6 +118,8 @@ def describe(
         sizes: (N,) keypoint diameters in pixels (non-positive: the finest level).
         params: extraction parameters (they define the levels).
         tile_size: as for :func:`extract`.
+        levels: the image's pyramid (:func:`~cv2r2d2.pyramid.pyramid`) when the caller
+            has it at hand; None computes it.
 
     Returns:
         descriptors (M, dim) float32 and the (M,) indices of the keypoints kept: those
@@ -123,12 +129,14 @@ def describe(
     xy = np.asarray(xy, np.float32).reshape(-1, 2)
     sizes = np.asarray(sizes, np.float32).reshape(-1)
     kept = np.flatnonzero(inside_image(xy, *image.shape[1:]))
-    if not pyramid(*image.shape[1:], params):  # too thin for the network: nothing to sample
+    if levels is None:
+        levels = pyramid(*image.shape[1:], params)
+    if not levels:  # too thin for the network: nothing to sample
         kept = kept[:0]
     descriptors = np.zeros((len(kept), runner.descriptor_size), np.float32)
     # One pixel more than the tile: bilinear sampling reads the next pixel too.
     for rows, _, output, x, y, _ in sample_at_levels(runner, image, xy[kept], sizes[kept], params,
-                                               tile_size):
+                                                     tile_size, levels=levels):
         descriptors[rows] = output.descriptors_at(x, y)
     return descriptors, kept
 
@@ -144,6 +152,7 @@ def refine_matches(
     step: float = 0.25,
     temperature: float = 0.01,
     tile_size: int = DEFAULT_TILE_SIZE,
+    levels: Optional[List[Level]] = None,
 ) -> np.ndarray:
     """Move matched keypoints to where their partners' descriptors fit best.
 
@@ -155,6 +164,7 @@ def refine_matches(
         image: (3, H, W) normalised image the keypoints belong to.
         xy: (N, 2) matched keypoint positions in image pixels; sizes: (N,) their sizes.
         descriptors: (N, dim) the partners' L2-normalised descriptors, row for row.
+        levels: the image's pyramid, as for :func:`describe`.
 
     Returns:
         (N, 2) float32 refined positions in image pixels (consistent pixel centres),
@@ -171,7 +181,8 @@ def refine_matches(
     grid_y, grid_x = (g.reshape(-1) for g in np.meshgrid(offsets, offsets, indexing="ij"))
     margin = int(np.ceil(radius)) + 1
     for rows, level, output, x, y, window in sample_at_levels(
-        runner, image, xy[kept], sizes[kept], params, tile_size, centred=True, margin=margin
+        runner, image, xy[kept], sizes[kept], params, tile_size, centred=True, margin=margin,
+        levels=levels,
     ):
         map_h, map_w = runner.output_size(level.height, level.width)
         for r, px, py, samples in _grid_samples(output, rows, x, y, grid_x, grid_y,
@@ -196,6 +207,7 @@ def descriptor_windows(
     tile_size: int = DEFAULT_TILE_SIZE,
     dtype: Any = np.float32,
     upsample: float = 1.0,
+    levels: Optional[List[Level]] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Descriptors on a grid of offsets around points, each point on the level its size picks.
 
@@ -214,6 +226,7 @@ def descriptor_windows(
         dtype: of the returned windows (float16 halves their memory).
         upsample: the levels are those of :func:`upsampled_pyramid` (2: down to twice
             the finest level's resolution, the image upsampled bilinearly).
+        levels: that pyramid when the caller has it at hand; None computes it.
 
     Returns:
         (N, K, dim) descriptors and (N, 2) float32 image pixels per map pixel (x, y) of
@@ -231,7 +244,7 @@ def descriptor_windows(
         tile_size = min(tile_size, WINDOW_TILE_SIZE)
     for rows, level, output, x, y, _ in sample_at_levels(
         runner, image, xy, sizes, params, tile_size, centred=True, margin=margin,
-        upsample=check_upsample(upsample),
+        upsample=check_upsample(upsample), levels=levels,
     ):
         for r, _, _, samples in _grid_samples(output, rows, x, y, offsets[:, 0], offsets[:, 1],
                                               runner.descriptor_size):

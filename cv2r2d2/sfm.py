@@ -120,7 +120,7 @@ class RefinementOptions:
         if self.params is not None and not isinstance(self.params, RefinementParams):
             raise TypeError(f"RefinementOptions.params must be a RefinementParams, got "
                             f"{type(self.params).__name__}")
-        if self.feature is not None and not hasattr(self.feature, "computeDescriptorWindows"):
+        if self.feature is not None and not hasattr(self.feature, "_descriptor_windows"):
             raise TypeError(f"RefinementOptions.feature must be an R2D2Feature, got "
                             f"{type(self.feature).__name__}")
 
@@ -141,7 +141,7 @@ def _fingerprint(feature: "R2D2Feature", params: RefinementParams, names: Sequen
                  arrays: Sequence[np.ndarray]) -> str:
     """sha256 of everything a refinement's result depends on."""
     digest = hashlib.sha256(json.dumps({
-        "model": feature.getModel(), "extraction": feature.getParams().as_dict(),
+        "model": feature.getModel(), "extraction": feature.getConfig().params.as_dict(),
         "refinement": asdict(params), "names": list(names),
     }, sort_keys=True).encode())
     for array in arrays:

@@ -6,6 +6,7 @@ cache folder (:func:`cv2r2d2.weights.cache_dir`,
 ``<weights stem>.steerers-<sha256[:16]>.npz``), keyed by the file's sha256; never in
 the weights folder, which may be read-only. A cache file placed beside the weights is
 read too (first). Angles asked for later are fitted and added to the cache.
+``SteererSource`` (package internal) keeps one extractor's steerers between its calls.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 import zipfile
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -168,3 +169,33 @@ def _settings_like(steerers: Optional[Steerers]) -> FitSettings:
                        "procedural images instead", settings.images)
         return DEFAULT_SETTINGS
     return settings
+
+
+class SteererSource:
+    """One extractor's steerers, kept between its calls: read from the cache or fitted
+    (:func:`load_steerers`) when an angle is first asked for.
+
+    The extractor passes itself (used to fit) and how to find its model file (the cache
+    key; called only when steerers are loaded) with each call: kept here, they would tie
+    the extractor, and its network, into a reference cycle.
+    """
+
+    def __init__(self) -> None:
+        self._steerers: Optional[Steerers] = None
+
+    def get(self, feature: DenseDescriber, model_file: Callable[[], Path],
+            angles: Sequence[float]) -> Steerers:
+        """Steerers for at least ``angles`` (degrees): those kept, else loaded or fitted."""
+        if self._steerers is None or not self._steerers.has(angles):
+            self._steerers = load_steerers(feature, model_file(), angles, known=self._steerers)
+        return self._steerers
+
+    def fit(self, feature: DenseDescriber, model_file: Callable[[], Path],
+            angles: Sequence[float], settings: FitSettings) -> Steerers:
+        """Steerers for ``angles`` fitted now with ``settings``, replacing the cached ones."""
+        self._steerers = load_steerers(feature, model_file(), angles, settings=settings)
+        return self._steerers
+
+    def forget(self) -> None:
+        """Drop the steerers kept: the extractor's network changed."""
+        self._steerers = None

@@ -13,7 +13,7 @@ import numpy as np
 from .runner import Box, NetworkRunner
 
 __all__ = [
-    "DEFAULT_TILE_SIZE", "WINDOW_TILE_SIZE", "tiles", "level_tiles", "halo_window", "grow",
+    "DEFAULT_TILE_SIZE", "WINDOW_TILE_SIZE", "level_tiles", "grow",
 ]
 
 # Default cap on the pixels of one network run (tile_size ** 2); larger levels are tiled.

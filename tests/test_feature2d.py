@@ -249,13 +249,13 @@ def test_num_threads_applies_to_torch_only_during_a_call(boat, monkeypatch):
     r2d2 = cv2r2d2.R2D2_create(nfeatures=50, min_size=0, device="cpu", num_threads=wanted)
     assert r2d2.getNumThreads() == wanted and torch.get_num_threads() == previous
     seen = []
-    run = r2d2._runner.run
+    run = r2d2._runner().run
 
     def recorded(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return run(*args, **kwargs)
 
-    monkeypatch.setattr(r2d2._runner, "run", recorded)
+    monkeypatch.setattr(r2d2._runner(), "run", recorded)
     crop = boat[:160, :192]
     keypoints, _ = r2d2.detectAndCompute(crop, None)
     assert len(keypoints) == 50 and torch.get_num_threads() == previous
@@ -264,7 +264,7 @@ def test_num_threads_applies_to_torch_only_during_a_call(boat, monkeypatch):
     assert torch.get_num_threads() == previous
     assert seen and set(seen) == {wanted}
     # Restored when the call fails, too.
-    monkeypatch.setattr(r2d2._runner, "run", lambda *args, **kwargs: 1 / 0)
+    monkeypatch.setattr(r2d2._runner(), "run", lambda *args, **kwargs: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         r2d2.computeDenseMaps(crop)
     assert torch.get_num_threads() == previous
@@ -278,7 +278,7 @@ def test_write_read_round_trip(r2d2, tmp_path, suffix):
     other.write(str(path))
     r2d2_copy = cv2r2d2.R2D2_create(device="cpu")
     r2d2_copy.read(str(path))
-    assert r2d2_copy.getParams() == other.getParams() and repr(r2d2_copy) == repr(other)
+    assert r2d2_copy.getConfig().params == other.getConfig().params and repr(r2d2_copy) == repr(other)
     assert r2d2_copy.getSubpixel() and r2d2_copy.getTileSize() == 0
     # Inside a FileStorage, under a name, as OpenCV's write(fs, name) does.
     fs = cv2.FileStorage(str(tmp_path / f"many{suffix}"), cv2.FILE_STORAGE_WRITE)

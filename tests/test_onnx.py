@@ -262,8 +262,8 @@ def test_session_has_arena_off_and_requested_threads(exported, monkeypatch):
     assert make_onnx_runner(path).session.get_session_options().intra_op_num_threads == 2
     r2d2 = cv2r2d2.R2D2Feature.create(model=path, backend="onnxruntime", num_threads=1)
     assert r2d2.getNumThreads() == 1
-    assert r2d2._runner.session.get_session_options().intra_op_num_threads == 1
-    assert cv2r2d2.R2D2_create(model=path, backend="opencv", num_threads=1)._runner.num_threads == 1
+    assert r2d2._runner().session.get_session_options().intra_op_num_threads == 1
+    assert cv2r2d2.R2D2_create(model=path, backend="opencv", num_threads=1)._runner().num_threads == 1
     with pytest.raises(ValueError, match="num_threads"):
         make_onnx_runner(path, num_threads=-1)
     with pytest.raises(TypeError, match="num_threads"):
@@ -389,7 +389,7 @@ def test_int8_export_keeps_first_conv_and_heads_fp32_and_reports_its_accuracy(ex
     assert len(keypoints) > 100
     np.testing.assert_allclose(np.linalg.norm(descriptors, axis=1), 1.0, atol=1e-5)
     # The quantised graph crops as exactly: its quantisation steps are per-pixel.
-    _assert_tiles_equal_whole(r2d2._runner, crop, monkeypatch)
+    _assert_tiles_equal_whole(r2d2._runner(), crop, monkeypatch)
 
 
 def test_sfm_refine_model_runs_an_onnx_export_on_onnxruntime(exported):
@@ -409,7 +409,7 @@ def test_sfm_refine_model_runs_an_onnx_export_on_onnxruntime(exported):
     assert refinement.enabled and refinement.params == RefinementParams.upsampled(2)
     feature = refinement.feature
     assert feature.getModel() == str(path) and feature.getBackend() == "onnxruntime"
-    assert feature.getParams().max_size == 640
+    assert feature.getConfig().params.max_size == 640
     args = build_parser().parse_args(["sfm", "photos", "out", "--refine", "--device", "cpu",
                                       "--refine-model", MODEL, "--backend", "onnxruntime"])
     refinement = _refinement(args, feature_config(args))

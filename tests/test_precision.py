@@ -127,10 +127,10 @@ def test_bf16_keeps_fp32_keypoints_and_descriptors(image):
     exact = cv2r2d2.R2D2Feature.create(device="cpu", nfeatures=1000)
     bf16 = cv2r2d2.R2D2Feature.create(device="cpu", nfeatures=1000, precision="bf16",
                                       num_threads=1)
-    assert bf16.getPrecision() == "bf16" and bf16.getRunner().precision == "bf16"
+    assert bf16.getPrecision() == "bf16" and bf16._runner().precision == "bf16"
     threads = []
-    run = bf16.getRunner().run
-    bf16.getRunner().run = lambda *args: threads.append(torch.get_num_threads()) or run(*args)
+    run = bf16._runner().run
+    bf16._runner().run = lambda *args: threads.append(torch.get_num_threads()) or run(*args)
     points, descriptors = exact.detectAndCompute(image, None)
     theirs, their_descriptors = bf16.detectAndCompute(image, None)
     assert set(threads) == {1}  # num_threads holds for the bf16 runner too
@@ -151,14 +151,14 @@ def test_int8_runs_the_network_built_on_first_use(int8_cache, monkeypatch, image
     built = []
     monkeypatch.setattr(derived, "_build", lambda *args: built.append(args))
     int8 = cv2r2d2.R2D2Feature.create(precision="int8", num_threads=1, nfeatures=500)
-    runner = int8.getRunner()
+    runner = int8._runner()
     assert isinstance(runner, OnnxRuntimeRunner) and built == []
     assert runner.path.parent == int8_cache / "int8"
     assert runner.session.get_session_options().intra_op_num_threads == 1
     keypoints, descriptors = int8.detectAndCompute(image, None)
     assert len(keypoints) == 500 and descriptors.shape == (500, 128)
     opencv = cv2r2d2.R2D2Feature.create(precision="int8", backend="opencv")
-    assert isinstance(opencv.getRunner(), OpenCVRunner) and opencv.getRunner().path == runner.path
+    assert isinstance(opencv._runner(), OpenCVRunner) and opencv._runner().path == runner.path
     monkeypatch.setattr("cv2r2d2.backends.probe_cpu", lambda: ZEN4)
     auto = cv2r2d2.R2D2Feature.create(precision="auto", device="cpu")
-    assert auto.getPrecision() == "auto" and auto.getRunner().path == runner.path
+    assert auto.getPrecision() == "auto" and auto._runner().path == runner.path

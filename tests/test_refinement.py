@@ -258,23 +258,23 @@ def test_upsampled_windows_are_those_of_the_upsampled_image(r2d2, boat):
     rng = np.random.default_rng(0)
     points = rng.uniform(40, 470, (200, 2)).astype(np.float32)
     offsets = window_offsets(2)
-    plain, plain_steps = r2d2.computeDescriptorWindows(boat, points, offsets)
-    same, same_steps = r2d2.computeDescriptorWindows(boat, points, offsets, upsample=1.0)
+    plain, plain_steps = r2d2._descriptor_windows(boat, points, offsets)
+    same, same_steps = r2d2._descriptor_windows(boat, points, offsets, upsample=1.0)
     np.testing.assert_array_equal(plain, same)
     np.testing.assert_array_equal(plain_steps, same_steps)
     np.testing.assert_array_equal(plain_steps, np.ones_like(plain_steps))
 
-    windows, steps = r2d2.computeDescriptorWindows(boat, points, offsets, upsample=2.0)
+    windows, steps = r2d2._descriptor_windows(boat, points, offsets, upsample=2.0)
     np.testing.assert_allclose(steps, 0.5)
     large = cv2.resize(boat, (1024, 1024), interpolation=cv2.INTER_LINEAR)
     wide = cv2r2d2.R2D2Feature.create(device="cpu", max_size=2048)
-    expected, _ = wide.computeDescriptorWindows(large, (points + 0.5) * 2 - 0.5, offsets)
+    expected, _ = wide._descriptor_windows(large, (points + 0.5) * 2 - 0.5, offsets)
     cosine = (windows * expected).sum(axis=2)
     assert np.median(cosine) > 0.99 and np.percentile(cosine, 5) > 0.95, \
         np.percentile(cosine, [5, 50])
     # and not those of the unscaled image's finest level, nor shifted by a pixel
     assert np.median((windows * plain).sum(axis=2)) < np.median(cosine) - 0.02
-    shifted, _ = wide.computeDescriptorWindows(large, (points + 0.5) * 2 + 0.5, offsets)
+    shifted, _ = wide._descriptor_windows(large, (points + 0.5) * 2 + 0.5, offsets)
     assert np.median((windows * shifted).sum(axis=2)) < np.median(cosine) - 0.005
 
 
@@ -284,7 +284,7 @@ def test_upsampled_levels_follow_sizes(r2d2, boat):
     at scale 2) on the 2x level, 32 on the image's resolution, 64 on the extraction's
     coarsest level (boat: 256 pixels, min_size)."""
     points = np.array([[100.0, 120.0], [300.0, 250.0], [200.0, 400.0]], np.float32)
-    _, steps = r2d2.computeDescriptorWindows(boat, points, window_offsets(1),
+    _, steps = r2d2._descriptor_windows(boat, points, window_offsets(1),
                                              sizes=np.array([16.0, 32.0, 64.0]), upsample=2.0)
     np.testing.assert_allclose(steps[:, 0], [0.5, 1.0, 2.0], rtol=1e-3)
 
@@ -295,8 +295,8 @@ def test_upsampled_levels_follow_sizes(r2d2, boat):
 ])
 def test_upsample_is_checked(r2d2, boat, upsample, error):
     with pytest.raises(error, match="upsample"):
-        r2d2.computeDescriptorWindows(boat, np.zeros((1, 2), np.float32), window_offsets(1),
-                                      upsample=upsample)
+        r2d2._descriptor_windows(boat, np.zeros((1, 2), np.float32), window_offsets(1),
+                                 upsample=upsample)
     with pytest.raises(error, match="upsample"):
         RefinementParams(upsample=upsample)
 
@@ -306,10 +306,11 @@ def test_windows_run_the_network_only_around_their_points(r2d2, boat, monkeypatc
     """Each tile runs on the box of its points grown by the windows' reach, not on the
     whole tile: for two small clusters of points the network sees a small share of the
     level, and the windows are still those of the whole level's dense map."""
+    from cv2r2d2.image import normalize_image
     from cv2r2d2.sampling import dense_maps
 
-    runner = r2d2.getRunner()
-    image = r2d2._prepare(boat)
+    runner = r2d2._runner()
+    image = normalize_image(boat)
     full = dense_maps(runner, image)["descriptors"]  # (128, 512, 512), unit vectors
     rng = np.random.default_rng(3)
     points = np.concatenate([rng.integers(60, 90, (30, 2)), rng.integers(400, 440, (30, 2))])
@@ -323,7 +324,7 @@ def test_windows_run_the_network_only_around_their_points(r2d2, boat, monkeypatc
         return run(handle, box)
 
     monkeypatch.setattr(runner, "run", counting)
-    windows, steps = r2d2.computeDescriptorWindows(boat, points, offsets)
+    windows, steps = r2d2._descriptor_windows(boat, points, offsets)
     np.testing.assert_array_equal(steps, 1)
     area = sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in boxes)
     assert len(boxes) == 2 and area < 0.05 * 512 * 512, boxes

@@ -276,14 +276,14 @@ def test_refinement_on_finer_levels_with_another_network(scene, feature, reconst
     plain, _ = reconstruction
     refiner = cv2r2d2.R2D2Feature.create(device="cpu", min_size=WIDTH, max_size=WIDTH)
     calls = {"refiner": 0}
-    windows = refiner.computeDescriptorWindows
+    windows = refiner._descriptor_windows
 
     def counted(*args, **kwargs):
         calls["refiner"] += 1
         assert kwargs["upsample"] == 2.0
         return windows(*args, **kwargs)
 
-    refiner.computeDescriptorWindows = counted
+    refiner._descriptor_windows = counted
     output = _resumed_copy(refined[1], tmp_path / "out")
     shutil.copyfile(refined[1] / "refined_keypoints.npz", output / "refined_keypoints.npz")
     params = RefinementParams.upsampled(2)
@@ -325,7 +325,7 @@ def test_refinement_resumes_and_writes_nothing_partial(scene, feature, refined, 
     _, done = refined
     output = _resumed_copy(done, tmp_path / "out")
     calls = []
-    windows = R2D2Feature.computeDescriptorWindows
+    windows = R2D2Feature._descriptor_windows
 
     def interrupted(self, *args, **kwargs):
         calls.append(1)
@@ -333,7 +333,7 @@ def test_refinement_resumes_and_writes_nothing_partial(scene, feature, refined, 
             raise KeyboardInterrupt
         return windows(self, *args, **kwargs)
 
-    monkeypatch.setattr(R2D2Feature, "computeDescriptorWindows", interrupted)
+    monkeypatch.setattr(R2D2Feature, "_descriptor_windows", interrupted)
     with pytest.raises(KeyboardInterrupt):
         reconstruct(scene[0], output, feature=feature, camera=SINGLE,
                     refinement=RefinementOptions(True))
