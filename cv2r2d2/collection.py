@@ -344,8 +344,9 @@ class LocalExecutor:
             features: a feature file or ``.r2d2`` folder (:func:`cv2r2d2.stores.open_features`).
             pairs: (name0, name1) pairs, e.g. from :func:`cv2r2d2.pairs.parse_pairs`.
             output: the matches ``.h5`` file.
-            settings, steerers: as :func:`match_collection`; a device this machine lacks
-                is a ValueError before the output is opened.
+            settings: as :func:`match_collection`; a device this machine lacks is a
+                ValueError before the output is opened.
+            steerers: as :func:`match_collection`.
         """
         settings = _matching_settings(settings)
         torch_device(settings.device)

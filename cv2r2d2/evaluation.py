@@ -80,10 +80,12 @@ class PairData:
     """Image 1 and image k of a sequence, their keypoints and matches.
 
     Attributes:
-        keypoints_a, keypoints_b: (Na, 2), (Nb, 2) x, y in pixels.
+        keypoints_a: (Na, 2) x, y in pixels.
+        keypoints_b: (Nb, 2) x, y in pixels.
         matches: (M, 2) indices (in a, in b).
         homography: (3, 3) maps image a's pixels to image b's.
-        size_a, size_b: (width, height) of the images.
+        size_a: (width, height) of image a.
+        size_b: (width, height) of image b.
     """
 
     keypoints_a: np.ndarray
@@ -148,9 +150,13 @@ def homography_matching_accuracy(
     neighbours (L2), scored by :func:`mean_matching_accuracy`.
 
     Args:
-        xy_a, xy_b: (N, 2) keypoint positions in pixels; descriptors_a, descriptors_b:
-            (N, D) float32.
-        homography: (3, 3) maps image a's pixels to image b's; size_a, size_b: (W, H).
+        xy_a: (N, 2) keypoint positions of image a, pixels.
+        descriptors_a: (N, D) float32, image a's.
+        xy_b: (N, 2) keypoint positions of image b, pixels.
+        descriptors_b: (N, D) float32, image b's.
+        homography: (3, 3) maps image a's pixels to image b's.
+        size_a: (W, H) of image a.
+        size_b: (W, H) of image b.
         visible_only: match only the keypoints the other image sees (as the HPatches
             protocol of :func:`visible_keypoints` counts them).
 

@@ -136,9 +136,10 @@ def descriptor_shift(
     Args:
         output: the network output of a level, or of the window of it that begins at
             ``origin`` = (x0, y0) map pixels.
-        x, y: (n,) positions in the level's map pixels. Computing in the level's
+        x: (n,) positions in the level's map pixels. Computing in the level's
             coordinates, not the window's, keeps the float32 rounding, and so the
             result, the same however the level is tiled.
+        y: (n,) positions, likewise.
         size: (w', h') of the level's whole map. Positions stay within its outermost
             samples, [0, w' - 1] x [0, h' - 1]: beyond them the bilinear samples repeat
             the border's descriptors, which would pull keypoints past it (and out of

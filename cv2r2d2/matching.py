@@ -282,8 +282,13 @@ def mutual_nearest_neighbours(
     Args:
         descriptors_a: (Na, D) float32 (``NORM_L2``) or uint8 (``NORM_HAMMING``).
         descriptors_b: (Nb, D), same type.
-        norm, max_distance, ratio, device, rotations, steerers: as :func:`match_batch`
-            (``rotations=24, steerers=r2d2`` for views that may be rotated).
+        norm: as :func:`match_batch`.
+        max_distance: as :func:`match_batch`.
+        ratio: as :func:`match_batch`.
+        device: as :func:`match_batch`.
+        rotations: as :func:`match_batch` (``rotations=24, steerers=r2d2`` for views
+            that may be rotated).
+        steerers: as :func:`match_batch`.
 
     Returns:
         (M, 2) int64 indices (in a, in b) sorted by the index in a, (M,) float32 distances.
@@ -315,7 +320,8 @@ def nearest_places(
         positions: the candidates' (Nc, 2) pixel positions, or their ``cv2.KeyPoint``.
         k: neighbours per query.
         radius: pixels (0: the k nearest, as ``cv2.BFMatcher.knnMatch``).
-        device, max_elements: as :func:`match_batch`.
+        device: as :func:`match_batch`.
+        max_elements: as :func:`match_batch`.
 
     Returns:
         (Nq, k) int64 candidate indices (-1 where fewer places remain) and (Nq, k)
@@ -483,8 +489,13 @@ def match_rotated(
     by it, is matched with b, so that no false match from another angle enters.
 
     Args:
-        pairs, matrices, estimate_on: as :func:`estimate_rotation`.
-        max_distance, ratio, device, max_elements: as :func:`match_batch`.
+        pairs: as :func:`estimate_rotation`.
+        matrices: as :func:`estimate_rotation`.
+        estimate_on: as :func:`estimate_rotation`.
+        max_distance: as :func:`match_batch`.
+        ratio: as :func:`match_batch`.
+        device: as :func:`match_batch`.
+        max_elements: as :func:`match_batch`.
 
     Returns:
         Per pair, (M, 2) int64 indices (in a, in b) sorted by the index in a, (M,)

@@ -16,12 +16,13 @@ class ExtractionParams:
 
     Attributes:
         scale_f: ratio between consecutive pyramid scales (> 1).
-        min_size, max_size: the pyramid spans levels whose longer side lies in
+        min_size: the pyramid spans levels whose longer side lies in
             [min_size, max_size] pixels.
-        min_scale, max_scale: and whose scale lies in [min_scale, max_scale]
-            (max_scale <= 1: images are never upscaled).
-        reliability_thr, repeatability_thr: a keypoint's minimum reliability and
-            repeatability, in [0, 1].
+        max_size: see ``min_size``.
+        min_scale: and whose scale lies in [min_scale, max_scale].
+        max_scale: see ``min_scale`` (max_scale <= 1: images are never upscaled).
+        reliability_thr: a keypoint's minimum reliability, in [0, 1].
+        repeatability_thr: a keypoint's minimum repeatability, in [0, 1].
         nfeatures: the number of best-scoring keypoints kept (0 keeps all).
         unique_radius: image pixels; when > 0, of keypoints from different levels
             within this distance of each other only the best-scoring one is kept

@@ -84,8 +84,10 @@ def given_camera(camera_model: str, params: Sequence[float], width: int, height:
     """A camera of known intrinsics, checked against its model's parameter count.
 
     Args:
-        camera_model: a COLMAP camera model; params: its parameters, pixels.
-        width, height: the image's size, pixels.
+        camera_model: a COLMAP camera model.
+        params: its parameters, pixels.
+        width: the image's width, pixels.
+        height: the image's height, pixels.
         where: what the error messages name (a list file's line, an argument).
     """
     pycolmap = import_pycolmap()

@@ -120,7 +120,8 @@ class RefinementReport:
     """What a refinement did.
 
     Attributes:
-        num_tracks, num_observations: tracks (of 2 or more keypoints) and their keypoints.
+        num_tracks: tracks (of 2 or more keypoints).
+        num_observations: the keypoints of those tracks.
         num_conflicts: matches left out because they would have joined two keypoints of
             one image in a track.
         num_outside: track keypoints outside their image (or not finite), e.g. stored by

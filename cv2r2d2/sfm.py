@@ -61,7 +61,8 @@ class MatchingOptions:
     Attributes:
         pairs: ``exhaustive``, ``sequential[:k]``, ``retrieval:k`` or a pairs file (see
             :func:`cv2r2d2.pairs.parse_pairs`).
-        max_distance, ratio: as :func:`cv2r2d2.matching.match_batch`; None: the preset's.
+        max_distance: as :func:`cv2r2d2.matching.match_batch`; None: the preset's.
+        ratio: as :func:`cv2r2d2.matching.match_batch`; None: the preset's.
         rotations: as :func:`cv2r2d2.matching.match_batch`, with the extractor's steerers
             (views that may be rotated in the image plane).
     """
@@ -258,8 +259,8 @@ class SfMResult:
         num_models: the number of models COLMAP made.
         database: the COLMAP database; model: the largest model's folder (or None).
         reconstruction: the largest ``pycolmap.Reconstruction`` (or None).
-        num_pairs, num_verified_pairs: image pairs matched, and those that passed
-            geometric verification.
+        num_pairs: image pairs matched.
+        num_verified_pairs: those that passed geometric verification.
         refinement: what the keypoint refinement did (None without it).
         seconds: wall time of each stage run (``extract``, ``match``, ``database``,
             ``verify``, ``refine``, ``map``).

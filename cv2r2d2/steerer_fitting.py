@@ -88,7 +88,8 @@ def rotation_matrix(width: int, height: int, angle: float, expand: bool = True) 
     """The (2, 3) affine map of a rotation about the image centre, and the canvas size.
 
     Args:
-        width, height: the image's size, pixels.
+        width: the image's width, pixels.
+        height: the image's height, pixels.
         angle: degrees, counter-clockwise (as ``cv2.getRotationMatrix2D``).
         expand: enlarge the canvas to hold the whole rotated image (else keep W x H).
 
