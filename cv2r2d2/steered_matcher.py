@@ -96,7 +96,8 @@ class SteeredMatcher:
         estimated rotation (for Lowe's ratio test), as ``cv2.BFMatcher.knnMatch``.
 
         Args:
-            queryDescriptors, trainDescriptors: as :meth:`match`.
+            queryDescriptors: as :meth:`match`.
+            trainDescriptors: as :meth:`match`.
             k: matches per query descriptor.
             trainKeypoints: image 2's keypoints (``cv2.KeyPoint``, or (N2, 2) pixels):
                 each next match is then the best at another place, farther than

@@ -121,7 +121,9 @@ def color_jitter(
 
     Args:
         image: (H, W, 3) uint8 BGR.
-        brightness, contrast, saturation: factors drawn in [1 - v, 1 + v].
+        brightness: a factor drawn in [1 - v, 1 + v].
+        contrast: a factor drawn in [1 - v, 1 + v].
+        saturation: a factor drawn in [1 - v, 1 + v].
         hue: hue shift drawn in [-v, v] turns (v <= 0.5).
 
     Returns:

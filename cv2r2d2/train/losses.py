@@ -38,7 +38,8 @@ class APLoss(nn.Module):
 
     Args:
         nq: number of bins (>= 2); the result tends to the exact AP as it grows.
-        min_score, max_score: the range of the scores (cosine similarities: 0, 1).
+        min_score: the lowest score (cosine similarities: 0).
+        max_score: the highest score (cosine similarities: 1).
     """
 
     def __init__(self, nq: int = 20, min_score: float = 0.0, max_score: float = 1.0) -> None:

@@ -58,7 +58,8 @@ class Trainer:
         net: the network (moved to ``device``, put in training mode).
         loss: a :class:`MultiLoss` (``default_loss()`` by default).
         device: torch device.
-        lr, weight_decay: Adam's settings.
+        lr: Adam's learning rate.
+        weight_decay: Adam's weight decay.
         amp: mixed precision.
     """
 
