@@ -450,22 +450,15 @@ class _BlockWorker:
     """A Ray actor of :meth:`RayExecutor.map_blocks`: a state of its own, blocks of work."""
 
     def __init__(self, worker: Callable[[], Any], threads: int) -> None:
-        if "torch" in sys.modules or _torch_installed():
-            import torch
-
-            # This process is the actor's own; its thread count is its share of the node.
-            torch.set_num_threads(threads)
         self._state = worker()
+        # This process is the actor's own; its thread count is its share of the node. Torch
+        # only where the worker's state needs it (describing retrieval vectors does not).
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
 
     def run(self, work: Callable[[Any, List[Any]], List[Any]], block: List[Any]) -> List[Any]:
         """``work(state, block)``."""
         return list(work(self._state, block))
-
-
-def _torch_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torch") is not None
 
 
 class _Extractor:

@@ -407,3 +407,17 @@ def test_sfm_refinement_options_need_refine_and_a_readable_model(photos, tmp_pat
     assert main(["sfm", str(photos), str(output), "--refine", "--refine-upsample", "0", *FAST]) == 1
     assert "upsample" in capsys.readouterr().err
     assert not (output / "features.h5").exists()  # all refused before extracting
+
+
+def test_pairs_and_localize_take_the_ray_options_but_not_merge(capsys):
+    from cv2r2d2.cli import build_parser
+
+    parser = build_parser()
+    for command in (["pairs", "f.h5", "-o", "p.txt", "--retrieval", "3"],
+                    ["localize", "model", "queries", "-o", "r.txt"]):
+        args = parser.parse_args(command + ["--ray", "auto", "--actors", "2", "--threads", "1",
+                                            "--block-size", "4"])
+        assert (args.ray, args.actors, args.threads, args.block_size) == ("auto", 2, 1, 4)
+        with pytest.raises(SystemExit):
+            parser.parse_args(command + ["--ray", "--merge"])
+        assert "--merge" in capsys.readouterr().err
