@@ -56,7 +56,7 @@ MODES: Dict[str, dict] = {
     "faster2d2, int8": dict(model=FASTER, precision="int8"),
 }
 # Timed at every thread count (the others at the first one only).
-EVERY_THREAD_COUNT = ("reference", "exact", "bf16", "int8", "faster2d2, int8")
+EVERY_THREAD_COUNT = ("reference", "exact", "bf16", "int8", "faster2d2, bf16", "faster2d2, int8")
 # Candidates of the `fast` preset: >= 5x the reference, MMA@3 within 0.01 of exact.
 FAST_CANDIDATES = ("int8", "bf16", "faster2d2", "faster2d2, bf16", "faster2d2, int8")
 
