@@ -173,7 +173,7 @@ class R2D2Feature:
             subpixel: refine keypoint positions to sub-pixel accuracy (not the
                 original's output; docs/opencv.md): True, by a parabola on the
                 repeatability peak; ``"descriptor"``, then by a mean-shift on the
-                descriptor map (better at 1 px, about 1.5 times the extraction time).
+                descriptor map (better at 1 px, 1.24-1.46 times the extraction time, measured).
             num_threads: CPU threads of the network, an integer >= 0. ONNX backends:
                 the session's intra-op threads (``cv2.dnn``: set around each forward
                 pass); None reads ``$CV2R2D2_NUM_THREADS``, 0 keeps the runtime's
