@@ -34,6 +34,7 @@ __all__ = [
     "check_offsets",
     "check_sizes",
     "check_window_dtype",
+    "check_executor",
 ]
 
 
@@ -280,3 +281,11 @@ def check_window_dtype(dtype: Any) -> np.dtype:
     if np.dtype(dtype) not in (np.float16, np.float32):
         raise TypeError(f"dtype must be np.float32 or np.float16, got {dtype!r}")
     return np.dtype(dtype)
+
+
+def check_executor(executor: Any) -> Any:
+    """None, or an executor: anything with ``map_blocks`` (``LocalExecutor``, ``RayExecutor``)."""
+    if executor is not None and not callable(getattr(executor, "map_blocks", None)):
+        raise TypeError("executor must be None, a cv2r2d2.collection.LocalExecutor or a "
+                        f"cv2r2d2.distributed.RayExecutor, got {type(executor).__name__}")
+    return executor

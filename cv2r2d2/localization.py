@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import cv2
 import numpy as np
 
+from .checks import check_executor
 from .collection import LocalExecutor, detect
 from .colmap import import_pycolmap
 from .config import R2D2Config
@@ -350,7 +351,7 @@ def localize(
         query_list = read_queries(queries)  # type: ignore[arg-type]
     if camera_params is not None:
         given_camera(camera_model, camera_params, 1, 1, "camera_params")
-    if executor is None:
+    if check_executor(executor) is None:
         executor = LocalExecutor()
     with LocalizationModel(model_dir, show_progress) as model:
         extractor = _extractor(model.record, feature, device, model.folder / "features.h5")
@@ -412,6 +413,7 @@ class _LocalizeStep:
                 logger.warning("%s: not localised: %s", result.name, result.reason)
             results.append(result)
         return results
+
 
 def _localize_one(model: LocalizationModel, extractor: "R2D2Feature", query: Query,
                   num_retrieved: int, camera_model: str,

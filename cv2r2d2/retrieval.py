@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .checks import check_count
+from .checks import check_count, check_executor
 from .neighbours import top_k_neighbours
 from .utils import PathLike, atomic_path, import_optional, map_blocks_here
 
@@ -331,6 +331,7 @@ class RetrievalIndex:
         Raises:
             ValueError: the store holds no features, or no descriptors to learn from.
         """
+        executor = check_executor(executor)
         h5py = import_optional("h5py", "retrieval indexes")
         settings = RetrievalSettings() if settings is None else settings
         if not isinstance(settings, RetrievalSettings):

@@ -212,3 +212,13 @@ def test_a_missing_model_folder_or_features_file_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no features.h5"):
         localize(model, query)
     assert list(model.iterdir()) == []  # nothing written
+
+
+def test_an_executor_of_another_type_is_refused(tmp_path):
+    """A wrong ``executor`` is named before any folder is opened."""
+    from cv2r2d2.localization import localize
+
+    query = tmp_path / "query.png"
+    cv2.imwrite(str(query), np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(TypeError, match="executor must be None, a cv2r2d2.collection.LocalExecutor"):
+        localize(tmp_path / "absent", query, executor="ray")

@@ -244,3 +244,10 @@ def test_images_described_on_ray_give_the_same_index(features_file, index, tmp_p
         for key in ("frequencies", "digests"):
             np.testing.assert_array_equal(there[key][()], here[key][()])
     assert on_ray.pairs(3) == index.pairs(3)
+
+
+def test_an_executor_of_another_type_is_refused(features_file, tmp_path):
+    with open_features(features_file) as store:
+        with pytest.raises(TypeError, match="got str"):
+            RetrievalIndex.build(store, tmp_path / "x.retrieval.h5", executor="ray")
+    assert not (tmp_path / "x.retrieval.h5").exists()
